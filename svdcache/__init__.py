@@ -1,0 +1,1 @@
+"""svdcache runtime (work in progress)."""

@@ -1,0 +1,24 @@
+"""SVD-Cache compute core: fused Triton kernels and their PyTorch reference ops (no diffusers import).
+
+Ops (each ``op(...)`` dispatches; ``op_reference`` and ``op_triton`` share its signature):
+
+- :func:`split`: full-compute step, coefficients C = F V, residual, predictor-state updates.
+- :func:`reconstruct`: cached step, F_hat = P V^T + R (+ s dR), optional fused ``x + gate * F_hat``.
+- :func:`gram_update`: calibration, G += F^T F (fp32); :func:`basis_from_gram`: eigh -> V, sigma, k.
+"""
+from .dispatch import resolve_backend
+from .ops.gram import basis_from_gram, gram_update, gram_update_reference, rank_for_energy
+from .ops.reconstruct import reconstruct, reconstruct_reference
+from .ops.split import split, split_reference
+
+__all__ = [
+    "split",
+    "split_reference",
+    "reconstruct",
+    "reconstruct_reference",
+    "gram_update",
+    "gram_update_reference",
+    "basis_from_gram",
+    "rank_for_energy",
+    "resolve_backend",
+]
