@@ -1,0 +1,50 @@
+"""What a model adapter tells the runtime: the cached features of a block, and its cached forward."""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import torch
+
+Record = Callable[[str, torch.Tensor], None]  # (local feature name, feature) on a full step
+Forecast = Callable[..., torch.Tensor]  # (local name, x=, gate=, out=) -> F_hat or x + gate * F_hat
+
+
+class BlockAdapter:
+    """How one block class is cached. One instance serves every block of that class."""
+
+    #: cache granularity this adapter implements ("module" or "block")
+    granularity = "block"
+
+    def feature_dims(self, block: torch.nn.Module) -> dict[str, int]:
+        """Local feature name -> channel dim D."""
+        raise NotImplementedError
+
+    def capture_points(self, block: torch.nn.Module) -> list[tuple[str, torch.nn.Module, list[tuple[str, int | None]]]]:
+        """Submodules whose outputs are cached features: (path, module, [(feature, output index)])."""
+        return []
+
+    def full_forward(self, block, forward, args, kwargs, record: Record) -> Any:
+        raise NotImplementedError
+
+    def cached_forward(self, block, args, kwargs, forecast: Forecast) -> Any:
+        raise NotImplementedError
+
+
+def bind_arguments(block: torch.nn.Module, args, kwargs) -> dict[str, Any]:
+    """The block's forward arguments by name, however they were passed."""
+    if not args:
+        return kwargs
+    sig = _signature(type(block))
+    bound = sig.bind_partial(*args, **kwargs)
+    return dict(bound.arguments)
+
+
+_SIGS: dict[type, inspect.Signature] = {}
+
+
+def _signature(cls: type) -> inspect.Signature:
+    if cls not in _SIGS:
+        params = list(inspect.signature(cls.forward).parameters.values())[1:]  # drop self
+        _SIGS[cls] = inspect.Signature(params)
+    return _SIGS[cls]

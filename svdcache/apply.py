@@ -1,0 +1,144 @@
+"""enable / disable / stats: SVD-Cache on a diffusers pipeline or a bare transformer."""
+from __future__ import annotations
+
+import os
+
+import torch
+from diffusers.hooks import HookRegistry
+
+from .adapters import find_blocks
+from .basis import Basis, load_basis
+from .config import SVDCacheConfig
+from .hooks import BLOCK_HOOK, CAPTURE_HOOK, ROOT_HOOK, BlockHook, CaptureHook, SVDCacheHook
+from .stats import CacheStats
+
+_TRANSFORMER_COMPONENTS = ("transformer", "transformer_2")
+
+
+def _unwrap(m):
+    return getattr(m, "_orig_mod", m)  # torch.compile's OptimizedModule
+
+
+def _transformers(target) -> list[torch.nn.Module]:
+    """The denoiser(s) of a pipeline, or the transformer itself."""
+    if isinstance(target, torch.nn.Module):
+        return [_unwrap(target)]
+    models = [_unwrap(getattr(target, n)) for n in _TRANSFORMER_COMPONENTS if getattr(target, n, None) is not None]
+    if not models:
+        raise TypeError(
+            f"svdcache: expected a diffusers pipeline with a transformer, or a transformer model; got {type(target).__name__}"
+        )
+    return models
+
+
+def _root(model):
+    reg = getattr(model, "_diffusers_hook", None)
+    return None if reg is None else reg.get_hook(ROOT_HOOK)
+
+
+def _is_enabled(model) -> bool:
+    return _root(model) is not None
+
+
+def _plan(model, granularity: str):
+    blocks = find_blocks(model, granularity)
+    dims = {}
+    for name, block, adapter in blocks:
+        for local, D in adapter.feature_dims(block).items():
+            dims[f"{name}.{local}"] = D
+    return blocks, dims
+
+
+def _install(model, controller, granularity, root_name: str = ROOT_HOOK, blocks=None) -> dict[str, int]:
+    """Register block and capture hooks (pointing at ``controller``) and the root hook. Every hook is
+    registered before any call, and the child-registry cache invalidated, so pipeline cache
+    contexts reach them (diffusers caches the list of child registries)."""
+    if blocks is None:
+        blocks, dims = _plan(model, granularity)
+    else:
+        dims = {f"{n}.{loc}": D for n, b, a in blocks for loc, D in a.feature_dims(b).items()}
+    for name, block, adapter in blocks:
+        bh = BlockHook(controller, name, adapter)
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(bh, BLOCK_HOOK)
+        for _, sub, outputs in adapter.capture_points(block):
+            HookRegistry.check_if_exists_or_initialize(sub).register_hook(CaptureHook(bh, outputs), CAPTURE_HOOK)
+    registry = HookRegistry.check_if_exists_or_initialize(model)
+    registry.register_hook(controller, root_name)
+    registry.invalidate_child_registries_cache()
+    return dims
+
+
+def _uninstall(model, root_name: str = ROOT_HOOK) -> bool:
+    registry = getattr(model, "_diffusers_hook", None)
+    if registry is None or registry.get_hook(root_name) is None:
+        return False
+    registry.remove_hook(root_name, recurse=False)
+    registry.remove_hook(BLOCK_HOOK, recurse=True)
+    registry.remove_hook(CAPTURE_HOOK, recurse=True)
+    registry.invalidate_child_registries_cache()
+    return True
+
+
+def enable(target, basis: Basis | str | os.PathLike | None = None, config: SVDCacheConfig | None = None, **overrides):
+    """Turn SVD-Cache on for a diffusers pipeline or transformer; generate exactly as before.
+
+    ``basis``: a :class:`Basis` (or the path of a saved one) from :func:`svdcache.calibrate`; with
+    none, ``space="svd"`` builds one online from the first full steps of the first generation and
+    keeps it. ``config`` and/or keyword overrides (``interval=5, predictor="taylor", ...``) set the
+    behaviour, see :class:`SVDCacheConfig`. Enabling an enabled model replaces its cache. Returns
+    the config in use.
+    """
+    cfg = config if config is not None else SVDCacheConfig()
+    if not isinstance(cfg, SVDCacheConfig):
+        raise TypeError(f"config must be an SVDCacheConfig, got {type(cfg).__name__}")
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    cfg.validate()
+    if isinstance(basis, (str, os.PathLike)):
+        basis = load_basis(basis)
+    if basis is not None and not isinstance(basis, Basis):
+        raise TypeError(f"basis must be an svdcache Basis or a path, got {type(basis).__name__}")
+    models = _transformers(target)
+    if basis is not None and len(models) > 1:
+        raise ValueError("this pipeline has several transformers: enable each one with its own basis")
+    for model in models:
+        if getattr(getattr(model, "_diffusers_hook", None), "get_hook", lambda n: None)("svdcache_calibration"):
+            raise ValueError("this model is being calibrated")
+        _uninstall(model)
+        granularity = cfg.granularity
+        if granularity == "auto" and basis is not None and basis.meta.get("granularity") in ("module", "block"):
+            granularity = basis.meta["granularity"]
+        blocks, dims = _plan(model, granularity)
+        use_basis = basis if cfg.space == "svd" else None
+        if use_basis is not None:
+            use_basis.validate(model, dims)
+        hook = SVDCacheHook(cfg, use_basis, dims, type(model).__name__)
+        _install(model, hook, granularity, blocks=blocks)
+    return cfg
+
+
+def disable(target) -> bool:
+    """Remove SVD-Cache; the model computes exactly as before. Returns False if it was not enabled."""
+    removed = False
+    for model in _transformers(target):
+        removed |= _uninstall(model)
+    return removed
+
+
+def is_enabled(target) -> bool:
+    return any(_is_enabled(m) for m in _transformers(target))
+
+
+def stats(target) -> CacheStats:
+    """Steps computed vs forecast, FLOPs, cache memory and ranks (per generation and cumulative)."""
+    models = _transformers(target)
+    hooks = [_root(m) for m in models]
+    if not any(hooks):
+        raise ValueError("svdcache is not enabled on this pipeline/model")
+    return next(h for h in hooks if h is not None).stats()
+
+
+def current_basis(target) -> Basis | None:
+    """The basis in use (e.g. one built online), to save and reuse."""
+    hooks = [_root(m) for m in _transformers(target)]
+    return next((h.basis for h in hooks if h is not None), None)

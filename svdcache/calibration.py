@@ -1,0 +1,199 @@
+"""The one-time SVD: Gram accumulation during a reference generation (offline), or a randomized
+low-rank SVD of the first full steps (online, zero setup)."""
+from __future__ import annotations
+
+import time
+
+import torch
+from diffusers.hooks import ModelHook
+from diffusers.hooks.hooks import BaseState
+
+import svdcache_kernels as K
+
+from .basis import Basis, FeatureBasis, config_fingerprint
+from .config import SVDCacheConfig
+from .state import DefaultContextStateManager
+
+
+class _StepCounter(BaseState):
+    def __init__(self):
+        self.step = 0
+
+    def reset(self, *args, **kwargs):
+        self.step = 0
+
+
+class CalibrationHook(ModelHook):
+    """Root hook during calibration: every call is computed in full; features of the selected
+    steps (counted per pipeline cache context) are streamed into per-feature fp32 Gram matrices."""
+
+    _is_stateful = True
+
+    def __init__(self, steps=None, backend: str = "auto"):
+        super().__init__()
+        self.steps = None if steps is None else set(int(s) for s in steps)
+        self.backend = backend
+        self.state_manager = DefaultContextStateManager(_StepCounter)
+        self.grams: dict[str, torch.Tensor] = {}
+        self.shapes: dict[str, list[int]] = {}
+        self.used_steps: set[int] = set()
+        self._active = False
+        self._record_now = False
+
+    def reset_state(self, module):
+        self.state_manager.reset()
+        return module
+
+    def mode(self):
+        return "full" if self._active else None
+
+    def new_forward(self, module, *args, **kwargs):
+        counter = self.state_manager.get_state()
+        step = counter.step
+        counter.step += 1
+        self._record_now = self.steps is None or step in self.steps
+        if self._record_now:
+            self.used_steps.add(step)
+        self._active = True
+        try:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            self._active = False
+
+    def record(self, name: str, F: torch.Tensor | None) -> None:
+        if F is None or not self._record_now:
+            return
+        if not bool(torch.isfinite(F).all()):
+            raise ValueError(f"calibration feature {name!r} is not finite: the reference generation produced NaN/Inf")
+        D = F.shape[-1]
+        G = self.grams.get(name)
+        if G is None:
+            G = self.grams[name] = torch.zeros(D, D, dtype=torch.float32, device=F.device)
+            self.shapes[name] = list(F.shape)
+        K.gram_update(G, F.detach(), backend=self.backend)
+
+    def forecast(self, name, **kw):  # never called: calibration computes every step
+        raise RuntimeError("forecast during calibration")
+
+
+def basis_from_grams(grams: dict[str, torch.Tensor], tau: float, store_tau: float, progress: bool = True):
+    from tqdm.auto import tqdm
+
+    feats = {}
+    for name, G in tqdm(grams.items(), desc="svdcache: one-time SVD", disable=not progress, unit="feature"):
+        V, sigma, k = K.basis_from_gram(G.cpu(), tau=tau)
+        r = max(k, K.rank_for_energy(sigma, max(store_tau, tau)))
+        feats[name] = FeatureBasis(V=V[:, :r].contiguous(), sigma=sigma, k=k)
+    return feats
+
+
+def calibrate(
+    target,
+    prompt: str | list[str] | None = None,
+    *,
+    num_inference_steps: int = 50,
+    steps=None,
+    tau: float = 0.99,
+    store_tau: float = 0.999,
+    granularity: str = "auto",
+    run=None,
+    progress: bool = True,
+    backend: str = "auto",
+    **pipe_kwargs,
+) -> Basis:
+    """Run one reference generation and compute the SVD basis of every cached feature.
+
+    ``target``: a diffusers pipeline (``prompt`` and ``pipe_kwargs`` are passed to it) or a bare
+    transformer (then ``run`` is a callable that runs a generation with it). ``steps``: the step
+    indices whose features enter the basis (default all). ``tau`` picks k per feature (eq. 6); the
+    basis keeps enough columns for any tau up to ``store_tau``, so k can be changed at ``enable``.
+    """
+    from .apply import _install, _is_enabled, _transformers, _uninstall
+
+    models = _transformers(target)
+    if len(models) != 1:
+        raise ValueError(f"calibrate expects one transformer, found {len(models)}")
+    model = models[0]
+    if _is_enabled(model):
+        raise ValueError("the cache is enabled on this model: call svdcache.disable first, calibration runs uncached")
+    if run is None:
+        if model is target:
+            raise ValueError("calibrating a bare transformer needs run=<callable that runs one generation>")
+        if prompt is None:
+            raise ValueError("calibrate(pipe, prompt=...) needs a reference prompt")
+
+        def run():
+            return target(prompt=prompt, num_inference_steps=num_inference_steps, **pipe_kwargs)
+
+    hook = CalibrationHook(steps=steps, backend=backend)
+    feature_dims = _install(model, hook, granularity, root_name="svdcache_calibration")
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        _uninstall(model, root_name="svdcache_calibration")
+    missing = [n for n in feature_dims if n not in hook.grams]
+    if missing:
+        raise RuntimeError(f"calibration saw no data for features {missing[:5]}: did the generation run?")
+    feats = basis_from_grams(hook.grams, tau, store_tau, progress)
+    import diffusers
+
+    from . import __version__
+
+    meta = {
+        "model_class": type(model).__name__,
+        "config_fingerprint": config_fingerprint(model),
+        "granularity": granularity,
+        "tau": tau,
+        "steps": sorted(hook.used_steps),
+        "feature_shapes": hook.shapes,
+        "prompt": prompt if isinstance(prompt, str) else repr(prompt),
+        "library_version": __version__,
+        "diffusers_version": diffusers.__version__,
+    }
+    return Basis(features=feats, meta=meta)
+
+
+class OnlineBasisBuilder:
+    """Zero-setup basis: rows of the first ``online_steps`` full steps of each feature, then a
+    randomized low-rank SVD (torch.svd_lowrank) whose energy fractions are taken against the exact
+    total energy of the rows."""
+
+    MAX_ROWS_PER_STEP = 2048
+
+    def __init__(self, cfg: SVDCacheConfig):
+        self.cfg = cfg
+        self.rows: dict[str, list[torch.Tensor]] = {}
+        self.seconds = 0.0
+        self.flops = 0
+        self.built: set[str] = set()
+
+    @property
+    def done(self) -> bool:
+        return bool(self.built) and not self.rows
+
+    @torch.no_grad()
+    def collect(self, name: str, F: torch.Tensor) -> FeatureBasis | None:
+        t0 = time.perf_counter()
+        X = F.detach().reshape(-1, F.shape[-1])
+        stride = max(1, -(-X.shape[0] // self.MAX_ROWS_PER_STEP))
+        self.rows.setdefault(name, []).append(X[::stride].float())
+        if len(self.rows[name]) < self.cfg.online_steps:
+            self.seconds += time.perf_counter() - t0
+            return None
+        A = torch.cat(self.rows.pop(name))
+        q = max(1, min(self.cfg.online_rank, A.shape[1], A.shape[0]))
+        with torch.random.fork_rng(devices=[A.device] if A.is_cuda else []):  # leave the user's RNG alone
+            torch.manual_seed(0)
+            _, S, V = torch.svd_lowrank(A, q=q, niter=2)
+        total = float((A.double() ** 2).sum())
+        rest = max(total - float((S.double() ** 2).sum()), 0.0)
+        sigma = torch.cat([S.float().cpu(), torch.tensor([rest**0.5])])
+        V = V.float().cpu()
+        k = max(1, min(K.rank_for_energy(sigma, self.cfg.tau) if self.cfg.tau else self.cfg.rank, q))
+        self.flops += 2 * A.shape[0] * A.shape[1] * q * 6  # niter=2: about 6 passes over A
+        self.built.add(name)
+        if A.is_cuda:
+            torch.cuda.synchronize(A.device)
+        self.seconds += time.perf_counter() - t0
+        return FeatureBasis(V=V, sigma=sigma, k=k)

@@ -1,0 +1,139 @@
+"""SVD-Cache configuration: what is cached, when steps are computed, and how cached steps are forecast."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+SPACES = ("svd", "full")
+PREDICTORS = ("taylor", "ema", "reuse")
+RESIDUALS = ("reuse", "taylor", "damped")
+GRANULARITIES = ("auto", "module", "block")
+TIME_AXES = ("step", "timestep")
+
+
+@dataclass
+class SVDCacheConfig:
+    """How SVD-Cache runs. Defaults are the configuration measured best on the embedded model at about
+    one copy of cache memory (bench/results/fidelity.md).
+
+    Schedule
+        interval: a full-compute step every ``interval`` steps (1 = never cache).
+        warmup: the first ``warmup`` steps of a generation are computed in full (>= 1; TaylorSeer's 3).
+        tail: the last ``tail`` steps are computed in full (needs the number of steps: from the
+            pipeline's cache context or ``num_inference_steps``).
+        num_inference_steps: number of steps per generation, when the pipeline does not say.
+
+    What is cached
+        granularity: "module" (FLUX: pre-gate attention / MLP / proj_out outputs, gates recomputed on
+            cached steps), "block" (each block's output minus input, per stream; any diffusers model)
+            or "auto" (module where the model has an adapter, else block).
+        space: "svd" (forecast the principal subspace, treat the residual by ``residual``) or "full"
+            (forecast the whole feature: FORA with ``predictor="reuse"``, TaylorSeer with "taylor").
+
+    Forecast
+        predictor: principal-subspace predictor in coefficient space: "taylor" (Newton divided
+            differences over the actual step distances, order 1 or 2), "ema" (the paper's eq. 11 as
+            written, ``beta``), "reuse".
+        order: Taylor order (1 or 2).
+        gain: multiplies the Taylor increment (1 = plain extrapolation).
+        residual: "reuse" (the paper), "taylor" (order 1 on the residual), "damped" (order 1 times
+            ``residual_gain`` < 1).
+        time_axis: the variable the divided differences are taken over: the "step" index, or the
+            "timestep" the model is called with (the ODE time; uneven with shifted schedules).
+
+    Basis
+        tau: energy threshold choosing k per feature (eq. 6); ``rank`` fixes k instead.
+        online_steps: with no basis given, the number of first full steps whose features build one
+            (randomized SVD), at most ``warmup``.
+        online_rank: the randomized SVD's rank (k is then chosen by ``tau`` within it).
+
+    Runtime
+        backend: "auto" (Triton kernels on CUDA, PyTorch reference elsewhere), "triton", "torch".
+        check_finite: fall back to a full step, with one warning, if a cached step's output is not
+            finite (one host sync per cached call).
+        count_flops: count transformer FLOPs (torch.utils.flop_counter, eager only) for ``stats``.
+    """
+
+    interval: int = 5
+    warmup: int = 3
+    tail: int = 0
+    num_inference_steps: int | None = None
+    granularity: str = "auto"
+    space: str = "svd"
+    predictor: str = "taylor"
+    order: int = 2
+    gain: float = 1.0
+    beta: float = 0.9
+    residual: str = "reuse"
+    residual_gain: float = 0.5
+    time_axis: str = "step"
+    tau: float | None = 0.99
+    rank: int | None = None
+    online_steps: int = 3
+    online_rank: int = 64
+    backend: str = "auto"
+    check_finite: bool = True
+    count_flops: bool = True
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        def one_of(name, value, allowed):
+            if value not in allowed:
+                raise ValueError(f"SVDCacheConfig.{name} must be one of {allowed}, got {value!r}")
+
+        one_of("space", self.space, SPACES)
+        one_of("predictor", self.predictor, PREDICTORS)
+        one_of("residual", self.residual, RESIDUALS)
+        one_of("granularity", self.granularity, GRANULARITIES)
+        one_of("time_axis", self.time_axis, TIME_AXES)
+        one_of("backend", self.backend, ("auto", "triton", "torch"))
+        if int(self.interval) != self.interval or self.interval < 1:
+            raise ValueError(f"SVDCacheConfig.interval must be an integer >= 1, got {self.interval!r}")
+        if self.warmup < 1:
+            raise ValueError(f"SVDCacheConfig.warmup must be >= 1 (a cached step needs a computed one), got {self.warmup}")
+        if self.tail < 0:
+            raise ValueError(f"SVDCacheConfig.tail must be >= 0, got {self.tail}")
+        if self.order not in (1, 2):
+            raise ValueError(f"SVDCacheConfig.order must be 1 or 2, got {self.order}")
+        if not 0.0 <= self.beta < 1.0:
+            raise ValueError(f"SVDCacheConfig.beta must lie in [0, 1), got {self.beta}")
+        if self.residual == "damped" and not 0.0 <= self.residual_gain < 1.0:
+            raise ValueError(f"a damped residual needs 0 <= residual_gain < 1, got {self.residual_gain}")
+        if self.tau is not None and not 0.0 < self.tau <= 1.0:
+            raise ValueError(f"SVDCacheConfig.tau must lie in (0, 1], got {self.tau}")
+        if self.rank is not None and self.rank < 1:
+            raise ValueError(f"SVDCacheConfig.rank must be >= 1, got {self.rank}")
+        if self.space == "svd" and self.tau is None and self.rank is None:
+            raise ValueError("space='svd' needs tau or rank to choose k")
+        if self.online_steps < 1 or self.online_rank < 1:
+            raise ValueError("online_steps and online_rank must be >= 1")
+
+    def replace(self, **changes) -> "SVDCacheConfig":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def label(self) -> str:
+        """A short name for tables: the method and its settings."""
+        if self.space == "full":
+            name = "FORA" if self.predictor == "reuse" else (
+                f"TaylorSeer-o{self.order}" if self.predictor == "taylor" else "full-EMA")
+        else:
+            p = {"taylor": f"taylor{self.order}", "ema": "ema", "reuse": "reuse"}[self.predictor]
+            r = {"reuse": "reuse", "taylor": "taylor", "damped": f"damped{self.residual_gain:g}"}[self.residual]
+            k = f"tau{self.tau:g}" if self.rank is None else f"k{self.rank}"
+            name = f"SVD[{p}|R:{r}|{k}]"
+        return f"{name} N={self.interval}"
+
+
+def fora(interval: int = 5, **kw) -> SVDCacheConfig:
+    """FORA: reuse the whole cached feature (full space)."""
+    return SVDCacheConfig(interval=interval, space="full", predictor="reuse", **kw)
+
+
+def taylorseer(interval: int = 5, order: int = 1, **kw) -> SVDCacheConfig:
+    """TaylorSeer: Taylor forecast of the whole feature (full space), divided differences."""
+    return SVDCacheConfig(interval=interval, space="full", predictor="taylor", order=order, **kw)

@@ -1,0 +1,341 @@
+"""diffusers ModelHooks: the root hook decides per transformer call (per cache context) whether the
+step is computed or forecast; block hooks run the block or its forecast; capture hooks hand
+module outputs of full steps to the feature caches (or to calibration)."""
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+
+import torch
+from diffusers.hooks import ModelHook
+
+from .config import SVDCacheConfig
+from .flops import count_flops, reconstruct_flops, split_flops
+from .predictors import SubspaceCache, make_feature_cache
+from .schedule import is_full_step
+from .state import ContextState, DefaultContextStateManager
+from .stats import CacheStats, RunStats
+
+logger = logging.getLogger("svdcache")
+
+ROOT_HOOK = "svdcache"
+BLOCK_HOOK = "svdcache_block"
+CAPTURE_HOOK = "svdcache_capture"
+
+
+class _Recompute(Exception):
+    """Raised inside a cached call when it cannot be forecast; the root hook recomputes in full."""
+
+
+def _first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return next((o for o in out if isinstance(o, torch.Tensor)), None)
+    return getattr(out, "sample", None)
+
+
+def _timestep_value(t) -> float | None:
+    if t is None:
+        return None
+    if isinstance(t, torch.Tensor):
+        return float(t.reshape(-1)[0]) if t.numel() else None  # one host sync per call
+    return float(t)
+
+
+class CaptureHook(ModelHook):
+    """On a submodule: during a full step of its block, record the listed outputs as features."""
+
+    def __init__(self, block_hook: "BlockHook", outputs: list[tuple[str, int | None]]):
+        super().__init__()
+        self.block_hook = block_hook
+        self.outputs = outputs
+
+    def post_forward(self, module, output):
+        record = self.block_hook.active_record
+        if record is not None:
+            for name, idx in self.outputs:
+                record(name, output if idx is None else output[idx])
+        return output
+
+
+class BlockHook(ModelHook):
+    """On a transformer block: full forward (features recorded) or cached forward (forecasts)."""
+
+    def __init__(self, controller, name: str, adapter):
+        super().__init__()
+        self.controller = controller
+        self.name = name
+        self.adapter = adapter
+        self.active_record = None
+        prefix = name + "."
+        self._record = lambda local, F: controller.record(prefix + local, F)
+        self._forecast = lambda local, **kw: controller.forecast(prefix + local, **kw)
+
+    def new_forward(self, module, *args, **kwargs):
+        mode = self.controller.mode()
+        if mode == "cached":
+            return self.adapter.cached_forward(module, args, kwargs, self._forecast)
+        if mode is None:  # called outside a managed transformer call
+            return self.fn_ref.original_forward(*args, **kwargs)
+        self.active_record = self._record
+        try:
+            return self.adapter.full_forward(module, self.fn_ref.original_forward, args, kwargs, self._record)
+        finally:
+            self.active_record = None
+
+
+class SVDCacheHook(ModelHook):
+    """Root hook on the transformer: schedule, per-context state, fallbacks, statistics."""
+
+    _is_stateful = True
+
+    def __init__(self, config: SVDCacheConfig, basis, feature_dims: dict[str, int], model_class: str):
+        super().__init__()
+        self.cfg = config
+        self.basis = basis
+        self.feature_dims = feature_dims
+        self.model_class = model_class
+        self.state_manager = DefaultContextStateManager(ContextState)
+        self.total = RunStats()  # finished generations
+        self.last = RunStats()  # the last finished generation
+        self.cur = RunStats()  # the generation in progress (all contexts)
+        self._cur_contexts: set[str] = set()
+        self.generations = 0
+        self.bases = {n: basis.features[n] for n in feature_dims} if basis else {}
+        self.ranks = {n: fb.rank(config.tau, config.rank) for n, fb in self.bases.items()}
+        self._V: dict[str, torch.Tensor] = {}
+        self._flops: dict[tuple, int] = {}
+        self._warned: set[str] = set()
+        self._state: ContextState | None = None  # state of the call in progress
+        self.online = None
+        if basis is None and config.space == "svd":
+            from .calibration import OnlineBasisBuilder
+
+            self.online = OnlineBasisBuilder(config)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def reset_state(self, module):
+        self._finish_generation()
+        self.state_manager.reset()
+        return module
+
+    def _finish_generation(self) -> None:
+        if self.cur.calls:
+            self.total.add(self.cur)
+            self.last = self.cur
+            self.generations += 1
+        self.cur = RunStats()
+        self._cur_contexts = set()
+
+    def _start_generation(self, st: ContextState, ctx_name: str) -> None:
+        """A context starts a generation; when one that already took part in the current generation
+        starts again, the current generation is over (cond and uncond share one generation)."""
+        st.new_generation()
+        if ctx_name in self._cur_contexts:
+            self._finish_generation()
+        self._cur_contexts.add(ctx_name)
+
+    def _warn_once(self, key: str, msg: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(msg, stacklevel=4)
+
+    # -- per-call decision --------------------------------------------------------------------
+    @torch.compiler.disable
+    def _begin(self, args, kwargs) -> ContextState:
+        cfg = self.cfg
+        st = self.state_manager.get_state()
+        ctx = self.state_manager.context
+        hs = kwargs.get("hidden_states", args[0] if args else None)
+        ehs = kwargs.get("encoder_hidden_states")
+        sig = (
+            tuple(hs.shape) if isinstance(hs, torch.Tensor) else None,
+            tuple(ehs.shape) if isinstance(ehs, torch.Tensor) else None,
+            getattr(hs, "dtype", None),
+            getattr(hs, "device", None),
+        )
+        t_raw = _timestep_value(kwargs.get("timestep"))
+        if st.signature is not None and sig != st.signature:
+            logger.info("svdcache: input shape/dtype/device changed (%s -> %s): state reset, computing in full", st.signature, sig)
+            new = True
+        elif ctx.step_index is not None:
+            new = ctx.step_index <= st.step
+        else:  # timesteps only go down within a generation
+            new = st.step < 0 or (t_raw is not None and st.last_t is not None and t_raw >= st.last_t)
+        if new:
+            self._start_generation(st, ctx.name)
+        st.signature = sig
+        st.last_t = t_raw
+        st.step = ctx.step_index if ctx.step_index is not None else st.step + 1
+        if cfg.time_axis == "timestep" and t_raw is not None:
+            st.t = t_raw
+        else:
+            st.t = float(st.step)
+        num_steps = ctx.num_inference_steps or cfg.num_inference_steps
+        full = is_full_step(st.step, interval=cfg.interval, warmup=cfg.warmup, tail=cfg.tail, num_steps=num_steps)
+        st.mode = "full" if (full or not st.ready) else "cached"
+        st.updated = set()
+        st.call_cache_flops = 0
+        return st
+
+    def mode(self):
+        st = self._state
+        return None if st is None else st.mode
+
+    # -- the call --------------------------------------------------------------------------------
+    def new_forward(self, module, *args, **kwargs):
+        st = self._begin(args, kwargs)
+        self._state = st
+        try:
+            out = self._run(st, args, kwargs)
+        finally:
+            self._state = None
+            st.mode = None
+        return out
+
+    def _run(self, st: ContextState, args, kwargs):
+        cfg = self.cfg
+        if st.mode == "cached":
+            try:
+                out = self._call(st, args, kwargs)
+                if cfg.check_finite:
+                    o = _first_tensor(out)
+                    if o is not None and not bool(torch.isfinite(o).all()):
+                        raise _Recompute("the forecast is not finite")
+                self.cur.cached_steps += 1
+                return out
+            except _Recompute as why:
+                self._warn_once("fallback", f"svdcache: {why}; this step is computed in full (warned once)")
+                self.cur.fallbacks += 1
+                st.features = {}
+                st.ready = False
+                st.hist = 0
+                st.mode = "full"
+                st.call_cache_flops = 0
+        out = self._call(st, args, kwargs)
+        self.cur.full_steps += 1
+        st.hist = min(st.hist + 1, 3)
+        st.ready = self._all_updated(st)
+        self._measure_memory()
+        return out
+
+    def _measure_memory(self) -> None:
+        cache = feats = 0
+        for s in self.state_manager.states():
+            for fc in s.features.values():
+                if fc is not None:
+                    cache += fc.nbytes()
+                    feats += fc.feature_nbytes
+        if cache > self.cur.cache_bytes:
+            self.cur.cache_bytes, self.cur.feature_bytes = cache, feats
+
+    def _call(self, st, args, kwargs):
+        key = (st.signature, st.mode, st.hist)
+        counting = self.cfg.count_flops and key not in self._flops and not torch.compiler.is_compiling()
+        if counting:
+            out, counted = count_flops(self.fn_ref.original_forward, *args, **kwargs)
+            torch_ops = st.call_cache_flops if self._backend_is_torch(args, kwargs) else 0
+            self._flops[key] = counted - torch_ops  # the model's own FLOPs in this kind of call
+        else:
+            out = self.fn_ref.original_forward(*args, **kwargs)
+        model_flops = self._flops.get(key, 0)
+        full_flops = self._flops.get((st.signature, "full", 0)) or self._flops.get((st.signature, "full", st.hist)) or 0
+        if not full_flops:
+            full_flops = next((v for (s, m, _), v in self._flops.items() if s == st.signature and m == "full"), 0)
+        self.cur.flops += model_flops + st.call_cache_flops
+        self.cur.cache_op_flops += st.call_cache_flops
+        self.cur.flops_uncached += full_flops
+        return out
+
+    def _backend_is_torch(self, args, kwargs) -> bool:
+        from svdcache_kernels import resolve_backend
+
+        hs = kwargs.get("hidden_states", args[0] if args else None)
+        return not isinstance(hs, torch.Tensor) or resolve_backend(self.cfg.backend, hs) == "torch"
+
+    def _all_updated(self, st: ContextState) -> bool:
+        missing = [n for n in self.feature_dims if n not in st.updated]
+        if missing and (self.online is None or self.online.done):
+            self._warn_once("missing", f"svdcache: features {missing[:3]} were not produced by a full step; "
+                            "every step is computed in full")
+        return not missing
+
+    # -- feature callbacks (from block and capture hooks) ----------------------------------------
+    def _basis_V(self, name: str, F: torch.Tensor) -> torch.Tensor:
+        V = self._V.get(name)
+        if V is not None and V.device == F.device and V.dtype == F.dtype:
+            return V
+        fb = self.bases[name]
+        if fb.D != F.shape[-1]:
+            raise ValueError(f"feature {name!r}: basis has D={fb.D} but the model produced D={F.shape[-1]}")
+        V = fb.V[:, : self.ranks[name]].to(device=F.device, dtype=F.dtype).contiguous()
+        self._V[name] = V
+        return V
+
+    def record(self, name: str, F: torch.Tensor | None) -> None:
+        st = self._state
+        if F is None:
+            st.features[name] = None
+            st.updated.add(name)
+            return
+        if self.cfg.space == "svd" and name not in self.bases:
+            built = self.online.collect(name, F) if self.online is not None else None
+            if built is None:
+                return  # still collecting: this feature is not cached yet
+            self._adopt(name, built)
+        fc = st.features.get(name)
+        if fc is None:
+            V = self._basis_V(name, F) if self.cfg.space == "svd" else None
+            fc = st.features[name] = make_feature_cache(name, self.cfg, V)
+        elif isinstance(fc, SubspaceCache) and (fc.V.dtype != F.dtype or fc.V.device != F.device):
+            fc.V = self._basis_V(name, F)
+        try:
+            fc.update(F, st.t)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"svdcache feature {name!r}: {e}") from None
+        st.updated.add(name)
+        if isinstance(fc, SubspaceCache):
+            rows = F.numel() // F.shape[-1]
+            st.call_cache_flops += split_flops(rows, F.shape[-1], fc.V.shape[1], not fc.anchor_form)
+
+    def _adopt(self, name, fb) -> None:
+        """A feature's basis, built online from the first full steps, joins the model's basis."""
+        from .basis import Basis
+
+        self.bases[name] = fb
+        self.ranks[name] = fb.rank(self.cfg.tau, self.cfg.rank)
+        if self.basis is None and set(self.bases) >= set(self.feature_dims):
+            self.basis = Basis(dict(self.bases), {"model_class": self.model_class, "source": "online",
+                                                  "tau": self.cfg.tau})
+
+    def forecast(self, name: str, *, x=None, gate=None, out=None):
+        st = self._state
+        if name not in st.features:
+            raise _Recompute(f"no cached state for feature {name!r}")
+        fc = st.features[name]
+        if fc is None:
+            return None
+        res = fc.forecast(st.t, x=x, gate=gate, out=out)
+        if isinstance(fc, SubspaceCache):
+            rows = fc.R.numel() // fc.R.shape[-1]
+            n_terms = 1 if fc.cfg.predictor != "reuse" or not fc.anchor_form else 0
+            st.call_cache_flops += reconstruct_flops(rows, fc.R.shape[-1], fc.V.shape[1], n_terms)
+        return res
+
+    # -- statistics --------------------------------------------------------------------------------
+    def stats(self) -> CacheStats:
+        total = RunStats()
+        total.add(self.total)
+        total.add(self.cur)
+        running = bool(self.cur.calls)
+        return CacheStats(
+            config=self.cfg.label,
+            last_generation=self.cur if running else self.last,
+            total=total,
+            generations=self.generations + running,
+            ranks=dict(self.ranks),
+            online_basis_seconds=self.online.seconds if self.online else 0.0,
+            online_basis_flops=self.online.flops if self.online else 0,
+        )

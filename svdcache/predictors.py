@@ -1,0 +1,204 @@
+"""Per-feature cache state: what a full step stores and how a cached step forecasts.
+
+SubspaceCache (space="svd") keeps the forecast in the coefficient space of a fixed basis V (D, k):
+the k-dim states C = F V, divided differences D1/D2 or EMA E, all fp32. With the residual reused it
+stores no residual at all: F_hat = P V^T + R with R = F - C V^T equals F_last + (P - C_last) V^T,
+so the last full-step feature itself (held by reference, not copied) is the anchor and the full
+step only projects (one read of F). The residual-Taylor policies keep R and dR explicitly.
+
+FullSpaceCache (space="full") is the baseline family in the same runtime: FORA (reuse) and
+TaylorSeer (Taylor on the whole feature), states in the activation dtype like TaylorSeer's.
+"""
+from __future__ import annotations
+
+import torch
+
+import svdcache_kernels as K
+
+from .config import SVDCacheConfig
+
+
+def newton_weights(s: float, times: list[float], n_hist: int, order: int, gain: float) -> list[float]:
+    """Weights of (D1, D2) for a forecast at offset ``s`` past the last full step.
+
+    Newton form through the last full steps t2 > t1 > t0 (divided differences D1 = f[t1,t2],
+    D2 = f[t0,t1,t2]): f(t) ~ f(t2) + D1 (t - t2) + D2 (t - t2)(t - t1). Exact for polynomials of
+    the order used, whatever the spacing of the full steps.
+    """
+    w = []
+    if order >= 1 and n_hist >= 2:
+        w.append(gain * s)
+        if order >= 2 and n_hist >= 3:
+            w.append(gain * s * (s + (times[-1] - times[-2])))
+    return w
+
+
+class FeatureCache:
+    """Common bookkeeping: times of the full steps this feature was updated at."""
+
+    def __init__(self, name: str, cfg: SVDCacheConfig):
+        self.name = name
+        self.cfg = cfg
+        self.times: list[float] = []
+        self.shape: tuple | None = None
+        self.feature_nbytes = 0  # one copy of the feature: the unit of cache memory
+
+    @property
+    def n(self) -> int:
+        return len(self.times)
+
+    def _steps(self, t: float) -> tuple[float, float]:
+        h1 = t - self.times[-1] if self.n >= 1 else 1.0
+        h2 = t - self.times[-2] if self.n >= 2 else 1.0
+        if self.n >= 1 and h1 == 0:
+            raise RuntimeError(f"feature {self.name!r} updated twice at the same time {t}")
+        return h1, h2
+
+    def _push_time(self, F: torch.Tensor, t: float) -> None:
+        self.times = (self.times + [t])[-3:]
+        self.feature_nbytes = F.numel() * F.element_size()
+
+    def nbytes(self) -> int:
+        raise NotImplementedError
+
+
+def _nbytes(*ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+class SubspaceCache(FeatureCache):
+    def __init__(self, name: str, cfg: SVDCacheConfig, V: torch.Tensor):
+        super().__init__(name, cfg)
+        self.V = V  # (D, k), activation dtype, on the model's device
+        self.anchor_form = cfg.residual == "reuse"
+        self.C = self.D1 = self.D2 = self.E = None
+        self.R = self.dR = None  # anchor (reference to F_last) or explicit residual
+
+    def _alloc(self, F: torch.Tensor) -> None:
+        cfg = self.cfg
+        cshape = (*F.shape[:-1], self.V.shape[1])
+        new = lambda: torch.empty(cshape, dtype=torch.float32, device=F.device)  # noqa: E731
+        # C is always kept: Taylor differences need C_prev; EMA-in-anchor-form and residual forms use it.
+        self.C = new()
+        self.D1 = new() if cfg.predictor == "taylor" else None
+        self.D2 = new() if cfg.predictor == "taylor" and cfg.order == 2 else None
+        self.E = new() if cfg.predictor == "ema" else None
+        if not self.anchor_form:
+            self.R = torch.empty_like(F)
+            self.dR = torch.empty_like(F)
+        self.shape = tuple(F.shape)
+
+    def update(self, F: torch.Tensor, t: float) -> None:
+        cfg = self.cfg
+        if self.shape != tuple(F.shape) or (self.C is not None and self.C.device != F.device):
+            self._alloc(F)
+            self.times = []
+        h1, h2 = self._steps(t)
+        order = min(cfg.order, self.n) if cfg.predictor == "taylor" else 0
+        K.split(
+            F,
+            self.V,
+            C=self.C,
+            D1=self.D1 if order >= 1 else None,
+            D2=self.D2 if order >= 2 else None,
+            E=self.E,
+            R=None if self.anchor_form else self.R,
+            dR=None if self.anchor_form or self.n == 0 else self.dR,
+            order=order,
+            h1=h1,
+            h2=h2,
+            beta=cfg.beta,
+            ema_init=self.n == 0,
+            backend=cfg.backend,
+        )
+        if self.anchor_form:
+            self.R = F  # held, not copied: R + C V^T is F itself
+        self._push_time(F, t)
+
+    def forecast(self, t, *, x=None, gate=None, out=None) -> torch.Tensor:
+        cfg = self.cfg
+        s = t - self.times[-1]
+        terms, weights = [], []
+        if cfg.predictor == "taylor":
+            w = newton_weights(s, self.times, self.n, cfg.order, cfg.gain)
+            terms, weights = [self.D1, self.D2][: len(w)], w
+        elif cfg.predictor == "ema":
+            terms, weights = [self.E], [1.0]
+            if self.anchor_form:
+                terms, weights = [self.E, self.C], [1.0, -1.0]
+        if not self.anchor_form and cfg.predictor != "ema":
+            terms, weights = [self.C, *terms], [1.0, *weights]
+        dR, dr_scale = None, 0.0
+        if not self.anchor_form and self.n >= 2:
+            dR = self.dR
+            dr_scale = s * (cfg.residual_gain if cfg.residual == "damped" else 1.0)
+        if not terms and dR is None and x is None:
+            return self.R
+        return K.reconstruct(
+            self.V, self.R, terms=terms, weights=weights, dR=dR, dr_scale=dr_scale, x=x, gate=gate, out=out,
+            backend=cfg.backend,
+        )
+
+    def nbytes(self) -> int:
+        return _nbytes(self.C, self.D1, self.D2, self.E, self.R, self.dR if not self.anchor_form else None)
+
+
+class FullSpaceCache(FeatureCache):
+    """FORA / TaylorSeer on the whole feature; states in the activation dtype (TaylorSeer's memory)."""
+
+    def __init__(self, name: str, cfg: SVDCacheConfig):
+        super().__init__(name, cfg)
+        self.F = self.D1 = self.D2 = self.E = None
+
+    def update(self, F: torch.Tensor, t: float) -> None:
+        cfg = self.cfg
+        if self.shape != tuple(F.shape) or (self.F is not None and self.F.device != F.device):
+            self.F = self.D1 = self.D2 = self.E = None
+            self.times = []
+            self.shape = tuple(F.shape)
+        h1, h2 = self._steps(t)
+        with torch.no_grad():
+            if cfg.predictor == "taylor" and self.n >= 1:
+                d1 = (F.float() - self.F.float()) / h1
+                if cfg.order >= 2 and self.n >= 2:
+                    self.D2 = ((d1 - self.D1.float()) / h2).to(F.dtype)
+                self.D1 = d1.to(F.dtype)
+            elif cfg.predictor == "ema":
+                self.E = F.clone() if self.n == 0 else torch.lerp(self.E, F, 1.0 - cfg.beta)
+        self.F = F  # held, not copied
+        self._push_time(F, t)
+
+    def forecast(self, t, *, x=None, gate=None, out=None) -> torch.Tensor:
+        cfg = self.cfg
+        s = t - self.times[-1]
+        with torch.no_grad():
+            if cfg.predictor == "ema":
+                fh = self.E
+            else:
+                fh = self.F
+                if cfg.predictor == "taylor":
+                    w = newton_weights(s, self.times, self.n, cfg.order, cfg.gain)
+                    for wi, d in zip(w, (self.D1, self.D2)):
+                        fh = fh + wi * d
+            if x is None:
+                return fh
+            if gate is None:
+                res = x + fh
+            else:
+                g = gate.unsqueeze(-2) if gate.dim() == x.dim() - 1 else gate  # (..., D) -> (..., 1, D)
+                res = x + g * fh
+            if out is not None:
+                out.copy_(res)
+                return out
+            return res
+
+    def nbytes(self) -> int:
+        return _nbytes(self.F, self.D1, self.D2, self.E)
+
+
+def make_feature_cache(name: str, cfg: SVDCacheConfig, V: torch.Tensor | None) -> FeatureCache:
+    if cfg.space == "full":
+        return FullSpaceCache(name, cfg)
+    if V is None:
+        raise ValueError(f"feature {name!r} has no basis")
+    return SubspaceCache(name, cfg, V)

@@ -1,0 +1,42 @@
+"""Per-context state (one per pipeline ``cache_context``: "cond", "uncond", or a default one)."""
+from __future__ import annotations
+
+from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
+
+
+DEFAULT_CONTEXT = CacheContext("default")
+
+
+class DefaultContextStateManager(StateManager):
+    """A StateManager that also serves a bare transformer called outside any ``cache_context``."""
+
+    @property
+    def context(self) -> CacheContext:
+        return self._context if self._context is not None else DEFAULT_CONTEXT
+
+    def states(self):
+        return list(self._state_cache.values())
+
+
+class ContextState(BaseState):
+    def __init__(self):
+        self.features = {}  # feature name -> FeatureCache (None: the stream is absent)
+        self.signature = None
+        self._new_generation()
+
+    def _new_generation(self) -> None:
+        self.step = -1
+        self.last_t = None
+        self.t = 0.0
+        self.mode = None  # "full" | "cached" while a call runs
+        self.ready = False  # every feature holds state from a full step
+        self.updated: set[str] = set()
+        self.hist = 0  # full steps so far in this generation (caps at 3)
+        self.call_cache_flops = 0
+
+    def new_generation(self) -> None:
+        self.features = {}
+        self._new_generation()
+
+    def reset(self, *args, **kwargs) -> None:
+        self.new_generation()
