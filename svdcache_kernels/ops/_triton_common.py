@@ -1,0 +1,123 @@
+"""Shared launch helpers for the Triton kernels: dot precision, block configs and their overrides.
+
+Kept free of ``@triton.jit`` so that importing it never freezes the interpreter switch.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import torch
+
+from ..dispatch import interpreter_on
+
+# Coefficient dims the fused kernels keep in registers (BLOCK_K = next pow2 >= 16). Above this the
+# wrappers fall back to the reference op: the (BLOCK_M, BLOCK_K) fp32 accumulator would spill.
+MAX_KERNEL_K = 256
+
+# Tests set this to False to run the 16-bit tensor-core code path (operands cast to F's dtype,
+# fp32 accumulate) under the interpreter with fp16 (the interpreter's fp16 dot is right, its bf16
+# dot is not: shared/REFERENCE.md). None = automatic (see :func:`dot_fp32`).
+FORCE_DOT_FP32: bool | None = None
+
+# op -> dict of launch parameters that replace the heuristic ones (BLOCK_M, BLOCK_D, BLOCK_R,
+# num_warps, num_stages). Set through :func:`config_override` (bench sweeps, tests) or the
+# environment variable SVDCACHE_<OP>_CONFIG="BLOCK_M=32,BLOCK_D=64,num_warps=4,num_stages=3".
+_OVERRIDES: dict[str, dict[str, int]] = {}
+
+
+def dot_fp32(dtype: torch.dtype, device: torch.device) -> bool:
+    """True: cast dot operands to fp32 and use ``input_precision="ieee"``.
+
+    Used under the interpreter (its bf16 ``tl.dot`` multiplies raw bits, triton-lang/triton#11584)
+    and for fp32 activations (an exact fp32 product, not TF32). On a GPU, bf16/fp16 activations take
+    the tensor-core dot on 16-bit operands with fp32 accumulation.
+    """
+    if FORCE_DOT_FP32 is not None:
+        return FORCE_DOT_FP32
+    return interpreter_on() or device.type != "cuda" or dtype == torch.float32
+
+
+def block_k(k: int) -> int:
+    """Register width of the coefficient dim: next power of two, at least 16 (GPU tl.dot minimum)."""
+    return max(16, triton_next_pow2(k))
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def rows_of(t: torch.Tensor) -> int:
+    return math.prod(t.shape[:-1])
+
+
+def row_stride(t: torch.Tensor) -> int:
+    """Stride between rows of (..., D) viewed as (M, D); check_rows guarantees the view exists."""
+    v = t.view(-1, t.shape[-1])
+    return v.stride(0) if v.shape[0] > 1 else max(t.shape[-1], 1)
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        try:
+            return torch.cuda.get_device_properties(device).multi_processor_count
+        except Exception:  # pragma: no cover
+            return 108
+    return 1
+
+
+def require_launchable(t: torch.Tensor, op: str) -> None:
+    if not t.is_cuda and not interpreter_on():
+        raise RuntimeError(
+            f"{op}: the Triton kernel got a {t.device} tensor without Triton's interpreter; set "
+            "TRITON_INTERPRET=1 before importing svdcache_kernels, or use backend='torch'"
+        )
+
+
+def _env_override(op: str) -> dict[str, int]:
+    raw = os.environ.get(f"SVDCACHE_{op.upper()}_CONFIG", "").strip()
+    if not raw:
+        return {}
+    out = {}
+    for item in raw.split(","):
+        key, _, val = item.partition("=")
+        if not val:
+            raise ValueError(f"SVDCACHE_{op.upper()}_CONFIG: expected KEY=INT items, got {raw!r}")
+        out[key.strip()] = int(val)
+    return out
+
+
+def resolve_config(op: str, heuristic: dict[str, int]) -> dict[str, int]:
+    cfg = dict(heuristic)
+    cfg.update(_env_override(op))
+    cfg.update(_OVERRIDES.get(op, {}))
+    return cfg
+
+
+@contextlib.contextmanager
+def config_override(op: str, **params: int):
+    """Force launch parameters of ``op`` ("split", "reconstruct", "gram") inside the block."""
+    old = _OVERRIDES.get(op)
+    _OVERRIDES[op] = {**(old or {}), **params}
+    try:
+        yield
+    finally:
+        if old is None:
+            _OVERRIDES.pop(op, None)
+        else:
+            _OVERRIDES[op] = old
+
+
+def interp_blocks() -> dict[str, int]:
+    """Interpreter launch sizes: its cost grows with programs x loop iterations, so use big blocks."""
+    return {"BLOCK_M": 64, "BLOCK_D": 128, "num_warps": 4, "num_stages": 1}
+
+
+def rows_block(M: int, device: torch.device, start: int, floor: int = 16) -> int:
+    """Largest power of two <= ``start`` (>= ``floor``) giving about one program per SM or more."""
+    bm = start
+    sms = num_sms(device)
+    while bm > floor and -(-M // bm) < sms:
+        bm //= 2
+    return bm
