@@ -178,7 +178,8 @@ class OnlineBasisBuilder:
         X = F.detach().reshape(-1, F.shape[-1])
         stride = max(1, -(-X.shape[0] // self.MAX_ROWS_PER_STEP))
         self.rows.setdefault(name, []).append(X[::stride].float())
-        if len(self.rows[name]) < self.cfg.online_steps:
+        # at most ``warmup`` steps (config doc): more would force scheduled-cached steps to run in full
+        if len(self.rows[name]) < min(self.cfg.online_steps, self.cfg.warmup):
             self.seconds += time.perf_counter() - t0
             return None
         A = torch.cat(self.rows.pop(name))

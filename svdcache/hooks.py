@@ -109,6 +109,7 @@ class SVDCacheHook(ModelHook):
         self._flops: dict[tuple, int] = {}
         self._warned: set[str] = set()
         self._state: ContextState | None = None  # state of the call in progress
+        self._pending: dict[str, list] = {}  # zero-setup: features held until their basis exists
         self.online = None
         if basis is None and config.space == "svd":
             from .calibration import OnlineBasisBuilder
@@ -281,10 +282,20 @@ class SVDCacheHook(ModelHook):
             st.updated.add(name)
             return
         if self.cfg.space == "svd" and name not in self.bases:
-            built = self.online.collect(name, F) if self.online is not None else None
+            # zero-setup: hold the feature until its online basis exists, then replay it, so the
+            # first generation's caches start with the whole warm-up history
+            self._pending.setdefault(name, []).append((st, st.generation, F, st.t))
+            built = self.online.collect(name, F)
             if built is None:
-                return  # still collecting: this feature is not cached yet
+                return
             self._adopt(name, built)
+            for s, gen, Fp, tp in self._pending.pop(name):
+                if s.generation == gen:
+                    self._update(s, name, Fp, tp)
+            return
+        self._update(st, name, F, st.t)
+
+    def _update(self, st: ContextState, name: str, F: torch.Tensor, t: float) -> None:
         fc = st.features.get(name)
         if fc is None:
             V = self._basis_V(name, F) if self.cfg.space == "svd" else None
@@ -292,13 +303,13 @@ class SVDCacheHook(ModelHook):
         elif isinstance(fc, SubspaceCache) and (fc.V.dtype != F.dtype or fc.V.device != F.device):
             fc.V = self._basis_V(name, F)
         try:
-            fc.update(F, st.t)
+            fc.update(F, t)
         except (ValueError, TypeError) as e:
             raise type(e)(f"svdcache feature {name!r}: {e}") from None
         st.updated.add(name)
         if isinstance(fc, SubspaceCache):
             rows = F.numel() // F.shape[-1]
-            st.call_cache_flops += split_flops(rows, F.shape[-1], fc.V.shape[1], not fc.anchor_form)
+            self._state.call_cache_flops += split_flops(rows, F.shape[-1], fc.V.shape[1], not fc.anchor_form)
 
     def _adopt(self, name, fb) -> None:
         """A feature's basis, built online from the first full steps, joins the model's basis."""

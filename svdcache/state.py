@@ -22,6 +22,7 @@ class ContextState(BaseState):
     def __init__(self):
         self.features = {}  # feature name -> FeatureCache (None: the stream is absent)
         self.signature = None
+        self.generation = 0
         self._new_generation()
 
     def _new_generation(self) -> None:
@@ -36,6 +37,7 @@ class ContextState(BaseState):
 
     def new_generation(self) -> None:
         self.features = {}
+        self.generation += 1
         self._new_generation()
 
     def reset(self, *args, **kwargs) -> None:

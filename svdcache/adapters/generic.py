@@ -80,13 +80,15 @@ class GenericBlockAdapter(BlockAdapter):
                     f"{type(block).__name__} changes the shape of {arg} ({tuple(x.shape)} -> {tuple(o.shape)}): "
                     "its output minus input cannot be cached"
                 )
-            record(stream, o - x)
+            # the kernels walk rows with unit channel stride; a transposed input (PixArt, DiT and
+            # HunyuanVideo embed patches as flatten(2).transpose(1, 2)) gives o - x the same strides
+            record(stream, (o - x).contiguous())
         return out
 
     def cached_forward(self, block, args, kwargs, forecast):
         inputs = bind_arguments(block, args, kwargs)
         hid, enc = self.layouts[type(block)]
-        h = forecast("hidden", x=inputs["hidden_states"])
+        h = forecast("hidden", x=inputs["hidden_states"].contiguous())
         if hid is None:
             return h
         n_out = 1 + max(i for i in (hid, enc) if i is not None)
@@ -94,5 +96,5 @@ class GenericBlockAdapter(BlockAdapter):
         out[hid] = h
         if enc is not None:
             e = inputs.get("encoder_hidden_states")
-            out[enc] = None if e is None else forecast("encoder", x=e)
+            out[enc] = None if e is None else forecast("encoder", x=e.contiguous())
         return tuple(out)

@@ -1,0 +1,45 @@
+"""Helpers for the FLUX runtime tests."""
+import torch
+
+PIPE_KW = dict(height=32, width=32, max_sequence_length=16, output_type="pt")
+
+
+def run_pipe(pipe, prompt="a handwritten digit seven", steps=10, seed=0, **kw):
+    g = torch.Generator().manual_seed(seed)
+    return pipe(prompt, num_inference_steps=steps, generator=g, **PIPE_KW, **kw).images
+
+
+class FluxLoop:
+    """A bare FluxTransformer2DModel in a user's own Euler loop (no cache_context)."""
+
+    def __init__(self, transformer, batch=2, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        cfg = transformer.config
+        self.model = transformer
+        self.B = batch
+        self.x = torch.randn(batch, 64, cfg.in_channels, generator=g)
+        self.e = torch.randn(batch, 16, cfg.joint_attention_dim, generator=g)
+        self.p = torch.randn(batch, cfg.pooled_projection_dim, generator=g)
+        self.img_ids = torch.zeros(64, 3)
+        self.txt_ids = torch.zeros(16, 3)
+
+    def call(self, h, t, model=None, e=None):
+        m = model or self.model
+        B = h.shape[0]
+        return m(
+            hidden_states=h,
+            encoder_hidden_states=(self.e if e is None else e)[:B],
+            pooled_projections=self.p[:B],
+            timestep=torch.full((B,), t),
+            img_ids=self.img_ids,
+            txt_ids=self.txt_ids,
+            return_dict=False,
+        )[0]
+
+    def run(self, steps=10, model=None, stop_after=None):
+        h = self.x.clone()
+        for i in range(steps):
+            if stop_after is not None and i == stop_after:
+                break
+            h = h - self.call(h, 1.0 - i / steps, model) / steps
+        return h
