@@ -114,10 +114,29 @@ def interp_blocks() -> dict[str, int]:
     return {"BLOCK_M": 64, "BLOCK_D": 128, "num_warps": 4, "num_stages": 1}
 
 
-def rows_block(M: int, device: torch.device, start: int, floor: int = 16) -> int:
-    """Largest power of two <= ``start`` (>= ``floor``) giving about one program per SM or more."""
+def rows_block(M: int, device: torch.device, start: int = 64, floor: int = 16) -> int:
+    """Rows per program for the row-block kernels (split, reconstruct).
+
+    Each program re-reads the whole V (D x k) from L2 once per loop over D, so V traffic is about
+    (M / BLOCK_M) x D x k x 2 bytes per loop: at k >= 128 and BLOCK_M = 32 it would exceed the
+    HBM traffic of F and R. Keep 64 rows while that leaves at least half as many programs as SMs
+    (FLUX: M = 4608 -> 72 programs on 132 SMs), halve it for smaller M.
+    """
     bm = start
     sms = num_sms(device)
-    while bm > floor and -(-M // bm) < sms:
+    while bm > floor and -(-M // bm) < sms // 2:
         bm //= 2
     return bm
+
+
+def launch(kernel, grid, args, meta: dict, cfg: dict) -> None:
+    """Launch; if the config asks for more shared memory than this GPU has, retry with fewer stages."""
+    stages = cfg["num_stages"]
+    while True:
+        try:
+            kernel[grid](*args, **meta, num_warps=cfg["num_warps"], num_stages=stages)
+            return
+        except Exception as e:  # triton.runtime.errors.OutOfResources (module path varies by version)
+            if type(e).__name__ != "OutOfResources" or stages <= 1:
+                raise
+            stages -= 1

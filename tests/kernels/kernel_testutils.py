@@ -58,6 +58,19 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, name:
     assert err <= tol * max(s, 1e-30), f"{name}: max |err| {err:.3g} > {tol:g} x scale {s:.3g}"
 
 
+def split_scales(F: torch.Tensor, ref: dict, R_prev=None, h1: float = 1.0) -> dict:
+    """Scales of the split's outputs. R = F - F V V^T cancels (R ~ 0 when k ~ D): its fp32 error is
+    relative to |F|, not to |R|; dR = (R - R_prev) / h1 likewise relative to (|F| + |R_prev|) / h1."""
+    f = float(F.float().abs().max()) if F.numel() else 1.0
+    out = {}
+    if "R" in ref:
+        out["R"] = max(float(ref["R"].float().abs().max()) if F.numel() else 0.0, f)
+    if "dR" in ref and ref["dR"] is not None:
+        rp = float(R_prev.float().abs().max()) if R_prev is not None and R_prev.numel() else 0.0
+        out["dR"] = max(float(ref["dR"].float().abs().max()) if F.numel() else 0.0, (f + rp) / abs(h1))
+    return out
+
+
 def assert_untouched(t: torch.Tensor, before: torch.Tensor, name: str) -> None:
     # NaN-poisoned buffers: compare bit patterns.
     assert torch.equal(t.view(_int_of(t.dtype)), before.view(_int_of(before.dtype))), f"{name} was written but should not be"

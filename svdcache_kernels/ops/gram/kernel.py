@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton_common import dot_fp32, require_launchable, resolve_config, row_stride, rows_of
+from .._triton_common import dot_fp32, launch, require_launchable, resolve_config, row_stride, rows_of
 from .reference import check_gram_args
 
 
@@ -68,9 +68,7 @@ def gram_update_triton(G: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
     require_launchable(F, "gram_update")
     cfg = resolve_config("gram", gram_config(M, D, F.dtype, F.device))
     t = triton.cdiv(D, cfg["BLOCK_D"])
-    _gram_kernel[(t, t)](
-        F, G, M, D, row_stride(F), G.stride(0),
-        BLOCK_D=cfg["BLOCK_D"], BLOCK_R=cfg["BLOCK_R"], DOT_FP32=dot_fp32(F.dtype, F.device),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    args = (F, G, M, D, row_stride(F), G.stride(0))
+    meta = dict(BLOCK_D=cfg["BLOCK_D"], BLOCK_R=cfg["BLOCK_R"], DOT_FP32=dot_fp32(F.dtype, F.device))
+    launch(_gram_kernel, (t, t), args, meta, cfg)
     return G

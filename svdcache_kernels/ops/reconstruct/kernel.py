@@ -26,6 +26,7 @@ from .._triton_common import (
     block_k,
     dot_fp32,
     interp_blocks,
+    launch,
     require_launchable,
     resolve_config,
     row_stride,
@@ -99,7 +100,7 @@ def reconstruct_config(M: int, D: int, K: int, n_terms: int, dtype: torch.dtype,
     if device.type != "cuda":
         return interp_blocks()
     bk = block_k(K) if n_terms else 16
-    bm = rows_block(M, device, start=64 if bk >= 256 else 32)
+    bm = rows_block(M, device, start=64)
     bd = 32 if dtype == torch.float32 else 64
     if not n_terms:
         bd = 128  # a pure streaming add: wide rows, no V tile
@@ -147,7 +148,7 @@ def reconstruct_triton(
     t_strides = [row_stride(tt) if i < n_terms else 0 for i, tt in enumerate(t)]
     w = [float(ww) for ww in weights] + [0.0] * (MAX_TERMS - n_terms)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
-    _reconstruct_kernel[grid](
+    args = (
         V, R, *t,
         dR if has_dr else R, x if x is not None else R, g_rows if g_rows is not None else R, out,
         M, D, K, R.shape[-2],
@@ -155,9 +156,11 @@ def reconstruct_triton(
         row_stride(dR) if has_dr else 0, row_stride(x) if x is not None else 0,
         g_rows.stride(0) if g_rows is not None else 0, row_stride(out),
         *w, float(dr_scale),
+    )
+    meta = dict(
         N_TERMS=n_terms, HAS_DR=has_dr, HAS_X=x is not None, HAS_GATE=gate is not None,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], BLOCK_K=block_k(K),
         DOT_FP32=dot_fp32(R.dtype, R.device),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    launch(_reconstruct_kernel, grid, args, meta, cfg)
     return out

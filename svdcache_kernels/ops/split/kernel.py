@@ -30,6 +30,7 @@ from .._triton_common import (
     block_k,
     dot_fp32,
     interp_blocks,
+    launch,
     require_launchable,
     resolve_config,
     row_stride,
@@ -132,19 +133,16 @@ def _split_kernel(
 def split_config(M: int, D: int, K: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
     """Launch parameters (before overrides). GPU heuristic, to be refined by bench/gpu_kernels.py.
 
-    Memory-bound at small k; at k = 256 the V tiles re-read from L2 by every program cost about
-    (M / BLOCK_M) x 2 x D x k x 2 bytes, so larger k wants larger BLOCK_M (fewer re-reads) while
-    enough programs are needed to keep every SM streaming (rows_block halves BLOCK_M until there are
-    about as many programs as SMs, at least 16 rows).
+    The split is memory-bound on F and R, but every program also re-reads V (D x k) from L2 in each
+    of its two loops, (M / BLOCK_M) x 2 x D x k x 2 bytes in all: larger k wants more rows per
+    program (see ``rows_block``). The accumulator is (BLOCK_M, BLOCK_K) fp32 in registers: 8 warps
+    once it reaches 64 x 128.
     """
     if device.type != "cuda":
         return interp_blocks()
     bk = block_k(K)
-    bm = rows_block(M, device, start=64 if bk >= 256 else 32)
-    if dtype == torch.float32:
-        bd = 32
-    else:
-        bd = 64
+    bm = rows_block(M, device, start=64)
+    bd = 32 if dtype == torch.float32 else 64
     warps = 8 if bm * bk >= 64 * 128 else 4
     stages = 2 if bk >= 256 or dtype == torch.float32 else 3
     return {"BLOCK_M": bm, "BLOCK_D": bd, "num_warps": warps, "num_stages": stages}
@@ -183,16 +181,18 @@ def split_triton(
     dummy = F  # stands in for absent tensors; the constexpr flags keep it untouched
     strides = [row_stride(t) if t is not None else 0 for t in (C, D1, D2, E, R, dR)]
     grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
-    _split_kernel[grid](
+    args = (
         F, V,
         *(t if t is not None else dummy for t in (C, D1, D2, E, R, dR)),
         M, D, K,
         row_stride(F), V.stride(0), V.stride(1),
         *strides,
         float(h1), float(h2), float(beta), 1.0 - float(beta),
+    )
+    meta = dict(
         HAS_C=C is not None, ORDER=int(order), HAS_E=E is not None, EMA_INIT=bool(ema_init),
         HAS_R=R is not None, HAS_DR=dR is not None,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], BLOCK_K=block_k(K),
         DOT_FP32=dot_fp32(F.dtype, F.device),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    launch(_split_kernel, grid, args, meta, cfg)
