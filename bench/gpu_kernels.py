@@ -1,0 +1,538 @@
+#!/usr/bin/env python
+"""GPU check and benchmark of the SVD-Cache kernels: parity first, then timings at FLUX shapes.
+
+    python bench/gpu_kernels.py               # one CUDA GPU, about 5 minutes, no network
+    python bench/gpu_kernels.py --cpu-smoke   # the same code path at tiny shapes, Triton interpreter
+
+1. Parity of every op on the GPU (bf16, fp16, fp32; batch dims; N, D off the block sizes; k from 1 to
+   256) against the reference ops. The 16-bit kernels run the tensor-core dot on 16-bit operands
+   (V, and C or P, rounded to the activation dtype; fp32 accumulation), so they are compared, at
+   rounding-level tolerance, with the reference computed on those same rounded operands ("emulated");
+   their deviation from the exact fp32 reference is printed too, checked only against a loose bound.
+2. Device-to-device copy bandwidth (the yardstick).
+3. Per op at FLUX shapes (N = 4096 + 512 tokens, D = 3072, k in {64, 128, 256}, bf16): median time
+   (triton.testing.do_bench, L2 flushed between runs), minimal bytes -> GB/s and fraction of copy
+   bandwidth, TFLOP/s, speedup over the eager reference and over torch.compile of the reference; for
+   the split, the ratio to the time of reading F once and writing R once at copy bandwidth (target
+   <= 1.3).
+4. A small sweep of launch configs for split and reconstruct (to tune the heuristics).
+
+Everything runs under a time budget (--budget-s): later stages are skipped, not the whole run, when
+it runs out. Writes bench/results/gpu_kernels_<card>.md. Exit status 1 if a parity check failed or a
+stage raised.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+import traceback
+
+SMOKE = "--cpu-smoke" in sys.argv
+if SMOKE:  # before torch/numpy/triton are imported: the interpreter is read when kernels are defined
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from svdcache_kernels import (  # noqa: E402
+    gram_update, gram_update_reference, reconstruct, reconstruct_reference, split, split_reference,
+)
+from svdcache_kernels.ops import _triton_common as tc  # noqa: E402
+from svdcache_kernels.ops.reconstruct.reference import gate_rows_shape  # noqa: E402
+
+BITS = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}  # significant bits
+ULP = {dt: 2.0 ** (1 - b) for dt, b in BITS.items()}  # ulp(x) <= ULP * |x|
+
+
+def dn(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Harness: budget, timing, error capture
+# ---------------------------------------------------------------------------------------------------
+class Run:
+    def __init__(self, args):
+        self.args = args
+        self.smoke = args.cpu_smoke
+        self.dev = torch.device("cpu" if self.smoke else "cuda")
+        self.t0 = time.monotonic()
+        self.errors: list[str] = []
+        self.parity: list[dict] = []
+        self.rows: list[dict] = []
+        self.sweep: list[dict] = []
+        self.notes: list[str] = []
+        self.copy_gbs = float("nan")
+        self._flush = None
+
+    def left(self) -> float:
+        return self.args.budget_s - (time.monotonic() - self.t0)
+
+    def log(self, msg: str) -> None:
+        print(f"[{time.monotonic() - self.t0:6.1f}s] {msg}", flush=True)
+
+    def guard(self, label: str, fn, *a, **kw):
+        try:
+            return fn(*a, **kw)
+        except Exception as e:  # keep going: one broken op must not hide the others' numbers
+            self.errors.append(f"{label}: {type(e).__name__}: {e}")
+            self.log(f"ERROR in {label}: {type(e).__name__}: {e}")
+            traceback.print_exc()
+            return None
+
+    def sync(self):
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def time_ms(self, fn) -> float:
+        """Median milliseconds of fn()."""
+        if self.smoke:
+            fn()
+            ts = []
+            for _ in range(3):
+                t = time.perf_counter()
+                fn()
+                ts.append((time.perf_counter() - t) * 1e3)
+            return statistics.median(ts)
+        try:
+            import triton.testing
+
+            return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        except Exception as e:  # do_bench's signature moved between versions: CUDA events instead
+            self.notes.append(f"do_bench unavailable ({type(e).__name__}: {e}); CUDA events used")
+            return self._events_ms(fn)
+
+    def _events_ms(self, fn, reps: int = 50) -> float:
+        if self._flush is None:
+            self._flush = torch.empty(256 << 20, dtype=torch.int8, device=self.dev)
+        for _ in range(5):
+            fn()
+        ts = []
+        for _ in range(reps):
+            self._flush.zero_()
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            torch.cuda.synchronize()
+            ts.append(s.elapsed_time(e))
+        return statistics.median(ts)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Emulated references: the reference ops' math on the operands the 16-bit tensor-core path rounds
+# ---------------------------------------------------------------------------------------------------
+def split_emulated(F, V, *, dot_dtype, C=None, D1=None, D2=None, E=None, R=None, dR=None, order=0,
+                   h1=1.0, h2=1.0, beta=0.9, ema_init=False):
+    Vf = V.to(dot_dtype).float() if dot_dtype is not None else V.float()
+    Cn = F.float() @ Vf
+    if order >= 1:
+        d1 = (Cn - C) / h1
+        if order >= 2:
+            D2.copy_((d1 - D1) / h2)
+        D1.copy_(d1)
+    if E is not None:
+        E.copy_(Cn if ema_init else beta * E + (1.0 - beta) * Cn)
+    if C is not None:
+        C.copy_(Cn)
+    if R is not None:
+        Cd = Cn.to(dot_dtype).float() if dot_dtype is not None else Cn
+        Rn = F.float() - Cd @ Vf.T
+        if dR is not None:
+            dR.copy_((Rn - R.float()) / h1)
+        R.copy_(Rn)
+
+
+def reconstruct_emulated(V, R, *, dot_dtype, terms=(), weights=(), dR=None, dr_scale=0.0, x=None, gate=None, out=None):
+    fh = R.float()
+    if terms:
+        P = sum(float(w) * t for w, t in zip(weights, terms))
+        Vf = V.to(dot_dtype).float() if dot_dtype is not None else V.float()
+        Pd = P.to(dot_dtype).float() if dot_dtype is not None else P
+        fh = fh + Pd @ Vf.T
+    if dR is not None and dr_scale:
+        fh = fh + float(dr_scale) * dR.float()
+    if x is not None:
+        g = 1.0
+        if gate is not None:
+            g = gate.float() if gate_rows_shape(R, gate) else gate.float().unsqueeze(-2)
+        fh = x.float() + g * fh
+    res = fh.to(x.dtype if x is not None else R.dtype)
+    if out is not None:
+        out.copy_(res)
+        return out
+    return res
+
+
+def _maxabs(t) -> float:
+    return float(t.float().abs().max()) if t.numel() else 0.0
+
+
+def _err(a, b) -> float:
+    return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. Parity
+# ---------------------------------------------------------------------------------------------------
+def parity(run: Run) -> None:
+    dev = run.dev
+    g = torch.Generator(device=dev).manual_seed(0)
+    if run.smoke:
+        B, N, D, ks = (2,), 40, 72, (1, 16, 48)  # bf16 also runs k = 1
+    else:
+        B, N, D, ks = (2,), 333, 1000, (1, 48, 256)  # bf16 also runs k = 1 (BLOCK_K = 16)
+
+    def rnd(*shape, dtype=torch.float32, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=dev) * scale + 0.25).to(dtype)
+
+    def nan(*shape, dtype=torch.float32):
+        return torch.full(shape, float("nan"), dtype=dtype, device=dev)
+
+    def basis(D, k):
+        q, _ = torch.linalg.qr(torch.randn(D, k, generator=g, device=dev, dtype=torch.float32))
+        return q
+
+    def record(op, dtype, k, name, got, emu, exact, tol_rel, scale, loose_rel):
+        err = _err(got, emu)
+        allowed = tol_rel * max(scale, 1e-30)
+        finite = bool(torch.isfinite(got.float()).all())
+        dev_exact = _err(got, exact) / max(scale, 1e-30)
+        ok = finite and err <= allowed and (loose_rel is None or dev_exact <= loose_rel)
+        run.parity.append(dict(op=op, dtype=dn(dtype), k=k, out=name, err=err, allowed=allowed,
+                               exact_rel=dev_exact, ok=ok))
+        if not ok:
+            run.log(f"PARITY FAIL {op} {dn(dtype)} k={k} {name}: err {err:.3g} allowed {allowed:.3g} "
+                    f"finite={finite} rel. deviation from exact {dev_exact:.3g}")
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        # Smoke: run fp16 through the 16-bit (GPU) dot code path, so that the emulated-reference
+        # checks the GPU run relies on are exercised too (the interpreter's fp16 dot is right).
+        tc.FORCE_DOT_FP32 = False if (run.smoke and dtype == torch.float16) else None
+        dot_dt = None if tc.dot_fp32(dtype, dev) else dtype
+        # vs the emulated reference: fp32 outputs differ by summation order (2e-5 of their scale with
+        # D = 1000), 16-bit outputs by an ulp of their dtype (2 ulps: the rounded C/P may flip too).
+        # vs the exact reference (16-bit dot path only): a gross-error bound, 32 unit roundoffs.
+        t32 = 2e-5
+        t16 = 2 * ULP[dtype] if dtype != torch.float32 else t32
+        loose = None if dot_dt is None else 32 * 2.0 ** -BITS[dtype]
+        for k in ks if dtype == torch.bfloat16 else ks[1:]:
+            V = basis(D, k)
+            F = rnd(*B, N, D, dtype=dtype, scale=2.0)
+            cs, rs = (*B, N, k), (*B, N, D)
+            init = dict(C=rnd(*cs), D1=rnd(*cs), D2=nan(*cs), E=rnd(*cs), R=rnd(*rs, dtype=dtype), dR=nan(*rs, dtype=dtype))
+            kw = dict(order=2, h1=0.75, h2=2.0, beta=0.9)
+            outs = {}
+            for name, fn in (("kernel", lambda **s: split(F, V, backend="triton", **s, **kw)),
+                             ("emu", lambda **s: split_emulated(F, V, dot_dtype=dot_dt, **s, **kw)),
+                             ("exact", lambda **s: split_reference(F, V, **s, **kw))):
+                outs[name] = {n: t.clone() for n, t in init.items()}
+                run.guard(f"parity split {dn(dtype)} k={k} {name}", fn, **outs[name])
+            run.sync()
+            fmax = _maxabs(F)
+            for n in ("C", "D1", "D2", "E"):
+                record("split", dtype, k, n, outs["kernel"][n], outs["emu"][n], outs["exact"][n], t32,
+                       _maxabs(outs["emu"][n]), loose)
+            for n in ("R", "dR"):
+                # R = F - F V V^T cancels: its error scales with |F| (dR: (|F| + |R_prev|) / h1)
+                sc = max(_maxabs(outs["emu"][n]), fmax if n == "R" else (fmax + _maxabs(init["R"])) / kw["h1"])
+                record("split", dtype, k, n, outs["kernel"][n], outs["emu"][n], outs["exact"][n], t16, sc, loose)
+
+            # reconstruct: Taylor-2 forecast, damped dR, gated residual add in place on x
+            terms = [rnd(*cs, scale=3.0) for _ in range(3)]
+            R_, dR_ = rnd(*rs, dtype=dtype), rnd(*rs, dtype=dtype, scale=0.3)
+            x = rnd(*rs, dtype=dtype, scale=4.0)
+            gate = rnd(*B, 6 * D, dtype=dtype)[..., 2 * D:3 * D].unsqueeze(-2)  # strided chunk, (B, 1, D)
+            rkw = dict(terms=terms, weights=(1.0, 1.7, -0.45), dR=dR_, dr_scale=0.6, gate=gate)
+            xk = x.clone()
+            got = run.guard(f"parity reconstruct {dn(dtype)} k={k}",
+                            lambda: reconstruct(V, R_, backend="triton", x=xk, out=xk, **rkw))
+            emu = reconstruct_emulated(V, R_, dot_dtype=dot_dt, x=x, **rkw)
+            exact = reconstruct_reference(V, R_, x=x, **rkw)
+            if got is not None:
+                record("reconstruct", dtype, k, "out (gated, in place)", xk, emu, exact, t16, _maxabs(emu), loose)
+        # one term, no epilogue, flat gate-less path into a new tensor; and the Gram update
+        nk = dict(terms=terms[:1], weights=(1.0,))
+        got = run.guard(f"parity reconstruct-reuse {dn(dtype)} k={k}", lambda: reconstruct(V, R_, backend="triton", **nk))
+        if got is not None:
+            exact = reconstruct_reference(V, R_, **nk)
+            record("reconstruct", dtype, k, "F_hat (1 term)", got, reconstruct_emulated(V, R_, dot_dtype=dot_dt, **nk),
+                   exact, t16, _maxabs(exact), loose)
+        # gram: 16-bit products are exact in fp32 -> fp32 tolerance for every dtype
+        F = rnd(*B, N, D, dtype=dtype)
+        G0 = rnd(D, D)
+        Gk = run.guard(f"parity gram {dn(dtype)}", lambda: gram_update(G0.clone(), F, backend="triton"))
+        Gr = gram_update_reference(G0.clone(), F)
+        if Gk is not None:
+            record("gram", dtype, "-", "G", Gk, Gr, Gr, t32, _maxabs(Gr), None)
+        run.sync()
+        tc.FORCE_DOT_FP32 = None
+        run.log(f"parity {dn(dtype)} done")
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. Copy bandwidth, 3. timings, 4. sweep
+# ---------------------------------------------------------------------------------------------------
+def copy_bandwidth(run: Run) -> None:
+    n = (8 << 20) if run.smoke else (1 << 30)
+    src = torch.empty(n, dtype=torch.uint8, device=run.dev)
+    src.fill_(1)
+    dst = torch.empty_like(src)
+    ms = run.time_ms(lambda: dst.copy_(src))
+    run.copy_gbs = 2 * n / (ms * 1e-3) / 1e9  # bytes read + bytes written
+    run.log(f"device-to-device copy: {run.copy_gbs:.0f} GB/s ({n >> 20} MiB, {ms:.3f} ms)")
+    del src, dst
+
+
+def make_cases(run: Run):
+    """(name, k, kernel_fn, ref_fn(call), bytes, flops, ideal_bytes or None, compile_key)."""
+    dev = run.dev
+    dt = torch.bfloat16
+    if run.smoke:
+        Bn, N, D, ks = 1, 48 + 16, 96, (16, 48)
+    else:
+        Bn, N, D, ks = 1, 4096 + 512, 3072, tuple(int(k) for k in run.args.ks.split(","))
+    M, s = Bn * N, 2
+    g = torch.Generator(device=dev).manual_seed(1)
+
+    def rnd(*shape, dtype=torch.float32, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=dev) * scale + 0.25).to(dtype)
+
+    cases = []
+    for k in ks:
+        V = torch.linalg.qr(torch.randn(D, k, generator=g, device=dev))[0].to(dt)
+        F = rnd(Bn, N, D, dtype=dt, scale=2.0)
+        cs, rs = (Bn, N, k), (Bn, N, D)
+        st = dict(C=rnd(*cs), D1=rnd(*cs), D2=rnd(*cs), E=rnd(*cs), R=rnd(*rs, dtype=dt), dR=rnd(*rs, dtype=dt))
+        vb = D * k * s
+        # split, C + R (a first full step, or reuse/Taylor policies on C with the residual reused)
+        cr = dict(C=st["C"], R=st["R"])
+        cases.append(dict(
+            name="split C,R", k=k, args=(F, V), kw=dict(**cr, order=0),
+            fn=split, ref=split_reference,
+            bytes=M * D * s + vb + M * k * 4 + M * D * s, flops=4 * M * D * k, ideal=2 * M * D * s))
+        full = dict(**st, order=2, h1=1.0, h2=2.0, beta=0.9)
+        cases.append(dict(
+            name="split order2+E+dR", k=k, args=(F, V), kw=full, fn=split, ref=split_reference,
+            bytes=M * D * s + vb + 3 * M * k * 4 + 4 * M * k * 4 + M * D * s + 2 * M * D * s,
+            flops=4 * M * D * k, ideal=None))
+        terms = [rnd(*cs, scale=3.0) for _ in range(3)]
+        x = rnd(*rs, dtype=dt, scale=4.0)
+        gate = rnd(Bn, 6 * D, dtype=dt)[:, 2 * D:3 * D].unsqueeze(1)  # FLUX: a chunk of the (B, 6D) modulation
+        cases.append(dict(
+            name="reconstruct taylor2+dR, x+gate in place", k=k, args=(V, st["R"]),
+            kw=dict(terms=terms, weights=(1.0, 1.5, 1.125), dR=st["dR"], dr_scale=0.5, x=x, gate=gate, out=x),
+            fn=reconstruct, ref=reconstruct_reference,
+            bytes=3 * M * k * 4 + vb + 2 * M * D * s + M * D * s + Bn * D * s + M * D * s,
+            flops=2 * M * k * D, ideal=None))
+        out = torch.empty(rs, dtype=dt, device=dev)
+        cases.append(dict(
+            name="reconstruct reuse (C V^T + R)", k=k, args=(V, st["R"]), kw=dict(terms=[st["C"]], weights=(1.0,), out=out),
+            fn=reconstruct, ref=reconstruct_reference,
+            bytes=M * k * 4 + vb + M * D * s + M * D * s, flops=2 * M * k * D, ideal=None))
+    Fg = rnd(Bn, N, D, dtype=dt)
+    G = torch.zeros(D, D, device=dev)
+    cases.append(dict(
+        name="gram G += F^T F", k="-", args=(G, Fg), kw={}, fn=gram_update, ref=gram_update_reference,
+        bytes=M * D * s + 2 * D * D * 4, flops=2 * M * D * D, ideal=None))
+    return cases
+
+
+def time_cases(run: Run, cases) -> None:
+    for c in cases:
+        row = dict(op=c["name"], k=c["k"], bytes=c["bytes"], flops=c["flops"], ideal=c["ideal"])
+        run.rows.append(row)
+        fn, ref, a, kw = c["fn"], c["ref"], c["args"], c["kw"]
+        row["ms"] = run.guard(f"time {c['name']} k={c['k']}", run.time_ms, lambda: fn(*a, backend="triton", **kw))
+        row["eager_ms"] = run.guard(f"time eager {c['name']} k={c['k']}", run.time_ms, lambda: ref(*a, **kw))
+        run.log(f"{c['name']:42s} k={c['k']!s:>4}: kernel {fmt(row['ms'])} ms, eager {fmt(row['eager_ms'])} ms")
+
+
+def compile_cases(run: Run, cases) -> None:
+    if run.args.no_compile:
+        run.notes.append("torch.compile comparison skipped (--no-compile)")
+        return
+    import torch._dynamo as dynamo
+
+    for attr in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
+        if hasattr(dynamo.config, attr):
+            setattr(dynamo.config, attr, 256)
+    backend = "eager" if run.smoke else "inductor"  # smoke: exercise the path without a C++ toolchain
+    compiled = {}
+    # k = 128 first: if the budget runs out, the middle of the range is the one measured.
+    order = sorted(cases, key=lambda c: (c["k"] != 128, str(c["k"])))
+    first = True
+    for c in order:
+        need = (60 if first else 30) + run.args.sweep_s  # a compile may take that long; keep the sweep's share
+        row = next(r for r in run.rows if r["op"] == c["name"] and r["k"] == c["k"])
+        if run.left() < need + run.args.reserve_s:
+            row["compile_ms"] = None
+            row["compile_note"] = "budget"
+            continue
+        ref = c["ref"]
+        if ref not in compiled:
+            compiled[ref] = torch.compile(ref, backend=backend, dynamic=False)
+        cf, a, kw = compiled[ref], c["args"], c["kw"]
+        t = time.monotonic()
+        ok = run.guard(f"compile {c['name']} k={c['k']}", lambda: (cf(*a, **kw), run.sync(), True)[-1])
+        first = False
+        if ok:
+            row["compile_s"] = time.monotonic() - t
+            row["compile_ms"] = run.guard(f"time compiled {c['name']} k={c['k']}", run.time_ms, lambda: cf(*a, **kw))
+            run.log(f"{c['name']:42s} k={c['k']!s:>4}: torch.compile {fmt(row['compile_ms'])} ms "
+                    f"(compiled in {row['compile_s']:.0f} s)")
+
+
+SWEEP_SPLIT = [  # BLOCK_M, BLOCK_D, num_warps, num_stages
+    (16, 128, 4, 3), (32, 64, 4, 3), (32, 128, 4, 3), (64, 32, 4, 4), (64, 64, 4, 3), (64, 64, 8, 3),
+    (64, 128, 8, 3), (64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 8, 3),
+]
+
+
+def sweep(run: Run, cases) -> None:
+    if run.args.no_sweep:
+        return
+    configs = SWEEP_SPLIT[:2] if run.smoke else SWEEP_SPLIT
+    targets = [c for c in cases if c["name"] in ("split C,R", "reconstruct taylor2+dR, x+gate in place")]
+    for c in targets:
+        op = "split" if c["name"].startswith("split") else "reconstruct"
+        for bm, bd, w, st in configs:
+            if run.left() < 8 + run.args.reserve_s:
+                run.notes.append("config sweep cut short by the time budget")
+                return
+            with tc.config_override(op, BLOCK_M=bm, BLOCK_D=bd, num_warps=w, num_stages=st):
+                a, kw, fn = c["args"], c["kw"], c["fn"]
+                ms = run.guard(f"sweep {op} k={c['k']} {bm},{bd},{w},{st}", run.time_ms, lambda: fn(*a, backend="triton", **kw))
+            run.sweep.append(dict(op=c["name"], k=c["k"], cfg=(bm, bd, w, st), ms=ms))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------
+def fmt(v, p=3):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.{p}f}" if isinstance(v, float) else str(v)
+
+
+def report(run: Run) -> str:
+    dev = run.dev
+    card = "CPU (Triton interpreter, smoke run)" if run.smoke else torch.cuda.get_device_name(dev)
+    try:
+        import triton
+
+        tv = triton.__version__
+    except Exception:
+        tv = "?"
+    L = [f"# SVD-Cache kernels on {card}", ""]
+    L.append(f"{datetime.datetime.now().isoformat(timespec='seconds')}; torch {torch.__version__}, triton {tv}, "
+             f"CUDA {torch.version.cuda}, Python {platform.python_version()}; `python bench/gpu_kernels.py"
+             f"{' --cpu-smoke' if run.smoke else ''}` ({time.monotonic() - run.t0:.0f} s).")
+    if run.smoke:
+        L.append("")
+        L.append("**Smoke run: tiny shapes under the Triton interpreter; the times are not kernel speeds.**")
+    L += ["", f"Device-to-device copy bandwidth (read + write): **{fmt(run.copy_gbs, 0)} GB/s**.", ""]
+    n_ok = sum(p["ok"] for p in run.parity)
+    L += [f"## Parity ({n_ok}/{len(run.parity)} pass)", "",
+          "16-bit kernels vs the reference on the same rounded dot operands (tolerance: one ulp of a 16-bit "
+          "output, 2e-5 of fp32, relative to the output's scale); last column: deviation from the exact fp32 "
+          "reference, relative to the same scale.", "",
+          "| op | dtype | k | output | max err | allowed | rel. dev. from exact | |",
+          "|---|---|---|---|---|---|---|---|"]
+    for p in run.parity:
+        L.append(f"| {p['op']} | {p['dtype']} | {p['k']} | {p['out']} | {p['err']:.3g} | {p['allowed']:.3g} | "
+                 f"{p['exact_rel']:.2e} | {'ok' if p['ok'] else '**FAIL**'} |")
+    L += ["", "## Timings (bf16, B=1, median of do_bench, L2 flushed)" if not run.smoke else "## Timings (smoke)", "",
+          "GB/s: minimal bytes moved / time. Ideal: reading F once + writing R once at copy bandwidth "
+          "(split target: ratio <= 1.3).", "",
+          "| op | k | kernel ms | GB/s | % copy BW | TFLOP/s | eager ms | x eager | compile ms | x compile | ideal ms | ratio to ideal |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in run.rows:
+        ms = r.get("ms")
+        gbs = r["bytes"] / (ms * 1e-3) / 1e9 if ms else None
+        tfl = r["flops"] / (ms * 1e-3) / 1e12 if ms else None
+        frac = 100 * gbs / run.copy_gbs if gbs and run.copy_gbs == run.copy_gbs else None
+        eager, comp = r.get("eager_ms"), r.get("compile_ms")
+        ideal = r["ideal"] / (run.copy_gbs * 1e9) * 1e3 if r["ideal"] and run.copy_gbs == run.copy_gbs else None
+        L.append(
+            f"| {r['op']} | {r['k']} | {fmt(ms)} | {fmt(gbs, 0)} | {fmt(frac, 0)} | {fmt(tfl, 1)} | {fmt(eager)} | "
+            f"{fmt(eager / ms if eager and ms else None, 2)} | {fmt(comp) if comp else r.get('compile_note', '-')} | "
+            f"{fmt(comp / ms if comp and ms else None, 2)} | {fmt(ideal)} | {fmt(ms / ideal if ms and ideal else None, 2)} |")
+    if run.sweep:
+        L += ["", "## Launch-config sweep (BLOCK_M, BLOCK_D, num_warps, num_stages)", "",
+              "| op | k | config | ms | vs heuristic |", "|---|---|---|---|---|"]
+        base = {(r["op"], r["k"]): r.get("ms") for r in run.rows}
+        for s in run.sweep:
+            b = base.get((s["op"], s["k"]))
+            L.append(f"| {s['op']} | {s['k']} | {s['cfg']} | {fmt(s['ms'])} | {fmt(b / s['ms'] if b and s['ms'] else None, 2)} |")
+        best = {}
+        for s in run.sweep:
+            key = (s["op"], s["k"])
+            if s["ms"] and (key not in best or s["ms"] < best[key]["ms"]):
+                best[key] = s
+        L += ["", "Best per op and k: " + "; ".join(f"{o} k={k}: {b['cfg']} {fmt(b['ms'])} ms" for (o, k), b in best.items())]
+    if run.notes or run.errors:
+        L += ["", "## Notes and errors", ""]
+        L += [f"- {n}" for n in dict.fromkeys(run.notes)]
+        L += [f"- ERROR {e}" for e in run.errors]
+    return "\n".join(L) + "\n"
+
+
+def card_slug(run: Run) -> str:
+    if run.smoke:
+        return "cpu-smoke"
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", torch.cuda.get_device_name(run.dev)).strip("_")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU under the Triton interpreter")
+    ap.add_argument("--out-dir", default=os.path.join(REPO, "bench", "results"))
+    ap.add_argument("--budget-s", type=float, default=280.0, help="wall-clock budget; later stages are skipped")
+    ap.add_argument("--reserve-s", type=float, default=10.0, help="kept free for the report")
+    ap.add_argument("--ks", default="64,128,256", help="basis ranks timed at FLUX shapes")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile comparison")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the launch-config sweep")
+    ap.add_argument("--sweep-s", type=float, default=45.0, help="budget share kept for the sweep (run last)")
+    args = ap.parse_args(argv)
+    if not args.cpu_smoke and not torch.cuda.is_available():
+        print("no CUDA device: run on a GPU machine, or use --cpu-smoke", file=sys.stderr)
+        return 2
+    run = Run(args)
+    if not run.smoke:
+        torch.backends.cuda.matmul.allow_tf32 = False  # the references must be true fp32
+        torch.backends.cudnn.allow_tf32 = False
+    run.log(f"device: {'cpu (interpreter)' if run.smoke else torch.cuda.get_device_name()}; torch {torch.__version__}")
+    try:
+        run.guard("parity", parity, run)
+        run.guard("copy bandwidth", copy_bandwidth, run)
+        cases = run.guard("inputs", make_cases, run) or []
+        run.guard("timings", time_cases, run, cases)
+        run.guard("torch.compile", compile_cases, run, cases)
+        run.guard("sweep", sweep, run, cases)
+    finally:
+        text = report(run)
+        os.makedirs(args.out_dir, exist_ok=True)
+        path = os.path.join(args.out_dir, f"gpu_kernels_{card_slug(run)}.md")
+        with open(path, "w") as f:
+            f.write(text)
+        print()
+        print(text)
+        print(f"written: {path}")
+    bad = [p for p in run.parity if not p["ok"]]
+    return 1 if bad or run.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
