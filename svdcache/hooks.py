@@ -24,10 +24,6 @@ BLOCK_HOOK = "svdcache_block"
 CAPTURE_HOOK = "svdcache_capture"
 
 
-class _Recompute(Exception):
-    """Raised inside a cached call when it cannot be forecast; the root hook recomputes in full."""
-
-
 def _first_tensor(out):
     if isinstance(out, torch.Tensor):
         return out
@@ -76,7 +72,7 @@ class BlockHook(ModelHook):
     def new_forward(self, module, *args, **kwargs):
         mode = self.controller.mode()
         if mode == "cached":
-            return self.adapter.cached_forward(module, args, kwargs, self._forecast)
+            return self._cached_forward(module, args, kwargs)
         if mode is None:  # called outside a managed transformer call
             return self.fn_ref.original_forward(*args, **kwargs)
         self.active_record = self._record
@@ -84,6 +80,10 @@ class BlockHook(ModelHook):
             return self.adapter.full_forward(module, self.fn_ref.original_forward, args, kwargs, self._record)
         finally:
             self.active_record = None
+
+    @torch.compiler.disable
+    def _cached_forward(self, module, args, kwargs):
+        return self.adapter.cached_forward(module, args, kwargs, self._forecast)
 
 
 class SVDCacheHook(ModelHook):
@@ -179,6 +179,7 @@ class SVDCacheHook(ModelHook):
         st.mode = "full" if (full or not st.ready) else "cached"
         st.updated = set()
         st.call_cache_flops = 0
+        self._state = st
         return st
 
     def mode(self):
@@ -186,41 +187,45 @@ class SVDCacheHook(ModelHook):
         return None if st is None else st.mode
 
     # -- the call --------------------------------------------------------------------------------
+    # Under torch.compile the model's own compute is traced; the decision (_begin), the bookkeeping
+    # (_end) and the cache ops (record / cached block forwards) run eagerly behind graph breaks, so
+    # no per-step Python value (step offsets, weights) is baked into a graph and forces a recompile.
     def new_forward(self, module, *args, **kwargs):
         st = self._begin(args, kwargs)
-        self._state = st
-        try:
-            out = self._run(st, args, kwargs)
-        finally:
-            self._state = None
-            st.mode = None
-        return out
+        if not torch.compiler.is_compiling() and self._wants_count(st):
+            out, counted = count_flops(self.fn_ref.original_forward, *args, **kwargs)
+            self._store_count(st, counted, args, kwargs)
+        else:
+            out = self.fn_ref.original_forward(*args, **kwargs)
+        return self._end(st, out, args, kwargs)
 
-    def _run(self, st: ContextState, args, kwargs):
-        cfg = self.cfg
-        if st.mode == "cached":
-            try:
-                out = self._call(st, args, kwargs)
-                if cfg.check_finite:
-                    o = _first_tensor(out)
-                    if o is not None and not bool(torch.isfinite(o).all()):
-                        raise _Recompute("the forecast is not finite")
-                self.cur.cached_steps += 1
-                return out
-            except _Recompute as why:
-                self._warn_once("fallback", f"svdcache: {why}; this step is computed in full (warned once)")
+    @torch.compiler.disable
+    def _end(self, st: ContextState, out, args, kwargs):
+        try:
+            if st.mode == "cached":
+                o = _first_tensor(out) if self.cfg.check_finite else None
+                if o is None or bool(torch.isfinite(o).all()):
+                    self.cur.cached_steps += 1
+                    self._account(st)
+                    return out
+                self._warn_once("fallback", "svdcache: a forecast is not finite; this step is computed in full "
+                                "(warned once)")
                 self.cur.fallbacks += 1
                 st.features = {}
                 st.ready = False
                 st.hist = 0
                 st.mode = "full"
                 st.call_cache_flops = 0
-        out = self._call(st, args, kwargs)
-        self.cur.full_steps += 1
-        st.hist = min(st.hist + 1, 3)
-        st.ready = self._all_updated(st)
-        self._measure_memory()
-        return out
+                out = self.fn_ref.original_forward(*args, **kwargs)
+            self.cur.full_steps += 1
+            self._account(st)
+            st.hist = min(st.hist + 1, 3)
+            st.ready = self._all_updated(st)
+            self._measure_memory()
+            return out
+        finally:
+            self._state = None
+            st.mode = None
 
     def _measure_memory(self) -> None:
         cache = feats = 0
@@ -232,23 +237,21 @@ class SVDCacheHook(ModelHook):
         if cache > self.cur.cache_bytes:
             self.cur.cache_bytes, self.cur.feature_bytes = cache, feats
 
-    def _call(self, st, args, kwargs):
-        key = (st.signature, st.mode, st.hist)
-        counting = self.cfg.count_flops and key not in self._flops and not torch.compiler.is_compiling()
-        if counting:
-            out, counted = count_flops(self.fn_ref.original_forward, *args, **kwargs)
-            torch_ops = st.call_cache_flops if self._backend_is_torch(args, kwargs) else 0
-            self._flops[key] = counted - torch_ops  # the model's own FLOPs in this kind of call
-        else:
-            out = self.fn_ref.original_forward(*args, **kwargs)
-        model_flops = self._flops.get(key, 0)
-        full_flops = self._flops.get((st.signature, "full", 0)) or self._flops.get((st.signature, "full", st.hist)) or 0
-        if not full_flops:
-            full_flops = next((v for (s, m, _), v in self._flops.items() if s == st.signature and m == "full"), 0)
-        self.cur.flops += model_flops + st.call_cache_flops
+    @torch.compiler.disable
+    def _wants_count(self, st: ContextState) -> bool:
+        return self.cfg.count_flops and (st.signature, st.mode, st.hist) not in self._flops
+
+    @torch.compiler.disable
+    def _store_count(self, st: ContextState, counted: int, args, kwargs) -> None:
+        torch_ops = st.call_cache_flops if self._backend_is_torch(args, kwargs) else 0
+        self._flops[(st.signature, st.mode, st.hist)] = counted - torch_ops  # the model's own FLOPs
+
+    def _account(self, st: ContextState) -> None:
+        model = self._flops.get((st.signature, st.mode, st.hist), 0)
+        full = next((v for (s, m, _), v in self._flops.items() if s == st.signature and m == "full"), 0)
+        self.cur.flops += model + st.call_cache_flops
         self.cur.cache_op_flops += st.call_cache_flops
-        self.cur.flops_uncached += full_flops
-        return out
+        self.cur.flops_uncached += full
 
     def _backend_is_torch(self, args, kwargs) -> bool:
         from svdcache_kernels import resolve_backend
@@ -275,6 +278,7 @@ class SVDCacheHook(ModelHook):
         self._V[name] = V
         return V
 
+    @torch.compiler.disable
     def record(self, name: str, F: torch.Tensor | None) -> None:
         st = self._state
         if F is None:
@@ -323,8 +327,8 @@ class SVDCacheHook(ModelHook):
 
     def forecast(self, name: str, *, x=None, gate=None, out=None):
         st = self._state
-        if name not in st.features:
-            raise _Recompute(f"no cached state for feature {name!r}")
+        if name not in st.features:  # ready implies every feature was updated
+            raise RuntimeError(f"svdcache: no cached state for feature {name!r} on a cached step")
         fc = st.features[name]
         if fc is None:
             return None

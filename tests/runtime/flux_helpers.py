@@ -24,7 +24,7 @@ class FluxLoop:
         self.txt_ids = torch.zeros(16, 3)
 
     def call(self, h, t, model=None, e=None):
-        m = model or self.model
+        m = self.model if model is None else model
         B = h.shape[0]
         return m(
             hidden_states=h,
