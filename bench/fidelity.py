@@ -1,0 +1,438 @@
+"""Fidelity vs compute on the embedded model: every method side by side, in one run, on one machine.
+
+    python bench/fidelity.py                 # full sweep (about 15 min on 2 CPU cores), resumable
+    python bench/fidelity.py --report-only   # rebuild table and plots from bench/results/fidelity.json
+
+Fixed set: the ten digit prompts x 4 seeds, 50 steps, batch 40. Every method is compared with the
+uncached images of the same prompt and seed (PSNR, SSIM). FLOPs are counted over the whole sampling
+by hooks on every Linear and attention module (checked against torch's flop counter), plus the
+SVD-Cache's own projection/reconstruction matmuls; the FLOPs ratio at FLUX.1-dev's dimensions is
+analytic. Cache memory is in copies of one set of the module-level cached features (18 tensors of
+the batch: the pre-gate attention / MLP outputs of the double blocks and proj_out of the singles).
+The teacher-forced forecast error replays each runtime configuration on the uncached trajectory's
+own features (8 images) and splits the error into the principal subspace and the residual.
+Writes bench/results/fidelity.{json,md}, fidelity_vs_flops.png, fidelity_vs_memory.png.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import re
+import statistics
+import time
+
+import torch
+
+import common  # noqa: F401  (puts the repo on sys.path)
+import svdcache
+from svdcache import SVDCacheConfig
+from svdcache.embedded import load_basis, load_pipeline
+from svdcache.metrics import psnr, ssim
+from svdcache.schedule import full_steps
+
+RESULTS = os.path.join(common.ROOT, "bench", "results")
+INTERVALS = [2, 3, 4, 5, 6, 8, 10, 12]
+WARMUP = 3
+
+
+# ----------------------------------------------------------------------------------------------
+# methods
+def svd_cfg(**kw) -> dict:
+    return dict(kind="svdcache", cfg=dict(warmup=WARMUP, **kw))
+
+
+def method_list(quick: bool = False) -> list[dict]:
+    I = [3, 5, 8] if quick else INTERVALS  # noqa: E741
+    ms = []
+
+    def add(name, family, **m):
+        ms.append(dict(name=name, family=family, **m))
+
+    for s in ([17, 10, 7] if quick else [25, 17, 13, 10, 8, 6]):
+        add(f"fewer steps {s}", "fewer steps", kind="steps", steps=s, setting=s)
+    for n in I:
+        add(f"FORA N={n}", "FORA (full reuse)", setting=n, **svd_cfg(interval=n, space="full", predictor="reuse"))
+        for o in (1, 2):
+            add(f"TaylorSeer-o{o} N={n}", f"TaylorSeer o{o} (full space)", setting=n,
+                **svd_cfg(interval=n, space="full", predictor="taylor", order=o))
+        add(f"SVD paper EMA tau.85 N={n}", "SVD-Cache paper (EMA, tau .85)", setting=n,
+            **svd_cfg(interval=n, predictor="ema", tau=0.85))
+        for o in (1, 2):
+            add(f"SVD taylor{o} tau.99 N={n}", f"SVD-Cache taylor{o}, R reuse", setting=n,
+                **svd_cfg(interval=n, predictor="taylor", order=o, tau=0.99))
+        add(f"SVD taylor2 R-damped tau.99 N={n}", "SVD-Cache taylor2, R damped .5", setting=n,
+            **svd_cfg(interval=n, predictor="taylor", order=2, residual="damped", tau=0.99))
+        add(f"SVD taylor2 R-taylor tau.99 N={n}", "SVD-Cache taylor2, R taylor", setting=n,
+            **svd_cfg(interval=n, predictor="taylor", order=2, residual="taylor", tau=0.99))
+        add(f"SVD taylor2 online N={n}", "SVD-Cache taylor2, zero-setup basis", setting=n, online=True,
+            **svd_cfg(interval=n, predictor="taylor", order=2, tau=0.99))
+        add(f"SVD taylor2 block-level N={n}", "SVD-Cache taylor2, block level", setting=n,
+            **svd_cfg(interval=n, predictor="taylor", order=2, tau=0.99, granularity="block"))
+        for o in (1, 2):
+            add(f"diffusers TaylorSeer o{o} N={n}", f"diffusers TaylorSeerCache o{o}", kind="diffusers_taylorseer",
+                setting=n, interval=n, order=o)
+    # ablations at interval 5: energy threshold per predictor, time axis
+    for tau in (0.85, 0.95, 0.99):
+        for pred, o in (("ema", 2), ("taylor", 1), ("taylor", 2)):
+            tag = "ema" if pred == "ema" else f"taylor{o}"
+            add(f"ablation {tag} tau{tau:g} N=5", "ablation (N=5)", setting=tau,
+                **svd_cfg(interval=5, predictor=pred, order=o, tau=tau))
+    add("ablation taylor2 time=timestep N=5", "ablation (N=5)", setting="timestep",
+        **svd_cfg(interval=5, predictor="taylor", order=2, tau=0.99, time_axis="timestep"))
+    add("ablation taylor2 fixed k=8 N=5", "ablation (N=5)", setting="k8",
+        **svd_cfg(interval=5, predictor="taylor", order=2, tau=None, rank=8))
+    for th in ([0.1, 0.3] if quick else [0.03, 0.06, 0.1, 0.15, 0.2, 0.3, 0.5]):
+        add(f"diffusers FBCache th={th:g}", "diffusers FirstBlockCache", kind="fbcache", setting=th, threshold=th)
+    for th, K in ([(0.1, 4)] if quick else [(0.02, 2), (0.06, 3), (0.12, 4), (0.24, 6), (0.5, 8), (1.0, 12)]):
+        add(f"diffusers MagCache th={th:g} K={K}", "diffusers MagCache", kind="magcache", setting=th, threshold=th,
+            max_skip=K)
+    return ms
+
+
+# ----------------------------------------------------------------------------------------------
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        torch.manual_seed(0)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        self.pipe = load_pipeline()
+        self.pipe.set_progress_bar_config(disable=True)
+        self.basis = load_basis()
+        # block-level caching has other features (block output minus input): its own one-time SVD,
+        # calibrated the way the embedded basis was (bench/calibrate_embedded.py)
+        meta = self.basis.meta
+        self.block_basis = svdcache.calibrate(
+            self.pipe, prompt=meta.get("prompt", "a handwritten digit three"), num_inference_steps=args.steps,
+            granularity="block", progress=False, generator=torch.Generator().manual_seed(0),
+            output_type="pt", **__import__("svdcache.embedded", fromlist=["CALL_KWARGS"]).CALL_KWARGS)
+        self.prompts, self.seeds = common.prompt_set(args.seeds)
+        self.steps = args.steps
+        common.self_check(self.pipe)
+        self.counter = common.FlopCounter(self.pipe.transformer)
+        self.mag_ratios = None
+        tr = self.pipe.transformer
+        D = tr.config.num_attention_heads * tr.config.attention_head_dim
+        N, L = 64, 16
+        rows = len(tr.transformer_blocks) * 2 * (N + L) + len(tr.single_transformer_blocks) * (N + L)
+        self.unit_bytes = len(self.prompts) * rows * D * 4  # one copy of the 18 module-level features
+        ks = [self.basis.features[n].rank(0.99) for n in self.basis.features]
+        self.k_frac = statistics.median(ks) / D
+
+    # -- runs ----------------------------------------------------------------------------------
+    def generate(self, steps=None, mem_probe=None):
+        self.counter.flops = 0
+        peak = [0]
+        kw = {}
+        if mem_probe is not None:
+            def cb(pipe, i, t, kwargs):
+                peak[0] = max(peak[0], mem_probe())
+                return {}
+            kw["callback_on_step_end"] = cb
+        imgs, sec = common.generate(self.pipe, self.prompts, self.seeds, steps or self.steps, **kw)
+        return imgs, sec, self.counter.flops, peak[0]
+
+    def reference(self):
+        times = []
+        for _ in range(3 if not self.args.quick else 1):
+            imgs, sec, flops, _ = self.generate()
+            times.append(sec)
+        self.ref, self.ref_flops = imgs, flops
+        self.ref_times = times
+
+    def run(self, m: dict) -> dict:
+        pipe = self.pipe
+        tr = pipe.transformer
+        steps = self.steps
+        extra_flops = 0
+        mem = None
+        st = None
+        if m["kind"] == "steps":
+            steps = m["steps"]
+            imgs, sec, flops, _ = self.generate(steps)
+        elif m["kind"] == "svdcache":
+            cfg = SVDCacheConfig(**m["cfg"])
+            basis = self.block_basis if cfg.granularity == "block" else self.basis
+            svdcache.enable(pipe, basis=None if m.get("online") else basis, config=cfg)
+            if m.get("online"):  # zero-setup: the first generation builds the basis; time the second
+                self.generate()
+            imgs, sec, flops, _ = self.generate()
+            st = svdcache.stats(pipe)
+            g = st.last_generation
+            extra_flops = g.cache_op_flops
+            mem = g.cache_bytes
+            svdcache.disable(pipe)
+        else:
+            from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+
+            if m["kind"] == "diffusers_taylorseer":
+                c = TaylorSeerCacheConfig(cache_interval=m["interval"], max_order=m["order"],
+                                          disable_cache_before_step=WARMUP, taylor_factors_dtype=torch.float32)
+            elif m["kind"] == "fbcache":
+                c = FirstBlockCacheConfig(threshold=m["threshold"])
+            else:
+                c = MagCacheConfig(threshold=m["threshold"], max_skip_steps=m["max_skip"],
+                                   num_inference_steps=steps, mag_ratios=self.magcache_ratios())
+            tr.enable_cache(c)
+            try:
+                imgs, sec, flops, mem = self.generate(mem_probe=lambda: common.state_bytes(tr))
+            finally:
+                tr.disable_cache()
+        total = flops + extra_flops
+        p, s = psnr(imgs, self.ref), ssim(imgs, self.ref)
+        p = torch.where(torch.isinf(p), torch.full_like(p, 100.0), p)
+        row = dict(
+            name=m["name"], family=m["family"], setting=m.get("setting"), steps=steps,
+            flops_ratio=self.ref_flops / total, psnr=float(p.mean()), psnr_min=float(p.min()),
+            ssim=float(s.mean()), seconds=sec, time_ratio=statistics.median(self.ref_times) / sec,
+            mem_bytes=mem, mem_copies=None if mem is None else mem / self.unit_bytes,
+        )
+        if st is not None:
+            g = st.last_generation
+            row.update(full=g.full_steps, cached=g.cached_steps, runtime_flops_ratio=g.flops_ratio,
+                       mem_copies_own=g.memory_ratio)
+            c = m["cfg"]
+            row["fluxdev_ratio"] = common.fluxdev_flops_ratio(
+                g.full_steps, g.cached_steps, self.k_frac, c.get("predictor", "taylor"),
+                c.get("residual", "reuse") == "reuse", c.get("space", "svd"))
+            row["config"] = c
+        elif m["kind"] == "steps":
+            row["fluxdev_ratio"] = self.steps / steps
+        return row
+
+    def magcache_ratios(self):
+        if self.mag_ratios is None:
+            from diffusers import MagCacheConfig
+
+            tr = self.pipe.transformer
+            tr.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=self.steps))
+            buf = io.StringIO()
+            try:
+                with contextlib.redirect_stdout(buf):
+                    common.generate(self.pipe, self.prompts[:4], self.seeds[:4], self.steps)
+            finally:
+                tr.disable_cache()
+            text = buf.getvalue()
+            lists = re.findall(r"\[[-0-9.e, ]+\]", text)  # the printed calibration ratios
+            if not lists:
+                raise RuntimeError(f"MagCache calibration printed no ratios: {text[-300:]!r}")
+            self.mag_ratios = json.loads(lists[-1])
+        return self.mag_ratios
+
+
+# ----------------------------------------------------------------------------------------------
+# teacher-forced forecast errors on the uncached trajectory
+class _Recorder(svdcache.calibration.CalibrationHook):
+    def __init__(self):
+        super().__init__()
+        self.feats: dict[str, list[torch.Tensor]] = {}
+
+    def record(self, name, F):
+        if F is not None:
+            self.feats.setdefault(name, []).append(F.detach().clone())
+
+
+def record_features(pipe, prompts, seeds, steps, granularity="auto"):
+    from svdcache.apply import _install, _uninstall
+
+    rec = _Recorder()
+    _install(pipe.transformer, rec, granularity, root_name="svdcache_recorder")
+    try:
+        common.generate(pipe, prompts, seeds, steps)
+    finally:
+        _uninstall(pipe.transformer, root_name="svdcache_recorder")
+    return {n: torch.stack(v) for n, v in rec.feats.items()}  # (steps, B, N, D)
+
+
+def teacher_forced(feats, cfg: SVDCacheConfig, basis, steps: int, ref_basis=None):
+    """Mean relative forecast error over cached steps and features; split by subspace of ``ref_basis``
+    (the tau=0.99 basis): principal = error projected on V_k, residual = the rest."""
+    from svdcache.predictors import make_feature_cache
+
+    fs = set(full_steps(steps, interval=cfg.interval, warmup=cfg.warmup, tail=cfg.tail))
+    out = {}
+    for name, F in feats.items():
+        fb = basis.features[name]
+        V = fb.V[:, : fb.rank(cfg.tau, cfg.rank)].contiguous() if cfg.space == "svd" else None
+        fc = make_feature_cache(name, cfg, V)
+        rb = (ref_basis or basis).features[name]
+        Vr = rb.V[:, : rb.rank(0.99)]
+        tot = pri = res = 0.0
+        n = 0
+        for i in range(steps):
+            if i in fs:
+                fc.update(F[i], float(i))
+                continue
+            err = fc.forecast(float(i)).float() - F[i]
+            ep = err @ Vr @ Vr.T
+            norm = float(F[i].norm())
+            tot += float(err.norm()) / norm
+            pri += float(ep.norm()) / norm
+            res += float((err - ep).norm()) / norm
+            n += 1
+        out[name] = (tot / n, pri / n, res / n)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+def headline(rows, ratios=(3, 4, 5, 6, 7)):
+    """PSNR of each family interpolated at matched FLOPs ratios (linear in log ratio)."""
+    fams = {}
+    for r in rows:
+        if r["family"].startswith("ablation"):
+            continue
+        fams.setdefault(r["family"], []).append((r["flops_ratio"], r["psnr"], r.get("mem_copies")))
+    table = {}
+    for fam, pts in fams.items():
+        pts.sort()
+        vals = []
+        for x in ratios:
+            v = None
+            for (x0, y0, _), (x1, y1, _) in zip(pts, pts[1:]):
+                if x0 <= x <= x1 and x1 > x0:
+                    w = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+                    v = y0 + w * (y1 - y0)
+                    break
+            vals.append(v)
+        mems = [m for _, _, m in pts if m is not None]
+        table[fam] = (vals, max(mems) if mems else None)
+    return table
+
+
+def fmt(v, f="{:.2f}"):
+    return "n/a" if v is None else f.format(v)
+
+
+def write_report(data, out_dir):
+    rows, meta = data["rows"], data["meta"]
+    lines = [
+        "# Fidelity vs compute on the embedded model",
+        "",
+        f"Generated by `python bench/fidelity.py` on {meta['machine']} ({meta['date']}, {meta['minutes']:.1f} min). "
+        f"{meta['images']} images (10 digit prompts x {meta['seeds']} seeds), {meta['steps']} steps, batch "
+        f"{meta['images']}; uncached reference {meta['ref_seconds']:.2f} s (median of {len(meta['ref_times'])}). "
+        "PSNR / SSIM against the uncached images of the same prompt and seed. FLOPs ratio: counted "
+        "(uncached / actual, the cache's own matmuls included); FLUX-dev ratio: the same schedule at "
+        "FLUX.1-dev's dimensions (analytic, k/D as the embedded basis's median "
+        f"{meta['k_frac']:.3f}). Memory: cache state in copies of one set of the module-level features "
+        f"({meta['unit_mib']:.1f} MiB). TF error: teacher-forced relative forecast error on the uncached "
+        "trajectory (mean over features and cached steps), split into the principal subspace (tau .99 basis) "
+        "and the residual.",
+        "",
+        "## Headline: PSNR (dB) at matched FLOPs ratios",
+        "",
+        "| method | " + " | ".join(f"{x}x" for x in (3, 4, 5, 6, 7)) + " | max memory (copies) |",
+        "|---|" + "---|" * 6,
+    ]
+    for fam, (vals, mem) in sorted(headline(rows).items(), key=lambda kv: -(kv[1][0][2] or -1e9)):
+        lines.append(f"| {fam} | " + " | ".join(fmt(v) for v in vals) + f" | {fmt(mem)} |")
+    lines += ["", "## All runs", "",
+              "| method | FLOPs ratio | FLUX-dev ratio | time ratio | PSNR (min) | SSIM | memory | TF error (princ./resid.) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["family"], r["flops_ratio"])):
+        tf = r.get("tf_error")
+        tfs = "n/a" if tf is None else f"{tf[0]:.4f} ({tf[1]:.4f}/{tf[2]:.4f})"
+        lines.append(
+            f"| {r['name']} | {r['flops_ratio']:.2f} | {fmt(r.get('fluxdev_ratio'))} | {r['time_ratio']:.2f} | "
+            f"{r['psnr']:.2f} ({r['psnr_min']:.2f}) | {r['ssim']:.4f} | {fmt(r.get('mem_copies'))} | {tfs} |")
+    with open(os.path.join(out_dir, "fidelity.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    plots(rows, out_dir)
+
+
+def plots(rows, out_dir):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fams = {}
+    for r in rows:
+        if not r["family"].startswith("ablation"):
+            fams.setdefault(r["family"], []).append(r)
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for fam, rs in sorted(fams.items()):
+        rs.sort(key=lambda r: r["flops_ratio"])
+        style = "-o" if fam.startswith("SVD") else "--s"
+        ax.plot([r["flops_ratio"] for r in rs], [r["psnr"] for r in rs], style, ms=4, label=fam)
+    ax.set_xscale("log")
+    ax.set_xlabel("transformer FLOPs ratio (uncached / actual, counted)")
+    ax.set_ylabel("PSNR vs uncached (dB)")
+    ax.set_title("Fidelity vs compute, embedded FLUX model, 40 images x 50 steps")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "fidelity_vs_flops.png"), dpi=110)
+    plt.close(fig)
+    # memory at a fixed FLOPs ratio: the runs nearest 5x of each family with measured memory
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for fam, rs in sorted(fams.items()):
+        rs = [r for r in rs if r.get("mem_copies") is not None]
+        if not rs:
+            continue
+        r = min(rs, key=lambda r: abs(math.log(r["flops_ratio"] / 5.0)))
+        ax.scatter(r["mem_copies"], r["psnr"], s=40, marker="o" if fam.startswith("SVD") else "s")
+        ax.annotate(f"{fam}\n({r['flops_ratio']:.1f}x)", (r["mem_copies"], r["psnr"]), fontsize=6,
+                    xytext=(4, 2), textcoords="offset points")
+    ax.set_xlabel("cache memory (copies of the module-level cached features)")
+    ax.set_ylabel("PSNR vs uncached (dB)")
+    ax.set_title("Fidelity vs cache memory at a FLOPs ratio near 5x")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "fidelity_vs_memory.png"), dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--seeds", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="a few settings per method (a smoke run)")
+    ap.add_argument("--fresh", action="store_true", help="ignore earlier results in the JSON")
+    ap.add_argument("--only", default=None, help="run only methods whose name contains this")
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "fidelity.json")
+    data = json.load(open(path)) if os.path.exists(path) and not args.fresh else {"rows": [], "meta": {}}
+    if args.report_only:
+        write_report(data, args.out)
+        return
+    from tqdm.auto import tqdm
+
+    t0 = time.time()
+    b = Bench(args)
+    b.reference()
+    done = {r["name"] for r in data["rows"]}
+    methods = [m for m in method_list(args.quick) if m["name"] not in done and (not args.only or args.only in m["name"])]
+    n_tf = 8
+    feats = record_features(b.pipe, b.prompts[:: len(b.prompts) // n_tf][:n_tf], b.seeds[:: len(b.seeds) // n_tf][:n_tf],
+                            b.steps)
+    for m in tqdm(methods, desc="fidelity sweep", unit="config"):
+        row = b.run(m)
+        if m["kind"] == "svdcache" and m["cfg"].get("granularity", "auto") != "block" and not m.get("online"):
+            errs = teacher_forced(feats, SVDCacheConfig(**m["cfg"]), b.basis, b.steps)
+            row["tf_error"] = [statistics.mean(e[i] for e in errs.values()) for i in range(3)]
+            row["tf_worst_feature"] = max(errs, key=lambda n: errs[n][0])
+        data["rows"] = [r for r in data["rows"] if r["name"] != row["name"]] + [row]
+        data["meta"] = dict(
+            machine=f"{os.cpu_count()}-core CPU, torch {torch.__version__}, {torch.get_num_threads()} threads",
+            date=time.strftime("%Y-%m-%d"), minutes=(time.time() - t0) / 60, images=len(b.prompts),
+            seeds=args.seeds, steps=b.steps, ref_seconds=statistics.median(b.ref_times), ref_times=b.ref_times,
+            k_frac=b.k_frac, unit_mib=b.unit_bytes / 2**20, ref_flops=b.ref_flops,
+        )
+        with open(path + ".tmp", "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(path + ".tmp", path)
+    write_report(data, args.out)
+    print(open(os.path.join(args.out, "fidelity.md")).read()[:3000])
+
+
+if __name__ == "__main__":
+    main()
