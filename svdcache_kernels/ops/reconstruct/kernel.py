@@ -72,7 +72,11 @@ def _reconstruct_kernel(
         offs_d = d0 + offs_d0
         mask_d = offs_d < D
         mask = mask_m[:, None] & mask_d[None, :]
-        fh = tl.load(R_ptr + rows[:, None] * stride_rm + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        # R, dR, x and out stream through once: evict_first keeps the V tiles (re-read by every
+        # program) in L2.
+        fh = tl.load(
+            R_ptr + rows[:, None] * stride_rm + offs_d[None, :], mask=mask, other=0.0, eviction_policy="evict_first",
+        ).to(tl.float32)
         if N_TERMS > 0:
             v = tl.load(
                 V_ptr + offs_d[:, None] * stride_vd + offs_k[None, :] * stride_vk,
@@ -83,16 +87,23 @@ def _reconstruct_kernel(
             else:
                 fh += tl.dot(p_op, tl.trans(v.to(p_op.dtype)))
         if HAS_DR:
-            dr = tl.load(dR_ptr + rows[:, None] * stride_drm + offs_d[None, :], mask=mask, other=0.0)
+            dr = tl.load(
+                dR_ptr + rows[:, None] * stride_drm + offs_d[None, :], mask=mask, other=0.0, eviction_policy="evict_first",
+            )
             fh += dr_scale * dr.to(tl.float32)
         if HAS_X:
-            x = tl.load(X_ptr + rows[:, None] * stride_xm + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(
+                X_ptr + rows[:, None] * stride_xm + offs_d[None, :], mask=mask, other=0.0, eviction_policy="evict_first",
+            ).to(tl.float32)
             if HAS_GATE:
                 g = tl.load(g_rows[:, None] + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
                 fh = x + g * fh
             else:
                 fh = x + fh
-        tl.store(O_ptr + rows[:, None] * stride_om + offs_d[None, :], fh.to(O_ptr.dtype.element_ty), mask=mask)
+        tl.store(
+            O_ptr + rows[:, None] * stride_om + offs_d[None, :], fh.to(O_ptr.dtype.element_ty), mask=mask,
+            eviction_policy="evict_first",
+        )
 
 
 def reconstruct_config(M: int, D: int, K: int, n_terms: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
@@ -100,7 +111,7 @@ def reconstruct_config(M: int, D: int, K: int, n_terms: int, dtype: torch.dtype,
     if device.type != "cuda":
         return interp_blocks()
     bk = block_k(K) if n_terms else 16
-    bm = rows_block(M, device, start=64)
+    bm = rows_block(M, device, start=32 if dtype == torch.float32 else 64)  # fp32: FMA dot, registers
     bd = 32 if dtype == torch.float32 else 64
     if not n_terms:
         bd = 128  # a pure streaming add: wide rows, no V tile

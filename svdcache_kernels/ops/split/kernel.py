@@ -125,9 +125,10 @@ def _split_kernel(
                 r_prev = tl.load(r_ptrs, mask=fmask, other=0.0).to(tl.float32)
                 tl.store(
                     dR_ptr + rows[:, None] * stride_drm + offs_d[None, :],
-                    ((r - r_prev) / h1).to(dR_ptr.dtype.element_ty), mask=fmask,
+                    ((r - r_prev) / h1).to(dR_ptr.dtype.element_ty), mask=fmask, eviction_policy="evict_first",
                 )
-            tl.store(r_ptrs, r.to(R_ptr.dtype.element_ty), mask=fmask)
+            # R is read again only steps later: do not let it push the rest of F out of L2
+            tl.store(r_ptrs, r.to(R_ptr.dtype.element_ty), mask=fmask, eviction_policy="evict_first")
 
 
 def split_config(M: int, D: int, K: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
@@ -141,7 +142,7 @@ def split_config(M: int, D: int, K: int, dtype: torch.dtype, device: torch.devic
     if device.type != "cuda":
         return interp_blocks()
     bk = block_k(K)
-    bm = rows_block(M, device, start=64)
+    bm = rows_block(M, device, start=32 if dtype == torch.float32 else 64)  # fp32: FMA dot, registers
     bd = 32 if dtype == torch.float32 else 64
     warps = 8 if bm * bk >= 64 * 128 else 4
     stages = 2 if bk >= 256 or dtype == torch.float32 else 3
