@@ -187,6 +187,13 @@ def _err(a, b) -> float:
 # 1. Parity
 # ---------------------------------------------------------------------------------------------------
 def parity(run: Run) -> None:
+    try:
+        _parity(run)
+    finally:
+        tc.FORCE_DOT_FP32 = None
+
+
+def _parity(run: Run) -> None:
     dev = run.dev
     g = torch.Generator(device=dev).manual_seed(0)
     if run.smoke:
@@ -375,7 +382,9 @@ def compile_cases(run: Run, cases) -> None:
     first = True
     for c in order:
         need = (60 if first else 30) + run.args.sweep_s  # a compile may take that long; keep the sweep's share
-        row = next(r for r in run.rows if r["op"] == c["name"] and r["k"] == c["k"])
+        row = next((r for r in run.rows if r["op"] == c["name"] and r["k"] == c["k"]), None)
+        if row is None:
+            continue
         if run.left() < need + run.args.reserve_s:
             row["compile_ms"] = None
             row["compile_note"] = "budget"

@@ -39,6 +39,27 @@ def dot_fp32(dtype: torch.dtype, device: torch.device) -> bool:
     return interpreter_on() or device.type != "cuda" or dtype == torch.float32
 
 
+def basis_for_dot(V: torch.Tensor, dtype: torch.dtype, fp32_dot: bool) -> torch.Tensor:
+    """V as the kernels' dot reads it: in the activation dtype on the 16-bit tensor-core path.
+
+    An fp32 basis would otherwise be read at twice the bytes by every program (V re-reads from L2
+    are the split's second-largest traffic) and cast in registers. The cast is cached on V itself,
+    keyed by V's version counter, so a basis is converted once, not per call, and the copy lives
+    exactly as long as V. Same rounding as the in-kernel cast (round to nearest even).
+    """
+    if fp32_dot or V.dtype == dtype:
+        return V
+    cached = getattr(V, "_svdcache_dot_cast", None)
+    if cached is not None and cached[0] == V._version and cached[1] == dtype:
+        return cached[2]
+    Vc = V.to(dtype).contiguous()
+    try:
+        V._svdcache_dot_cast = (V._version, dtype, Vc)
+    except Exception:  # pragma: no cover - tensors without a __dict__
+        pass
+    return Vc
+
+
 def block_k(k: int) -> int:
     """Register width of the coefficient dim: next power of two, at least 16 (GPU tl.dot minimum)."""
     return max(16, triton_next_pow2(k))

@@ -225,3 +225,19 @@ def test_split_gpu_dot_path_fp16(k):
     # dR = (R_new - R_prev) / h1 with R_prev shared: R_new's error / h1, plus one fp16 ulp of dR.
     dr_scale = ref["dR"].float().abs().max()
     assert_close(ker["dR"], ref["dR"], 1.0, "dR", scale=bound_fk / 0.5 + 2.0 ** -10 * dr_scale)
+
+
+def test_split_gpu_dot_path_basis_cast_cache_follows_in_place_updates():
+    """The 16-bit path casts an fp32 V once and caches the copy on V: an in-place change of V
+    (version counter) must invalidate it."""
+    g = gen(31)
+    F = randn((40, 72), torch.float16, g=g)
+    V = basis(72, 16, g=g)
+    with gpu_dot_path():
+        C1 = poison((40, 16), torch.float32)
+        split_triton(F, V, C=C1)
+        assert V._svdcache_dot_cast[2].dtype == torch.float16
+        V.mul_(-1.0)
+        C2 = poison((40, 16), torch.float32)
+        split_triton(F, V, C=C2)
+    torch.testing.assert_close(C2, -C1)  # V -> -V flips the coefficients exactly

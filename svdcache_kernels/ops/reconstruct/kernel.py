@@ -23,6 +23,7 @@ import triton.language as tl
 
 from .._triton_common import (
     MAX_KERNEL_K,
+    basis_for_dot,
     block_k,
     dot_fp32,
     interp_blocks,
@@ -151,6 +152,8 @@ def reconstruct_triton(
     if terms and K > MAX_KERNEL_K:
         return reconstruct_reference(V, R, terms=terms, weights=weights, dR=dR, dr_scale=dr_scale, x=x, gate=gate, out=out)
     require_launchable(R, "reconstruct")
+    fp32_dot = dot_fp32(R.dtype, R.device)
+    V = basis_for_dot(V, R.dtype, fp32_dot) if terms else V
     n_terms = len(terms)
     has_dr = dR is not None and bool(dr_scale)
     g_rows = _gate_rows(R, gate) if gate is not None else None
@@ -171,7 +174,7 @@ def reconstruct_triton(
     meta = dict(
         N_TERMS=n_terms, HAS_DR=has_dr, HAS_X=x is not None, HAS_GATE=gate is not None,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], BLOCK_K=block_k(K),
-        DOT_FP32=dot_fp32(R.dtype, R.device),
+        DOT_FP32=fp32_dot,
     )
     launch(_reconstruct_kernel, grid, args, meta, cfg)
     return out

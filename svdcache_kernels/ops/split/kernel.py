@@ -27,6 +27,7 @@ import triton.language as tl
 
 from .._triton_common import (
     MAX_KERNEL_K,
+    basis_for_dot,
     block_k,
     dot_fp32,
     interp_blocks,
@@ -178,6 +179,8 @@ def split_triton(
             F, V, C=C, D1=D1, D2=D2, E=E, R=R, dR=dR, order=order, h1=h1, h2=h2, beta=beta, ema_init=ema_init
         )
     require_launchable(F, "split")
+    fp32_dot = dot_fp32(F.dtype, F.device)
+    V = basis_for_dot(V, F.dtype, fp32_dot)
     cfg = resolve_config("split", split_config(M, D, K, F.dtype, F.device))
     dummy = F  # stands in for absent tensors; the constexpr flags keep it untouched
     strides = [row_stride(t) if t is not None else 0 for t in (C, D1, D2, E, R, dR)]
@@ -194,6 +197,6 @@ def split_triton(
         HAS_C=C is not None, ORDER=int(order), HAS_E=E is not None, EMA_INIT=bool(ema_init),
         HAS_R=R is not None, HAS_DR=dR is not None,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], BLOCK_K=block_k(K),
-        DOT_FP32=dot_fp32(F.dtype, F.device),
+        DOT_FP32=fp32_dot,
     )
     launch(_split_kernel, grid, args, meta, cfg)
