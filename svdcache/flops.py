@@ -25,12 +25,3 @@ def count_flops(fn, *args, **kwargs):
     with _fc.FlopCounterMode(display=False) as counter:
         out = fn(*args, **kwargs)
     return out, int(counter.get_total_flops())
-
-
-def split_flops(rows: int, D: int, k: int, residual: bool) -> int:
-    """FLOPs of a full-step split: projection F V, plus C V^T when the residual is written."""
-    return 2 * rows * D * k * (2 if residual else 1)
-
-
-def reconstruct_flops(rows: int, D: int, k: int, n_terms: int) -> int:
-    return 2 * rows * D * k if n_terms else 0

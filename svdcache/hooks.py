@@ -11,7 +11,7 @@ import torch
 from diffusers.hooks import ModelHook
 
 from .config import SVDCacheConfig
-from .flops import count_flops, reconstruct_flops, split_flops
+from .flops import count_flops
 from .predictors import SubspaceCache, make_feature_cache
 from .schedule import is_full_step
 from .state import ContextState, DefaultContextStateManager
@@ -311,9 +311,7 @@ class SVDCacheHook(ModelHook):
         except (ValueError, TypeError) as e:
             raise type(e)(f"svdcache feature {name!r}: {e}") from None
         st.updated.add(name)
-        if isinstance(fc, SubspaceCache):
-            rows = F.numel() // F.shape[-1]
-            self._state.call_cache_flops += split_flops(rows, F.shape[-1], fc.V.shape[1], not fc.anchor_form)
+        self._state.call_cache_flops += getattr(fc, "update_flops", 0)
 
     def _adopt(self, name, fb) -> None:
         """A feature's basis, built online from the first full steps, joins the model's basis."""
@@ -333,10 +331,7 @@ class SVDCacheHook(ModelHook):
         if fc is None:
             return None
         res = fc.forecast(st.t, x=x, gate=gate, out=out)
-        if isinstance(fc, SubspaceCache):
-            rows = fc.R.numel() // fc.R.shape[-1]
-            n_terms = 1 if fc.cfg.predictor != "reuse" or not fc.anchor_form else 0
-            st.call_cache_flops += reconstruct_flops(rows, fc.R.shape[-1], fc.V.shape[1], n_terms)
+        st.call_cache_flops += getattr(fc, "forecast_flops", 0)
         return res
 
     # -- statistics --------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ class FeatureCache:
         self.cfg = cfg
         self.times: list[float] = []
         self.shape: tuple | None = None
+        self.device = None
         self.feature_nbytes = 0  # one copy of the feature: the unit of cache memory
 
     @property
@@ -71,15 +72,18 @@ class SubspaceCache(FeatureCache):
         super().__init__(name, cfg)
         self.V = V  # (D, k), activation dtype, on the model's device
         self.anchor_form = cfg.residual == "reuse"
+        # C is kept between steps only where a forecast reads it (EMA: E - C_last; residual forms:
+        # C V^T + R). Anchor-form Taylor re-projects the held F_prev at the next full step instead:
+        # k fp32 values per token less memory for one extra read of F_prev.
+        self.keep_C = cfg.predictor == "ema" or not self.anchor_form
         self.C = self.D1 = self.D2 = self.E = None
         self.R = self.dR = None  # anchor (reference to F_last) or explicit residual
+        self.update_flops = self.forecast_flops = 0
 
     def _alloc(self, F: torch.Tensor) -> None:
         cfg = self.cfg
-        cshape = (*F.shape[:-1], self.V.shape[1])
-        new = lambda: torch.empty(cshape, dtype=torch.float32, device=F.device)  # noqa: E731
-        # C is always kept: Taylor differences need C_prev; EMA-in-anchor-form and residual forms use it.
-        self.C = new()
+        new = lambda: torch.empty(self._cshape(F), dtype=torch.float32, device=F.device)  # noqa: E731
+        self.C = new() if self.keep_C else None
         self.D1 = new() if cfg.predictor == "taylor" else None
         self.D2 = new() if cfg.predictor == "taylor" and cfg.order == 2 else None
         self.E = new() if cfg.predictor == "ema" else None
@@ -87,30 +91,36 @@ class SubspaceCache(FeatureCache):
             self.R = torch.empty_like(F)
             self.dR = torch.empty_like(F)
         self.shape = tuple(F.shape)
+        self.device = F.device
+
+    def _cshape(self, F):
+        return (*F.shape[:-1], self.V.shape[1])
 
     def update(self, F: torch.Tensor, t: float) -> None:
         cfg = self.cfg
-        if self.shape != tuple(F.shape) or (self.C is not None and self.C.device != F.device):
+        if self.shape != tuple(F.shape) or self.device != F.device:
             self._alloc(F)
             self.times = []
         h1, h2 = self._steps(t)
         order = min(cfg.order, self.n) if cfg.predictor == "taylor" else 0
-        K.split(
-            F,
-            self.V,
-            C=self.C,
-            D1=self.D1 if order >= 1 else None,
-            D2=self.D2 if order >= 2 else None,
-            E=self.E,
-            R=None if self.anchor_form else self.R,
-            dR=None if self.anchor_form or self.n == 0 else self.dR,
-            order=order,
-            h1=h1,
-            h2=h2,
-            beta=cfg.beta,
-            ema_init=self.n == 0,
-            backend=cfg.backend,
-        )
+        proj = 2 * (F.numel() // F.shape[-1]) * F.shape[-1] * self.V.shape[1]  # one F V
+        if self.keep_C:
+            K.split(
+                F, self.V, C=self.C,
+                D1=self.D1 if order >= 1 else None, D2=self.D2 if order >= 2 else None, E=self.E,
+                R=None if self.anchor_form else self.R,
+                dR=None if self.anchor_form or self.n == 0 else self.dR,
+                order=order, h1=h1, h2=h2, beta=cfg.beta, ema_init=self.n == 0, backend=cfg.backend,
+            )
+            self.update_flops = proj * (1 if self.anchor_form else 2)
+        elif order >= 1:
+            C = torch.empty(self._cshape(F), dtype=torch.float32, device=F.device)
+            K.split(self.R, self.V, C=C, backend=cfg.backend)  # C_prev = F_prev V
+            K.split(F, self.V, C=C, D1=self.D1, D2=self.D2 if order >= 2 else None, order=order, h1=h1, h2=h2,
+                    backend=cfg.backend)
+            self.update_flops = 2 * proj
+        else:
+            self.update_flops = 0  # reuse, or a first full step: F itself is the whole state
         if self.anchor_form:
             self.R = F  # held, not copied: R + C V^T is F itself
         self._push_time(F, t)
@@ -132,6 +142,8 @@ class SubspaceCache(FeatureCache):
         if not self.anchor_form and self.n >= 2:
             dR = self.dR
             dr_scale = s * (cfg.residual_gain if cfg.residual == "damped" else 1.0)
+        rows = self.R.numel() // self.R.shape[-1]
+        self.forecast_flops = 2 * rows * self.R.shape[-1] * self.V.shape[1] if terms else 0
         if not terms and dR is None and x is None:
             return self.R
         return K.reconstruct(
