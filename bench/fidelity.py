@@ -64,6 +64,9 @@ def method_list(quick: bool = False) -> list[dict]:
         for o in (1, 2):
             add(f"SVD taylor{o} tau.99 N={n}", f"SVD-Cache taylor{o}, R reuse", setting=n,
                 **svd_cfg(interval=n, predictor="taylor", order=o, tau=0.99))
+        for o in (1, 2):
+            add(f"SVD taylor{o} fitted gains N={n}", f"SVD-Cache taylor{o}, fitted gains", setting=n,
+                **svd_cfg(interval=n, predictor="taylor", order=o, tau=0.99, fitted_gains=True))
         add(f"SVD taylor2 R-damped tau.99 N={n}", "SVD-Cache taylor2, R damped .5", setting=n,
             **svd_cfg(interval=n, predictor="taylor", order=2, residual="damped", tau=0.99))
         add(f"SVD taylor2 R-taylor tau.99 N={n}", "SVD-Cache taylor2, R taylor", setting=n,
@@ -258,7 +261,10 @@ def teacher_forced(feats, cfg: SVDCacheConfig, basis, steps: int, ref_basis=None
     for name, F in feats.items():
         fb = basis.features[name]
         V = fb.V[:, : fb.rank(cfg.tau, cfg.rank)].contiguous() if cfg.space == "svd" else None
-        fc = make_feature_cache(name, cfg, V)
+        gain = None
+        if cfg.fitted_gains:
+            gain = basis.meta.get("gains", {}).get(name, {}).get(f"o{cfg.order}_N{cfg.interval}_w{cfg.warmup}")
+        fc = make_feature_cache(name, cfg, V, gain)
         rb = (ref_basis or basis).features[name]
         Vr = rb.V[:, : rb.rank(0.99)]
         tot = pri = res = 0.0

@@ -98,7 +98,7 @@ class Basis:
             if V.dim() != 2 or V.shape[0] != s["D"] or sigma.numel() < V.shape[1] or not torch.isfinite(V).all():
                 raise ValueError(f"{path}: feature {name!r} is damaged (V {tuple(V.shape)}, sigma {tuple(sigma.shape)})")
             features[name] = FeatureBasis(V=V, sigma=sigma, k=int(s["k"]))
-        for key in ("tau", "steps", "feature_shapes"):
+        for key in ("tau", "steps", "feature_shapes", "gains"):
             if key in meta:
                 try:
                     meta[key] = json.loads(meta[key])

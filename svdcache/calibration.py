@@ -29,10 +29,13 @@ class CalibrationHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, steps=None, backend: str = "auto"):
+    def __init__(self, steps=None, backend: str = "auto", sample_rows: int = 0):
         super().__init__()
         self.steps = None if steps is None else set(int(s) for s in steps)
         self.backend = backend
+        self.sample_rows = sample_rows  # rows per step kept (on the CPU) to fit forecast gains
+        self.samples: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+        self._where = ("default", 0)
         self.state_manager = DefaultContextStateManager(_StepCounter)
         self.grams: dict[str, torch.Tensor] = {}
         self.shapes: dict[str, list[int]] = {}
@@ -51,6 +54,7 @@ class CalibrationHook(ModelHook):
         counter = self.state_manager.get_state()
         step = counter.step
         counter.step += 1
+        self._where = (self.state_manager.context.name, step)
         self._record_now = self.steps is None or step in self.steps
         if self._record_now:
             self.used_steps.add(step)
@@ -71,6 +75,11 @@ class CalibrationHook(ModelHook):
             G = self.grams[name] = torch.zeros(D, D, dtype=torch.float32, device=F.device)
             self.shapes[name] = list(F.shape)
         K.gram_update(G, F.detach(), backend=self.backend)
+        if self.sample_rows:
+            X = F.detach().reshape(-1, D)
+            X = X[:: max(1, -(-X.shape[0] // self.sample_rows))]
+            ctx, step = self._where
+            self.samples.setdefault((ctx, name), {})[step] = X.float().cpu()
 
     def forecast(self, name, **kw):  # never called: calibration computes every step
         raise RuntimeError("forecast during calibration")
@@ -87,6 +96,55 @@ def basis_from_grams(grams: dict[str, torch.Tensor], tau: float, store_tau: floa
     return feats
 
 
+def fit_gains(samples, feats, *, warmup: int = 3, intervals=range(2, 13), orders=(1, 2)) -> dict:
+    """Least-squares gains of the principal Taylor increment, per feature, order and interval.
+
+    Teacher-forced on the calibration trajectory (its own features, row-subsampled): at each step the
+    schedule would forecast, the increment P - C_last of gain 1 is compared with the true C_t - C_last
+    in k dims, and g = sum <dP, dC> / sum |dP|^2 (clipped to [0, 2]). No extra model run."""
+    from .predictors import newton_weights
+    from .schedule import full_steps
+
+    acc: dict[tuple, list[float]] = {}
+    for (_, name), traj in samples.items():
+        steps = sorted(traj)
+        if steps != list(range(len(steps))) or name not in feats:
+            continue  # gains need the whole trajectory from step 0
+        fb = feats[name]
+        V = fb.V[:, : fb.k].double()
+        C = [traj[i].double() @ V for i in steps]
+        S = len(C)
+        for order in orders:
+            for N in intervals:
+                fs = set(full_steps(S, interval=N, warmup=warmup))
+                hist, D1, D2 = [], None, None
+                num = den = 0.0
+                for i in range(S):
+                    if i in fs:
+                        if hist:
+                            d1 = (C[i] - hist[-1][1]) / (i - hist[-1][0])
+                            if order >= 2 and D1 is not None and len(hist) >= 2:
+                                D2 = (d1 - D1) / (i - hist[-2][0])
+                            D1 = d1
+                        hist = (hist + [(i, C[i])])[-3:]
+                        continue
+                    if len(hist) < 2:
+                        continue
+                    times = [t for t, _ in hist]
+                    w = newton_weights(float(i - times[-1]), [float(t) for t in times], len(hist), order, 1.0)
+                    dP = sum(wi * d for wi, d in zip(w, (D1, D2)))
+                    dC = C[i] - hist[-1][1]
+                    num += float((dP * dC).sum())
+                    den += float((dP * dP).sum())
+                a = acc.setdefault((name, f"o{order}_N{N}_w{warmup}"), [0.0, 0.0])
+                a[0] += num
+                a[1] += den
+    gains: dict[str, dict[str, float]] = {}
+    for (name, key), (num, den) in acc.items():
+        gains.setdefault(name, {})[key] = round(min(2.0, max(0.0, num / den)), 4) if den > 0 else 1.0
+    return gains
+
+
 def calibrate(
     target,
     prompt: str | list[str] | None = None,
@@ -99,6 +157,8 @@ def calibrate(
     run=None,
     progress: bool = True,
     backend: str = "auto",
+    fit_gain_rows: int = 256,
+    gain_warmup: int = 3,
     **pipe_kwargs,
 ) -> Basis:
     """Run one reference generation and compute the SVD basis of every cached feature.
@@ -107,6 +167,8 @@ def calibrate(
     transformer (then ``run`` is a callable that runs a generation with it). ``steps``: the step
     indices whose features enter the basis (default all). ``tau`` picks k per feature (eq. 6); the
     basis keeps enough columns for any tau up to ``store_tau``, so k can be changed at ``enable``.
+    With ``fit_gain_rows`` > 0, that many rows per step and feature are kept on the CPU to fit the
+    forecast gains of ``enable(fitted_gains=True)`` (see :func:`fit_gains`), for warm-up ``gain_warmup``.
     """
     from .apply import _install, _is_enabled, _transformers, _uninstall
 
@@ -125,7 +187,7 @@ def calibrate(
         def run():
             return target(prompt=prompt, num_inference_steps=num_inference_steps, **pipe_kwargs)
 
-    hook = CalibrationHook(steps=steps, backend=backend)
+    hook = CalibrationHook(steps=steps, backend=backend, sample_rows=fit_gain_rows)
     feature_dims = _install(model, hook, granularity, root_name="svdcache_calibration")
     try:
         with torch.no_grad():
@@ -151,6 +213,8 @@ def calibrate(
         "library_version": __version__,
         "diffusers_version": diffusers.__version__,
     }
+    if hook.samples:
+        meta["gains"] = fit_gains(hook.samples, feats, warmup=gain_warmup)
     return Basis(features=feats, meta=meta)
 
 

@@ -35,6 +35,8 @@ class SVDCacheConfig:
             written, ``beta``), "reuse".
         order: Taylor order (1 or 2).
         gain: multiplies the Taylor increment (1 = plain extrapolation).
+        fitted_gains: use the per-feature gains the basis fitted during calibration for this order,
+            interval and warm-up (least squares on the reference trajectory), times ``gain``.
         residual: "reuse" (the paper), "taylor" (order 1 on the residual), "damped" (order 1 times
             ``residual_gain`` < 1).
         time_axis: the variable the divided differences are taken over: the "step" index, or the
@@ -62,6 +64,7 @@ class SVDCacheConfig:
     predictor: str = "taylor"
     order: int = 2
     gain: float = 1.0
+    fitted_gains: bool = False
     beta: float = 0.9
     residual: str = "reuse"
     residual_gain: float = 0.5

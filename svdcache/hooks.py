@@ -105,6 +105,7 @@ class SVDCacheHook(ModelHook):
         self.generations = 0
         self.bases = {n: basis.features[n] for n in feature_dims} if basis else {}
         self.ranks = {n: fb.rank(config.tau, config.rank) for n, fb in self.bases.items()}
+        self.gains = self._fitted_gains(basis) if config.fitted_gains else {}
         self._V: dict[str, torch.Tensor] = {}
         self._flops: dict[tuple, int] = {}
         self._warned: set[str] = set()
@@ -115,6 +116,16 @@ class SVDCacheHook(ModelHook):
             from .calibration import OnlineBasisBuilder
 
             self.online = OnlineBasisBuilder(config)
+
+    def _fitted_gains(self, basis) -> dict[str, float]:
+        cfg = self.cfg
+        key = f"o{cfg.order}_N{cfg.interval}_w{cfg.warmup}"
+        table = (basis.meta.get("gains") if basis is not None else None) or {}
+        gains = {n: table[n][key] * cfg.gain for n in self.feature_dims if key in table.get(n, {})}
+        if len(gains) < len(self.feature_dims):
+            warnings.warn(f"svdcache: the basis has no fitted gains for {key} on {len(self.feature_dims) - len(gains)} "
+                          f"features; those use gain {cfg.gain}", stacklevel=4)
+        return gains
 
     # -- lifecycle ---------------------------------------------------------------------------
     def reset_state(self, module):
@@ -303,7 +314,7 @@ class SVDCacheHook(ModelHook):
         fc = st.features.get(name)
         if fc is None:
             V = self._basis_V(name, F) if self.cfg.space == "svd" else None
-            fc = st.features[name] = make_feature_cache(name, self.cfg, V)
+            fc = st.features[name] = make_feature_cache(name, self.cfg, V, self.gains.get(name))
         elif isinstance(fc, SubspaceCache) and (fc.V.dtype != F.dtype or fc.V.device != F.device):
             fc.V = self._basis_V(name, F)
         try:

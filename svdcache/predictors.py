@@ -36,9 +36,10 @@ def newton_weights(s: float, times: list[float], n_hist: int, order: int, gain: 
 class FeatureCache:
     """Common bookkeeping: times of the full steps this feature was updated at."""
 
-    def __init__(self, name: str, cfg: SVDCacheConfig):
+    def __init__(self, name: str, cfg: SVDCacheConfig, gain: float | None = None):
         self.name = name
         self.cfg = cfg
+        self.gain = cfg.gain if gain is None else gain
         self.times: list[float] = []
         self.shape: tuple | None = None
         self.device = None
@@ -68,8 +69,8 @@ def _nbytes(*ts) -> int:
 
 
 class SubspaceCache(FeatureCache):
-    def __init__(self, name: str, cfg: SVDCacheConfig, V: torch.Tensor):
-        super().__init__(name, cfg)
+    def __init__(self, name: str, cfg: SVDCacheConfig, V: torch.Tensor, gain: float | None = None):
+        super().__init__(name, cfg, gain)
         self.V = V  # (D, k), activation dtype, on the model's device
         self.anchor_form = cfg.residual == "reuse"
         # C is kept between steps only where a forecast reads it (EMA: E - C_last; residual forms:
@@ -130,7 +131,7 @@ class SubspaceCache(FeatureCache):
         s = t - self.times[-1]
         terms, weights = [], []
         if cfg.predictor == "taylor":
-            w = newton_weights(s, self.times, self.n, cfg.order, cfg.gain)
+            w = newton_weights(s, self.times, self.n, cfg.order, self.gain)
             terms, weights = [self.D1, self.D2][: len(w)], w
         elif cfg.predictor == "ema":
             terms, weights = [self.E], [1.0]
@@ -189,7 +190,7 @@ class FullSpaceCache(FeatureCache):
             else:
                 fh = self.F
                 if cfg.predictor == "taylor":
-                    w = newton_weights(s, self.times, self.n, cfg.order, cfg.gain)
+                    w = newton_weights(s, self.times, self.n, cfg.order, self.gain)
                     for wi, d in zip(w, (self.D1, self.D2)):
                         fh = fh + wi * d
             if x is None:
@@ -208,9 +209,9 @@ class FullSpaceCache(FeatureCache):
         return _nbytes(self.F, self.D1, self.D2, self.E)
 
 
-def make_feature_cache(name: str, cfg: SVDCacheConfig, V: torch.Tensor | None) -> FeatureCache:
+def make_feature_cache(name: str, cfg: SVDCacheConfig, V: torch.Tensor | None, gain: float | None = None) -> FeatureCache:
     if cfg.space == "full":
-        return FullSpaceCache(name, cfg)
+        return FullSpaceCache(name, cfg, gain)
     if V is None:
         raise ValueError(f"feature {name!r} has no basis")
-    return SubspaceCache(name, cfg, V)
+    return SubspaceCache(name, cfg, V, gain)
