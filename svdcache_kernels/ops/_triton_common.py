@@ -74,9 +74,13 @@ def rows_of(t: torch.Tensor) -> int:
 
 
 def row_stride(t: torch.Tensor) -> int:
-    """Stride between rows of (..., D) viewed as (M, D); check_rows guarantees the view exists."""
-    v = t.view(-1, t.shape[-1])
-    return v.stride(0) if v.shape[0] > 1 else max(t.shape[-1], 1)
+    """Stride between rows of (..., D) viewed as (M, D); check_rows guarantees the view exists, so
+    the innermost leading dim of size > 1 carries it (no view built: this runs per launch)."""
+    shape, strides = t.shape, t.stride()
+    for i in range(t.dim() - 2, -1, -1):
+        if shape[i] > 1:
+            return strides[i]
+    return max(shape[-1], 1)
 
 
 def num_sms(device: torch.device) -> int:
@@ -153,6 +157,10 @@ def rows_block(M: int, device: torch.device, start: int = 64, floor: int = 16) -
 def launch(kernel, grid, args, meta: dict, cfg: dict) -> None:
     """Launch; if the config asks for more shared memory than this GPU has, retry with fewer stages."""
     stages = cfg["num_stages"]
+    dev = args[0].device
+    if dev.type == "cuda" and dev.index is not None and dev.index != torch.cuda.current_device():
+        with torch.cuda.device(dev):  # Triton launches on the current device: make it the tensors'
+            return launch(kernel, grid, args, meta, cfg)
     while True:
         try:
             kernel[grid](*args, **meta, num_warps=cfg["num_warps"], num_stages=stages)
