@@ -9,9 +9,10 @@ stride, e.g. a chunk of a (B, 6D) modulation tensor, needs no copy).
 Every element of ``out`` is written by the program that read the same element of ``x`` (and R, dR)
 just before, so ``out`` may be ``x`` (in place) or even ``R``.
 
-Precision on a GPU: bf16/fp16 R takes the tensor-core dot with P rounded to R's dtype and V cast to
-it in registers (fp32 accumulate): an error of about one rounding of R's dtype relative to |P V^T|,
-below the rounding of the bf16 result. fp32 R and the interpreter use an fp32 ``ieee`` dot.
+Precision on a GPU: bf16/fp16 R takes the tensor-core dot with P rounded to R's dtype and V in R's
+dtype (an fp32 basis is converted once and cached on V, see ``basis_for_dot``), fp32 accumulation:
+an error of about one rounding of R's dtype relative to |P V^T|, the size of the rounding of the
+16-bit result itself. fp32 R and the interpreter use an fp32 ``ieee`` dot.
 """
 from __future__ import annotations
 

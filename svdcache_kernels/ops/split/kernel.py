@@ -14,10 +14,11 @@ still in L2) are re-read first; loop 1 loads F with ``evict_last`` and loop 2 wi
 The paper's eq. 8-9 divide by sigma and multiply it back: the sigmas cancel (F_k = F V V^T), so the
 kernel never touches them.
 
-Precision on a GPU: bf16/fp16 F takes the tensor-core dot on 16-bit operands (V cast in registers to
-F's dtype) with fp32 accumulation; for the second dot the fp32 coefficients are rounded to F's dtype,
-which perturbs C V^T by about one rounding of F's dtype relative to |F_k| - the size of the rounding
-of F and R themselves. fp32 F and the interpreter use an fp32 ``ieee`` dot (see ``dot_fp32``).
+Precision on a GPU: bf16/fp16 F takes the tensor-core dot on 16-bit operands (V in F's dtype: an
+fp32 basis is converted once and cached on V, see ``basis_for_dot``) with fp32 accumulation, so C
+carries V's rounding; for the second dot the fp32 coefficients are rounded to F's dtype, which
+perturbs C V^T by about one rounding of F's dtype relative to |F_k| - the size of the rounding of F
+and R themselves. fp32 F and the interpreter use an fp32 ``ieee`` dot (see ``dot_fp32``).
 """
 from __future__ import annotations
 
