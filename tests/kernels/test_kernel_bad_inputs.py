@@ -92,6 +92,7 @@ REC_CASES = {
     "dR wrong dtype": (lambda: _rec(dR=torch.zeros(2, 10, 32, dtype=torch.float16), dr_scale=1.0), TypeError, ["dR", "float16"]),
     "x wrong shape": (lambda: _rec(x=torch.zeros(2, 11, 32)), ValueError, ["x", "(2, 10, 32)", "(2, 11, 32)"]),
     "x not flattenable": (lambda: _rec(x=torch.zeros(10, 2, 32).transpose(0, 1)), ValueError, ["x", "(2, 10, 32)"]),
+    "gate not a tensor": (lambda: _rec(x=torch.zeros(2, 10, 32), gate=[1.0] * 32), TypeError, ["gate"]),
     "gate without x": (lambda: _rec(gate=torch.zeros(2, 1, 32)), ValueError, ["gate needs x"]),
     "gate wrong shape": (lambda: _rec(x=torch.zeros(2, 10, 32), gate=torch.zeros(2, 2, 32)), ValueError, ["(2, 1, 32)", "(2, 32)", "(2, 2, 32)"]),
     "gate strided last dim": (lambda: _rec(x=torch.zeros(2, 10, 32), gate=torch.zeros(32, 2).T), ValueError, ["gate"]),

@@ -39,6 +39,8 @@ def check_reconstruct_args(V, R, *, terms, weights, dR, x, gate, out) -> None:
     if gate is not None:
         if x is None:
             raise ValueError("gate needs x (out = x + gate * F_hat)")
+        if not isinstance(gate, torch.Tensor):
+            raise TypeError(f"gate must be a torch.Tensor, got {type(gate).__name__}")
         if gate.device != R.device:
             raise ValueError(f"gate is on {gate.device} but R is on {R.device}")
         gate_rows_shape(R, gate)
