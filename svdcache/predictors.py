@@ -159,8 +159,8 @@ class SubspaceCache(FeatureCache):
 class FullSpaceCache(FeatureCache):
     """FORA / TaylorSeer on the whole feature; states in the activation dtype (TaylorSeer's memory)."""
 
-    def __init__(self, name: str, cfg: SVDCacheConfig):
-        super().__init__(name, cfg)
+    def __init__(self, name: str, cfg: SVDCacheConfig, gain: float | None = None):
+        super().__init__(name, cfg, gain)
         self.F = self.D1 = self.D2 = self.E = None
 
     def update(self, F: torch.Tensor, t: float) -> None:
