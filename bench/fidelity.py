@@ -64,6 +64,9 @@ def method_list(quick: bool = False) -> list[dict]:
         for o in (1, 2):
             add(f"SVD taylor{o} tau.99 N={n}", f"SVD-Cache taylor{o}, R reuse", setting=n,
                 **svd_cfg(interval=n, predictor="taylor", order=o, tau=0.99))
+        for o, k in ((1, 8), (2, 4), (2, 8)):  # candidates at about one copy of memory (1 + o k / D)
+            add(f"SVD taylor{o} k={k} N={n}", f"SVD-Cache taylor{o}, k={k}", setting=n,
+                **svd_cfg(interval=n, predictor="taylor", order=o, tau=None, rank=k))
         for o in (1, 2):
             add(f"SVD taylor{o} fitted gains N={n}", f"SVD-Cache taylor{o}, fitted gains", setting=n,
                 **svd_cfg(interval=n, predictor="taylor", order=o, tau=0.99, fitted_gains=True))
