@@ -10,6 +10,8 @@ import warnings
 import torch
 from diffusers.hooks import ModelHook
 
+from svdcache_kernels.ops._triton_common import MAX_KERNEL_K
+
 from .config import SVDCacheConfig
 from .flops import count_flops
 from .predictors import SubspaceCache, make_feature_cache
@@ -190,6 +192,7 @@ class SVDCacheHook(ModelHook):
         st.mode = "full" if (full or not st.ready) else "cached"
         st.updated = set()
         st.call_cache_flops = 0
+        st.call_torch_flops = 0  # the share of call_cache_flops that ran as PyTorch ops on the Triton backend
         self._state = st
         return st
 
@@ -226,7 +229,7 @@ class SVDCacheHook(ModelHook):
                 st.ready = False
                 st.hist = 0
                 st.mode = "full"
-                st.call_cache_flops = 0
+                st.call_cache_flops = st.call_torch_flops = 0
                 out = self.fn_ref.original_forward(*args, **kwargs)
             self.cur.full_steps += 1
             self._account(st)
@@ -254,7 +257,8 @@ class SVDCacheHook(ModelHook):
 
     @torch.compiler.disable
     def _store_count(self, st: ContextState, counted: int, args, kwargs) -> None:
-        torch_ops = st.call_cache_flops if self._backend_is_torch(args, kwargs) else 0
+        # cache ops that ran as PyTorch ops were seen by torch's counter too: keep only the model's own
+        torch_ops = st.call_cache_flops if self._backend_is_torch(args, kwargs) else st.call_torch_flops
         self._flops[(st.signature, st.mode, st.hist)] = counted - torch_ops  # the model's own FLOPs
 
     def _account(self, st: ContextState) -> None:
@@ -322,7 +326,14 @@ class SVDCacheHook(ModelHook):
         except (ValueError, TypeError) as e:
             raise type(e)(f"svdcache feature {name!r}: {e}") from None
         st.updated.add(name)
-        self._state.call_cache_flops += getattr(fc, "update_flops", 0)
+        self._add_cache_flops(self._state, fc, getattr(fc, "update_flops", 0))
+
+    @staticmethod
+    def _add_cache_flops(st: ContextState, fc, flops: int) -> None:
+        st.call_cache_flops += flops
+        V = getattr(fc, "V", None)
+        if V is not None and V.shape[1] > MAX_KERNEL_K:  # the kernels' wrappers fall back to the reference ops
+            st.call_torch_flops += flops
 
     def _adopt(self, name, fb) -> None:
         """A feature's basis, built online from the first full steps, joins the model's basis."""
@@ -342,7 +353,7 @@ class SVDCacheHook(ModelHook):
         if fc is None:
             return None
         res = fc.forecast(st.t, x=x, gate=gate, out=out)
-        st.call_cache_flops += getattr(fc, "forecast_flops", 0)
+        self._add_cache_flops(st, fc, getattr(fc, "forecast_flops", 0))
         return res
 
     # -- statistics --------------------------------------------------------------------------------

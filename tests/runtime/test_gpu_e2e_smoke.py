@@ -1,0 +1,36 @@
+"""bench/gpu_e2e.py --tiny: the GPU end-to-end script's whole code path (random-weight FLUX built on the meta
+device and materialised, FluxPipeline's scheduler loop, FLOP counting, calibrate, SVD-Cache rows from
+svdcache.stats, diffusers' TaylorSeer rows with their cache bytes, report) at a tiny config on CPU, so the
+one blind run on a GPU does not die on a Python error."""
+import os
+import re
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_gpu_e2e_tiny(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    copy = tmp_path / "copy"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "bench", "gpu_e2e.py"), "--tiny", "--intervals", "4,7",
+         "--out-dir", str(tmp_path), "--copy-dir", str(copy)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    text = (tmp_path / "gpu_e2e_cpu-tiny.md").read_text()
+    assert (copy / "gpu_e2e_cpu-tiny.md").read_text() == text
+    assert "ERROR" not in text and "not finite" not in text and "skipped" not in text, text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    methods = [r.split("|")[1].strip() for r in rows]
+    assert methods == ["uncached"] + ["SVD-Cache"] * 2 + ["TaylorSeer (diffusers)"] * 2, methods
+    for r in rows[1:]:
+        cells = [c.strip() for c in r.split("|")[1:-1]]
+        full, cached = (int(x) for x in re.match(r"(\d+) \+ (\d+)", cells[2]).groups())
+        assert full + cached == 50 and cached > 0, r
+        assert float(cells[5]) > 1.0, r  # FLOPs ratio counted, above 1
+        assert cells[11] not in ("-", "0"), r  # cache bytes measured
+        assert cells[12] not in ("-", "nan"), r  # latent PSNR vs uncached
+    assert "calibrate:" in out and "rank k over" in text
