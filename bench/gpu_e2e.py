@@ -34,6 +34,7 @@ import argparse  # noqa: E402
 import datetime  # noqa: E402
 import gc  # noqa: E402
 import inspect  # noqa: E402
+import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
@@ -306,6 +307,8 @@ def summarize(run: Run, row: dict, gens: list[dict], full_mask: list[bool]) -> N
     row["cached_ms"] = 1e3 * statistics.median(cs) if cs else None
     ch = [h for h, f in zip(hosts, full_mask) if not f]
     row["cached_host_ms"] = 1e3 * statistics.median(ch) if ch else None
+    row["step_ms"] = [round(1e3 * s, 3) for s in steps]  # the last timed generation's calls, in order
+    row["host_ms"] = [round(1e3 * h, 3) for h in hosts]
     row.update(latent_metrics(run, gens[-1]["x"]))
     if not row["finite"]:
         run.errors.append(f"{row['method']} N={row['N']}: the final latent is not finite")
@@ -553,20 +556,34 @@ def report(run: Run) -> str:
     return "\n".join(L) + "\n"
 
 
+def raw_json(run: Run) -> str:
+    """Every number of the table plus the per-call step times, for a closer look."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return str(v)
+        return v if isinstance(v, (int, float, str, bool, list, type(None))) else str(v)
+
+    info = {k: clean(v) for k, v in run.info.items() if k != "model_cfg"}
+    return json.dumps(dict(card=card_name(run), args=vars(run.args), info=info, errors=run.errors, notes=run.notes,
+                           rows=[{k: clean(v) for k, v in r.items()} for r in run.rows]), indent=1)
+
+
 def write_report(run: Run, final: bool = False) -> str:
     text = report(run)
-    name = f"gpu_e2e_{card_slug(run)}.md"
+    name = f"gpu_e2e_{card_slug(run)}"
     for d in dict.fromkeys(x for x in (run.args.out_dir, run.args.copy_dir) if x):
         try:
             os.makedirs(d, exist_ok=True)
-            with open(os.path.join(d, name), "w") as f:
+            with open(os.path.join(d, name + ".md"), "w") as f:
                 f.write(text)
+            with open(os.path.join(d, name + ".json"), "w") as f:
+                f.write(raw_json(run))
         except OSError as e:
             print(f"could not write {d}/{name}: {e}", file=sys.stderr)
     if final:
         print()
         print(text)
-        print(f"written: {os.path.join(run.args.out_dir, name)}")
+        print(f"written: {os.path.join(run.args.out_dir, name)}.md (.json: every number and step time)")
     return text
 
 

@@ -62,7 +62,7 @@ def basis_from_gram(G: torch.Tensor, *, tau: float | None = None, k: int | None 
     evals, evecs = evals.flip(0), evecs.flip(1)
     sigma = evals.clamp_min(0).sqrt()
     idx = evecs.abs().argmax(0)
-    signs = torch.sign(evecs[idx, torch.arange(evecs.shape[1])])
+    signs = torch.sign(evecs[idx, torch.arange(evecs.shape[1], device=evecs.device)])
     evecs = evecs * torch.where(signs == 0, 1.0, signs)
     if k is not None:
         if k < 1:
