@@ -8,7 +8,7 @@
 # From this workplace's device tool: run(command="bash bench/gpu_run.sh", carry=[".whl"], timeout_s=600).
 # The carried wheels are installed into /tmp/site (nothing else is touched); results are written to
 # bench/results/gpu_{kernels,e2e}_<card>.md and, when $OUT is set, copied there with the whole log.
-# "all" fits a 10-minute command: the kernel script gets KERNELS_BUDGET_S (default 170 s, its own default
+# "all" fits a 10-minute command: the kernel script gets KERNELS_BUDGET_S (default 150 s, its own default
 # is 280) and the end-to-end one E2E_BUDGET_S (default 330 s, under its 6-minute target); run "kernels" or
 # "e2e" alone for a full-budget run of one of them. Exit status: 0 if both scripts passed.
 set -uo pipefail
@@ -34,13 +34,15 @@ fi
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
     --format=csv || echo "gpu_run.sh: nvidia-smi failed" >&2
-"$PY" -c "import sys, torch, triton, diffusers; print('python', sys.version.split()[0], '| torch', torch.__version__, \
-'| triton', triton.__version__, '| diffusers', diffusers.__version__, diffusers.__file__, '| cuda', torch.cuda.is_available())" \
-    || { echo "gpu_run.sh: torch/triton/diffusers do not import" >&2; exit 3; }
+"$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, \
+'| triton', triton.__version__, '| cuda', torch.cuda.is_available())" || { echo "gpu_run.sh: torch/triton do not import" >&2; exit 3; }
+"$PY" -c "import diffusers, transformers; from diffusers import FluxTransformer2DModel, TaylorSeerCacheConfig; \
+print('diffusers', diffusers.__version__, diffusers.__file__, '| transformers', transformers.__version__)" \
+    || echo "gpu_run.sh: diffusers' FLUX model does not import: gpu_e2e.py will fail (gpu_kernels.py needs no diffusers)" >&2
 
 rc=0
 if [ "$MODE" = all ] || [ "$MODE" = kernels ]; then
-    KB=${KERNELS_BUDGET_S:-$([ "$MODE" = all ] && echo 170 || echo 280)}
+    KB=${KERNELS_BUDGET_S:-$([ "$MODE" = all ] && echo 150 || echo 280)}
     echo "== bench/gpu_kernels.py --budget-s $KB =="
     timeout -k 10 $((KB + 90)) "$PY" bench/gpu_kernels.py --budget-s "$KB" || { echo "gpu_kernels.py: exit $?"; rc=1; }
 fi
