@@ -176,10 +176,13 @@ class SVDCacheHook(ModelHook):
             new = True
         elif ctx.step_index is not None:
             new = ctx.step_index <= st.step
-        else:  # timesteps only go down within a generation
-            new = st.step < 0 or (t_raw is not None and st.last_t is not None and t_raw >= st.last_t)
+        else:  # timesteps only go down within a generation; a repeat of its first one restarts it
+            # (two steps may round to the same bf16 timestep mid-generation: that is no restart)
+            new = st.step < 0 or (t_raw is not None and st.last_t is not None
+                                  and (t_raw > st.last_t or t_raw == st.last_t == st.first_t))
         if new:
             self._start_generation(st, ctx.name)
+            st.first_t = t_raw
         st.signature = sig
         st.last_t = t_raw
         st.step = ctx.step_index if ctx.step_index is not None else st.step + 1

@@ -28,6 +28,7 @@ class ContextState(BaseState):
     def _new_generation(self) -> None:
         self.step = -1
         self.last_t = None
+        self.first_t = None
         self.t = 0.0
         self.mode = None  # "full" | "cached" while a call runs
         self.ready = False  # every feature holds state from a full step

@@ -305,3 +305,17 @@ def test_flop_counter_matches_analytic_count(tiny_pipe):
            + lin(L, c.joint_attention_dim, D) + lin(N, c.in_channels, D) + lin(1, D, 2 * D) + lin(N, D, c.in_channels))
     analytic = len(tr.transformer_blocks) * double + len(tr.single_transformer_blocks) * single + emb
     assert counted == analytic
+
+
+def test_equal_bf16_timesteps_mid_generation_are_not_a_restart(tiny_pipe, basis):
+    """Two consecutive steps can round to the same bf16 timestep; only a repeat of the first restarts."""
+    loop = FluxLoop(tiny_pipe.transformer)
+    svdcache.enable(tiny_pipe.transformer, basis=basis, interval=3, warmup=2)
+    h = loop.x.clone()
+    for t in (1.0, 0.9, 0.8, 0.8, 0.7, 0.6):
+        h = h - loop.call(h, t) / 10
+    hook = tiny_pipe.transformer._diffusers_hook.get_hook("svdcache")
+    assert hook.generations == 0 and hook.cur.calls == 6 and hook.cur.cached_steps > 0
+    for _ in range(3):  # repeated one-step generations: each is a new generation
+        loop.call(loop.x, 1.0)
+    assert svdcache.stats(tiny_pipe.transformer).generations == 4
