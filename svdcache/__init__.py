@@ -10,7 +10,7 @@
 """
 __version__ = "0.1.0"
 
-from .apply import current_basis, disable, enable, is_enabled, stats  # noqa: E402
+from .apply import current_basis, disable, enable, is_enabled, reset, stats  # noqa: E402
 from .basis import Basis, FeatureBasis, load_basis  # noqa: E402
 from .calibration import calibrate  # noqa: E402
 from .config import SVDCacheConfig, fora, taylorseer  # noqa: E402
@@ -20,6 +20,7 @@ __all__ = [
     "enable",
     "disable",
     "is_enabled",
+    "reset",
     "stats",
     "calibrate",
     "current_basis",

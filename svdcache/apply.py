@@ -125,6 +125,15 @@ def disable(target) -> bool:
     return removed
 
 
+def reset(target) -> None:
+    """Start a new generation on the next call (pipelines do this themselves at the end of a call;
+    a bare transformer in a user's loop is reset by the timestep going up, or by this)."""
+    for m in _transformers(target):
+        hook = _root(m)
+        if hook is not None:
+            hook.new_generation()
+
+
 def is_enabled(target) -> bool:
     return any(_is_enabled(m) for m in _transformers(target))
 

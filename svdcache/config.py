@@ -52,6 +52,11 @@ class SVDCacheConfig:
         backend: "auto" (Triton kernels on CUDA, PyTorch reference elsewhere), "triton", "torch".
         check_finite: fall back to a full step, with one warning, if a cached step's output is not
             finite (one host sync per cached call).
+        sync_free: on CUDA, make no host sync per call, so the CPU can queue the cheap cached steps
+            while the GPU still runs a full one: the timestep is not read (a new generation is then
+            recognised by the pipeline's reset, its cache context's step index, ``num_inference_steps``,
+            an input change or :func:`svdcache.reset`; not by the timestep going up) and
+            ``check_finite`` is off. Ignored for ``time_axis="timestep"``, which reads the timestep.
         count_flops: count transformer FLOPs (torch.utils.flop_counter, eager only) for ``stats``.
     """
 
@@ -75,6 +80,7 @@ class SVDCacheConfig:
     online_rank: int = 64
     backend: str = "auto"
     check_finite: bool = True
+    sync_free: bool = False
     count_flops: bool = True
 
     def __post_init__(self):

@@ -170,7 +170,10 @@ class SVDCacheHook(ModelHook):
             getattr(hs, "dtype", None),
             getattr(hs, "device", None),
         )
-        t_raw = _timestep_value(kwargs.get("timestep"))
+        timestep = kwargs.get("timestep")
+        skip_read = self._sync_free(hs) and cfg.time_axis == "step"
+        t_raw = None if skip_read else _timestep_value(timestep)
+        num_steps = ctx.num_inference_steps or cfg.num_inference_steps
         if st.signature is not None and sig != st.signature:
             logger.info("svdcache: input shape/dtype/device changed (%s -> %s): state reset, computing in full", st.signature, sig)
             new = True
@@ -180,6 +183,7 @@ class SVDCacheHook(ModelHook):
             # (two steps may round to the same bf16 timestep mid-generation: that is no restart)
             new = st.step < 0 or (t_raw is not None and st.last_t is not None
                                   and (t_raw > st.last_t or t_raw == st.last_t == st.first_t))
+            new = new or (num_steps is not None and st.step + 1 >= num_steps)
         if new:
             self._start_generation(st, ctx.name)
             st.first_t = t_raw
@@ -190,7 +194,6 @@ class SVDCacheHook(ModelHook):
             st.t = t_raw
         else:
             st.t = float(st.step)
-        num_steps = ctx.num_inference_steps or cfg.num_inference_steps
         full = is_full_step(st.step, interval=cfg.interval, warmup=cfg.warmup, tail=cfg.tail, num_steps=num_steps)
         st.mode = "full" if (full or not st.ready) else "cached"
         st.updated = set()
@@ -198,6 +201,14 @@ class SVDCacheHook(ModelHook):
         st.call_torch_flops = 0  # the share of call_cache_flops that ran as PyTorch ops on the Triton backend
         self._state = st
         return st
+
+    def _sync_free(self, t) -> bool:
+        return self.cfg.sync_free and isinstance(t, torch.Tensor) and t.is_cuda
+
+    def new_generation(self) -> None:
+        """Forget every context's state: the next call starts a new generation."""
+        for st in self.state_manager.states():
+            st.new_generation()
 
     def mode(self):
         st = self._state
@@ -220,7 +231,8 @@ class SVDCacheHook(ModelHook):
     def _end(self, st: ContextState, out, args, kwargs):
         try:
             if st.mode == "cached":
-                o = _first_tensor(out) if self.cfg.check_finite else None
+                check = self.cfg.check_finite and not self._sync_free(_first_tensor(out))
+                o = _first_tensor(out) if check else None
                 if o is None or bool(torch.isfinite(o).all()):
                     self.cur.cached_steps += 1
                     self._account(st)

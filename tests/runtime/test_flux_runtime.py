@@ -319,3 +319,19 @@ def test_equal_bf16_timesteps_mid_generation_are_not_a_restart(tiny_pipe, basis)
     for _ in range(3):  # repeated one-step generations: each is a new generation
         loop.call(loop.x, 1.0)
     assert svdcache.stats(tiny_pipe.transformer).generations == 4
+
+
+def test_reset_and_num_inference_steps_start_new_generations(tiny_pipe, basis):
+    loop = FluxLoop(tiny_pipe.transformer)
+    svdcache.enable(tiny_pipe.transformer, basis=basis, interval=3, warmup=2)
+    first = loop.run(10)
+    loop.run(10, stop_after=5)
+    svdcache.reset(tiny_pipe.transformer)
+    assert svdcache.stats(tiny_pipe.transformer).generations == 2
+    assert torch.equal(loop.run(10), first)
+    # with the number of steps known, a new generation starts after the last step whatever the timesteps
+    svdcache.enable(tiny_pipe.transformer, basis=basis, interval=3, warmup=2, num_inference_steps=10)
+    h = loop.x.clone()
+    for i in range(20):
+        h = h - loop.call(h, 1.0 - i / 20) / 10  # timesteps keep going down: only the step count splits them
+    assert svdcache.stats(tiny_pipe.transformer).generations == 2
