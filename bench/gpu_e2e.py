@@ -260,7 +260,7 @@ def latent_metrics(run: Run, x: torch.Tensor) -> dict:
 
 
 def schedule_counts(method: str, interval: int, steps: int) -> tuple[list[bool], int, int]:
-    if method == "svd":
+    if method in ("svd", "svd_sf"):
         full = [is_full_step(i, interval=interval, warmup=TS_WARMUP) for i in range(steps)]
     elif method == "ts":
         full = [ts_is_full(i, interval) for i in range(steps)]
@@ -273,7 +273,7 @@ def est_gen_s(run: Run, method: str, interval: int) -> float:
     """Expected seconds of one generation of a row, from the measured uncached step time."""
     U = run.full_step_s or 0.3
     _, nf, nc = schedule_counts(method, interval, run.args.steps)
-    c = run.cached_step_s.get(method, {"svd": 0.05, "ts": 0.65}.get(method, 1.0) * U)
+    c = run.cached_step_s.get(method, {"svd": 0.05, "svd_sf": 0.05, "ts": 0.65}.get(method, 1.0) * U)
     return nf * U + nc * c + 0.002 * run.args.steps
 
 
@@ -353,32 +353,36 @@ def calibrate(run: Run, model, inp):
     return basis
 
 
-def row_svd(run: Run, model, inp, basis, interval: int) -> None:
+def row_svd(run: Run, model, inp, basis, interval: int, sync_free: bool = False) -> None:
+    """SVD-Cache at the default config; ``sync_free`` adds the no-host-sync option (the CPU queues
+    cached steps while the GPU still runs a full one; no timestep read, no finite check)."""
     run.reset_peak()
+    key = "svd_sf" if sync_free else "svd"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            svdcache.enable(model, basis=basis, interval=interval)
+            svdcache.enable(model, basis=basis, interval=interval,
+                            **({"sync_free": True, "num_inference_steps": run.args.steps} if sync_free else {}))
             t = time.perf_counter()
             generate(run, model, inp)  # warm-up: Triton compilation, FLOP counting of each kind of call
             run.triton_warm = True
             warm_s = time.perf_counter() - t
-            gens = timed_gens(run, model, inp, "svd", interval)
+            gens = timed_gens(run, model, inp, key, interval)
             st = svdcache.stats(model)
         finally:
             svdcache.disable(model)
     for w in caught:
         run.notes.append(f"SVD-Cache N={interval}: warning: {w.message}")
     g = st.last_generation
-    full_mask, _, _ = schedule_counts("svd", interval, run.args.steps)
-    row = dict(method="SVD-Cache", N=interval, n_full=g.full_steps, n_cached=g.cached_steps, fallbacks=g.fallbacks,
+    full_mask, _, _ = schedule_counts(key, interval, run.args.steps)
+    row = dict(method="SVD-Cache sync-free" if sync_free else "SVD-Cache", N=interval, n_full=g.full_steps, n_cached=g.cached_steps, fallbacks=g.fallbacks,
                flops_ratio=g.flops_ratio, cache_bytes=g.cache_bytes, mem_copies=g.memory_ratio,
                flops_how="svdcache.stats (counted)", cache_op_share=g.cache_op_flops / g.flops if g.flops else None)
     summarize(run, row, gens, full_mask)
     row["peak"] = run.peak_bytes()
     row["warm_s"] = warm_s
     if row["cached_ms"] is not None:
-        run.cached_step_s["svd"] = row["cached_ms"] / 1e3
+        run.cached_step_s[key] = row["cached_ms"] / 1e3
     run.rows.append(row)
     log_row(run, row)
 
@@ -599,6 +603,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--resolution", type=int, default=1024, help="image side in pixels (GPU run)")
     ap.add_argument("--intervals", default="4,5,6,7,8")
+    ap.add_argument("--sync-free-intervals", default="5,7",
+                    help="extra SVD-Cache rows with sync_free=True (no host sync per call), after the others")
     ap.add_argument("--repeats", type=int, default=None, help="timed generations per row at most (GPU: 3)")
     ap.add_argument("--tau", type=float, default=0.99, help="SVD-Cache energy threshold (the default config's)")
     ap.add_argument("--init-gain", type=float, default=1.0, help="Linear weights N(0, gain^2 / fan_in)")
@@ -619,6 +625,8 @@ def main(argv=None) -> int:
     intervals = [int(n) for n in args.intervals.split(",") if n.strip()]
     run.plan = ([] if args.no_svd else [("svd", n) for n in intervals]) + (
         [] if args.no_taylorseer else [("ts", n) for n in intervals])
+    sync_free = [int(n) for n in args.sync_free_intervals.split(",") if n.strip()]
+    run.plan += [] if args.no_svd else [("svd_sf", n) for n in sync_free]
     run.log(f"device: {card_name(run)}; torch {torch.__version__}, diffusers {diffusers.__version__}; "
             f"budget {args.budget_s:.0f} s")
     try:
@@ -638,7 +646,7 @@ def main(argv=None) -> int:
             else:
                 basis = run.guard("calibrate", calibrate, run, model, inp)
             if basis is None:
-                run.plan = [(m, n) for m, n in run.plan if m != "svd"]
+                run.plan = [(m, n) for m, n in run.plan if not m.startswith("svd")]
             write_report(run)
         while run.plan:
             method, n = run.plan.pop(0)
@@ -649,6 +657,8 @@ def main(argv=None) -> int:
                 continue
             if method == "svd":
                 run.guard(f"SVD-Cache N={n}", row_svd, run, model, inp, basis, n)
+            elif method == "svd_sf":
+                run.guard(f"SVD-Cache sync-free N={n}", row_svd, run, model, inp, basis, n, True)
             else:
                 run.guard(f"TaylorSeer N={n}", row_ts, run, model, inp, n)
             write_report(run)

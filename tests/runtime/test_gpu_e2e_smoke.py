@@ -25,7 +25,8 @@ def test_gpu_e2e_tiny(tmp_path):
     assert "ERROR" not in text and "not finite" not in text and "skipped" not in text, text
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| method")]
     methods = [r.split("|")[1].strip() for r in rows]
-    assert methods == ["uncached"] + ["SVD-Cache"] * 2 + ["TaylorSeer (diffusers)"] * 2, methods
+    assert methods == (["uncached"] + ["SVD-Cache"] * 2 + ["TaylorSeer (diffusers)"] * 2
+                       + ["SVD-Cache sync-free"] * 2), methods
     for r in rows[1:]:
         cells = [c.strip() for c in r.split("|")[1:-1]]
         full, cached = (int(x) for x in re.match(r"(\d+) \+ (\d+)", cells[2]).groups())
