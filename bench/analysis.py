@@ -21,14 +21,14 @@ import torch
 import common
 import svdcache
 from fidelity import record_features
-from svdcache.embedded import CALL_KWARGS, canonical_prompt, load_basis, load_pipeline
+from svdcache.embedded import CALL_KWARGS, GUIDANCE, canonical_prompt, load_basis, load_pipeline
 
 RESULTS = os.path.join(common.ROOT, "bench", "results")
 
 
 def calib(pipe, prompt, seed, steps):
     return svdcache.calibrate(pipe, prompt=prompt, num_inference_steps=steps, progress=False, output_type="pt",
-                              generator=torch.Generator().manual_seed(seed), **CALL_KWARGS)
+                              generator=torch.Generator().manual_seed(seed), **CALL_KWARGS, **GUIDANCE)
 
 
 def subspace_cos(Va, Vb) -> float:

@@ -2,8 +2,8 @@
 
     python bench/calibrate_embedded.py    # about 20 s on 2 CPU cores
 
-Reference: one prompt ("a handwritten digit three"), 8 images of it (seeds 0..7), 50 steps, every
-step's features. The embedded model has only 64 image tokens per image, so one image is a thin
+Reference: one prompt ("a handwritten digit three"), 8 images of it (seeds 0..7), 50 steps with the
+embedded model's guidance (cond and uncond calls both feed the Gram matrices), every step's features. The embedded model has only 64 image tokens per image, so one image is a thin
 sample of its feature space; FLUX.1-dev's 4096 tokens per image are not. tau 0.99 sets the default
 k; columns up to 0.999 energy are stored so that enable(tau=...) can lower or raise it.
 """
@@ -13,7 +13,17 @@ import torch
 
 import common  # noqa: F401
 import svdcache
-from svdcache.embedded import BASIS_PATH, CALL_KWARGS, load_pipeline
+from svdcache.embedded import BASIS_PATH, CALL_KWARGS, GUIDANCE, load_pipeline
+
+
+def calibrate_reference(pipe, prompt="a handwritten digit three", images=8, steps=50, tau=0.99, **kw):
+    """The embedded basis's recipe (also used for the block-level basis of the benchmarks)."""
+    gens = [torch.Generator().manual_seed(s) for s in range(images)]
+    basis = svdcache.calibrate(pipe, prompt=[prompt] * images, num_inference_steps=steps, tau=tau, generator=gens,
+                               output_type="pt", **CALL_KWARGS, **GUIDANCE, **kw)
+    basis.meta["prompt"] = prompt
+    basis.meta["images"] = str(images)
+    return basis
 
 
 def main(argv=None):
@@ -25,11 +35,7 @@ def main(argv=None):
     ap.add_argument("--out", default=BASIS_PATH)
     args = ap.parse_args(argv)
     pipe = load_pipeline()
-    gens = [torch.Generator().manual_seed(s) for s in range(args.images)]
-    basis = svdcache.calibrate(pipe, prompt=[args.prompt] * args.images, num_inference_steps=args.steps,
-                               tau=args.tau, generator=gens, output_type="pt", **CALL_KWARGS)
-    basis.meta["prompt"] = args.prompt
-    basis.meta["images"] = str(args.images)
+    basis = calibrate_reference(pipe, args.prompt, args.images, args.steps, args.tau)
     basis.save(args.out)
     print(basis, "->", args.out)
 

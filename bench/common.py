@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from svdcache.embedded import CALL_KWARGS, canonical_prompt  # noqa: E402
+from svdcache.embedded import CALL_KWARGS, GUIDANCE, canonical_prompt  # noqa: E402
 
 
 def prompt_set(n_seeds: int = 4):
@@ -23,10 +23,12 @@ def prompt_set(n_seeds: int = 4):
 
 
 def generate(pipe, prompts, seeds, steps=50, **kw):
-    """Images (B, 3, 32, 32) in [0, 1] and wall-clock seconds of the pipeline call."""
+    """Images (B, 3, 32, 32) in [0, 1] and wall-clock seconds of the pipeline call (with the embedded
+    model's guidance: cond and uncond transformer calls per step)."""
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     t0 = time.perf_counter()
-    out = pipe(prompts, num_inference_steps=steps, generator=gens, output_type="pt", **CALL_KWARGS, **kw).images
+    out = pipe(prompts, num_inference_steps=steps, generator=gens, output_type="pt", **CALL_KWARGS, **GUIDANCE,
+               **kw).images
     return out.float(), time.perf_counter() - t0
 
 

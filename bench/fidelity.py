@@ -3,7 +3,8 @@
     python bench/fidelity.py                 # full sweep (about 15 min on 2 CPU cores), resumable
     python bench/fidelity.py --report-only   # rebuild table and plots from bench/results/fidelity.json
 
-Fixed set: the ten digit prompts x 4 seeds, 50 steps, batch 40. Every method is compared with the
+Fixed set: the ten digit prompts x 4 seeds, 50 steps, batch 40, the embedded model's guidance (true
+CFG 2: a cond and an uncond transformer call per step, cached in separate contexts). Every method is compared with the
 uncached images of the same prompt and seed (PSNR, SSIM). FLOPs are counted over the whole sampling
 by hooks on every Linear and attention module (checked against torch's flop counter), plus the
 SVD-Cache's own projection/reconstruction matmuls; the FLOPs ratio at FLUX.1-dev's dimensions is
@@ -110,12 +111,10 @@ class Bench:
         self.pipe.set_progress_bar_config(disable=True)
         self.basis = load_basis()
         # block-level caching has other features (block output minus input): its own one-time SVD,
-        # calibrated the way the embedded basis was (bench/calibrate_embedded.py)
-        meta = self.basis.meta
-        self.block_basis = svdcache.calibrate(
-            self.pipe, prompt=meta.get("prompt", "a handwritten digit three"), num_inference_steps=args.steps,
-            granularity="block", progress=False, generator=torch.Generator().manual_seed(0),
-            output_type="pt", **__import__("svdcache.embedded", fromlist=["CALL_KWARGS"]).CALL_KWARGS)
+        # calibrated the way the embedded basis was
+        from calibrate_embedded import calibrate_reference
+
+        self.block_basis = calibrate_reference(self.pipe, steps=args.steps, granularity="block", progress=False)
         self.prompts, self.seeds = common.prompt_set(args.seeds)
         self.steps = args.steps
         common.self_check(self.pipe)

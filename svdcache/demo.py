@@ -16,7 +16,7 @@ import time
 import torch
 
 from . import apply, config as config_mod
-from .embedded import CALL_KWARGS, canonical_prompt, load_basis, load_pipeline
+from .embedded import CALL_KWARGS, GUIDANCE, canonical_prompt, load_basis, load_pipeline
 from .metrics import psnr, ssim
 
 
@@ -42,12 +42,13 @@ class _Timer:
         self.total += time.perf_counter() - self._t0
 
 
-def _generate(pipe, prompts, seeds, steps, device):
+def _generate(pipe, prompts, seeds, steps, device, cfg_scale):
     gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+    guidance = dict(GUIDANCE, true_cfg_scale=cfg_scale) if cfg_scale > 1 else {}
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    out = pipe(prompts, num_inference_steps=steps, generator=gens, output_type="pt", **CALL_KWARGS).images
+    out = pipe(prompts, num_inference_steps=steps, generator=gens, output_type="pt", **CALL_KWARGS, **guidance).images
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
     return out.float().cpu(), time.perf_counter() - t0
@@ -81,7 +82,7 @@ def run_demo(args) -> dict:
     basis = None if args.basis == "online" else (load_basis(device) if args.basis is None else args.basis)
     timer = _Timer(pipe.transformer, device)
 
-    _generate(pipe, prompts[:2], seeds[:2], 2, device)  # warm-up: lazy initialisation, not timed
+    _generate(pipe, prompts[:2], seeds[:2], 2, device, args.cfg)  # warm-up: lazy initialisation, not timed
     times = {"uncached": [], "cached": []}
     tr_times = {"uncached": [], "cached": []}
     images = {}
@@ -95,7 +96,7 @@ def run_demo(args) -> dict:
                 else:
                     apply.disable(pipe)
                 timer.total = 0.0
-                images[mode], dt = _generate(pipe, prompts, seeds, args.steps, device)
+                images[mode], dt = _generate(pipe, prompts, seeds, args.steps, device, args.cfg)
                 times[mode].append(dt)
                 tr_times[mode].append(timer.total)
                 if mode == "cached":
@@ -111,6 +112,7 @@ def run_demo(args) -> dict:
         config=cfg.label,
         images=len(prompts),
         steps=args.steps,
+        cfg=args.cfg,
         device=device,
         time_uncached=med["uncached"],
         time_cached=med["cached"],
@@ -133,7 +135,7 @@ def run_demo(args) -> dict:
 def format_table(r: dict) -> str:
     rows = [
         ("configuration", r["config"]),
-        ("images x steps", f"{r['images']} x {r['steps']} on {r['device']}"),
+        ("images x steps", f"{r['images']} x {r['steps']} on {r['device']}, guidance {r['cfg']:g}"),
         ("wall-clock uncached (median)", f"{r['time_uncached']:.2f} s"),
         ("wall-clock SVD-Cache (median)", f"{r['time_cached']:.2f} s"),
         ("speed-up (pipeline / transformer)", f"{r['speedup']:.2f}x / {r['transformer_speedup']:.2f}x"),
@@ -157,6 +159,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help=f"residual policy (default {d.residual})")
     ap.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
     ap.add_argument("--seeds", type=int, default=2, help="images per digit (default 2: 20 images)")
+    ap.add_argument("--cfg", type=float, default=GUIDANCE["true_cfg_scale"],
+                    help="true classifier-free guidance scale; cond and uncond calls are cached in separate "
+                         f"contexts (default {GUIDANCE['true_cfg_scale']:g}; 1 = no guidance)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each mode; the median is shown (default 3)")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda (bf16, Triton kernels)")
     ap.add_argument("--basis", default=None, help="basis file (default: the embedded one); 'online' builds one online")

@@ -367,6 +367,10 @@ class SVDCacheHook(ModelHook):
         fc = st.features[name]
         if fc is None:
             return None
+        if x is not None and fc.shape is not None and tuple(x.shape) != fc.shape:
+            # a stream that enters a block with batch 1 and leaves it broadcast to the batch (FLUX's
+            # text stream with one negative prompt for a batch of images)
+            x = x.expand(fc.shape).contiguous()
         res = fc.forecast(st.t, x=x, gate=gate, out=out)
         self._add_cache_flops(st, fc, getattr(fc, "forecast_flops", 0))
         return res

@@ -1,10 +1,4 @@
 """README command 1's demo, at a few steps: it runs, prints its table and writes the PNG."""
-# TEMPORARY until the trained weights are committed (training in progress): remove this guard then.
-import os as _os
-import pytest as _pytest
-from svdcache.embedded import PIPELINE_DIR as _DIR
-if not _os.path.exists(_os.path.join(_DIR, "model_index.json")):
-    _pytest.skip("embedded weights not committed yet", allow_module_level=True)
 import os
 
 from svdcache import demo
