@@ -93,9 +93,11 @@ class SVDCacheHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, config: SVDCacheConfig, basis, feature_dims: dict[str, int], model_class: str):
+    def __init__(self, config: SVDCacheConfig, basis, feature_dims: dict[str, int], model_class: str,
+                 granularity: str = "auto"):
         super().__init__()
         self.cfg = config
+        self.granularity = granularity
         self.basis = basis
         self.feature_dims = feature_dims
         self.model_class = model_class
@@ -109,7 +111,7 @@ class SVDCacheHook(ModelHook):
         self.ranks = {n: fb.rank(config.tau, config.rank) for n, fb in self.bases.items()}
         self.gains = self._fitted_gains(basis) if config.fitted_gains else {}
         self._V: dict[str, torch.Tensor] = {}
-        self._flops: dict[tuple, int] = {}
+        self._flops: dict[tuple, int] = {}  # replaced by the model's own table in initialize_hook
         self._warned: set[str] = set()
         self._state: ContextState | None = None  # state of the call in progress
         self._pending: dict[str, list] = {}  # zero-setup: features held until their basis exists
@@ -118,6 +120,13 @@ class SVDCacheHook(ModelHook):
             from .calibration import OnlineBasisBuilder
 
             self.online = OnlineBasisBuilder(config)
+
+    def initialize_hook(self, module):
+        # The model's own FLOPs per kind of call (input signature, full or cached, granularity) do not
+        # depend on the cache's settings (its ops are counted apart): keep them on the model, so a
+        # re-enable does not count again (torch's FLOP counter slows the calls it watches).
+        self._flops = module.__dict__.setdefault("_svdcache_flop_table", {})
+        return module
 
     def _fitted_gains(self, basis) -> dict[str, float]:
         cfg = self.cfg
@@ -268,17 +277,20 @@ class SVDCacheHook(ModelHook):
 
     @torch.compiler.disable
     def _wants_count(self, st: ContextState) -> bool:
-        return self.cfg.count_flops and (st.signature, st.mode, st.hist) not in self._flops
+        return self.cfg.count_flops and self._flop_key(st) not in self._flops
 
     @torch.compiler.disable
     def _store_count(self, st: ContextState, counted: int, args, kwargs) -> None:
         # cache ops that ran as PyTorch ops were seen by torch's counter too: keep only the model's own
         torch_ops = st.call_cache_flops if self._backend_is_torch(args, kwargs) else st.call_torch_flops
-        self._flops[(st.signature, st.mode, st.hist)] = counted - torch_ops  # the model's own FLOPs
+        self._flops[self._flop_key(st)] = counted - torch_ops  # the model's own FLOPs
+
+    def _flop_key(self, st: ContextState, mode: str | None = None) -> tuple:
+        return (st.signature, mode or st.mode, self.granularity)
 
     def _account(self, st: ContextState) -> None:
-        model = self._flops.get((st.signature, st.mode, st.hist), 0)
-        full = next((v for (s, m, _), v in self._flops.items() if s == st.signature and m == "full"), 0)
+        model = self._flops.get(self._flop_key(st), 0)
+        full = self._flops.get(self._flop_key(st, "full"), 0)
         self.cur.flops += model + st.call_cache_flops
         self.cur.cache_op_flops += st.call_cache_flops
         self.cur.flops_uncached += full
