@@ -74,8 +74,8 @@ class SubspaceCache(FeatureCache):
         self.V = V  # (D, k), activation dtype, on the model's device
         self.anchor_form = cfg.residual == "reuse"
         # C is kept between steps only where a forecast reads it (EMA: E - C_last; residual forms:
-        # C V^T + R). Anchor-form Taylor re-projects the held F_prev at the next full step instead:
-        # k fp32 values per token less memory for one extra read of F_prev.
+        # C V^T + R). Anchor-form Taylor projects F - F_prev at the next full step instead (F_prev is
+        # held anyway): k fp32 values per token less memory for one extra read of F_prev.
         self.keep_C = cfg.predictor == "ema" or not self.anchor_form
         self.C = self.D1 = self.D2 = self.E = None
         self.R = self.dR = None  # anchor (reference to F_last) or explicit residual
@@ -114,12 +114,10 @@ class SubspaceCache(FeatureCache):
                 order=order, h1=h1, h2=h2, beta=cfg.beta, ema_init=self.n == 0, backend=cfg.backend,
             )
             self.update_flops = proj * (1 if self.anchor_form else 2)
-        elif order >= 1:
-            C = torch.empty(self._cshape(F), dtype=torch.float32, device=F.device)
-            K.split(self.R, self.V, C=C, backend=cfg.backend)  # C_prev = F_prev V
-            K.split(F, self.V, C=C, D1=self.D1, D2=self.D2 if order >= 2 else None, order=order, h1=h1, h2=h2,
-                    backend=cfg.backend)
-            self.update_flops = 2 * proj
+        elif order >= 1:  # D1 = (F - F_prev) V / h1: one projection, no coefficients kept
+            K.split(F, self.V, D1=self.D1, D2=self.D2 if order >= 2 else None, order=order, h1=h1, h2=h2,
+                    F_prev=self.R, backend=cfg.backend)
+            self.update_flops = proj
         else:
             self.update_flops = 0  # reuse, or a first full step: F itself is the whole state
         if self.anchor_form:

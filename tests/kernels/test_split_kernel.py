@@ -241,3 +241,39 @@ def test_split_gpu_dot_path_basis_cast_cache_follows_in_place_updates():
         C2 = poison((40, 16), torch.float32)
         split_triton(F, V, C=C2)
     torch.testing.assert_close(C2, -C1)  # V -> -V flips the coefficients exactly
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dname)
+@pytest.mark.parametrize("k", (1, 48))
+@pytest.mark.parametrize("order", (1, 2))
+def test_split_with_previous_feature(dtype, k, order):
+    """F_prev instead of stored coefficients: D1 = (F - F_prev) V / h1; C is neither read nor needed."""
+    bshape, N, D = (2,), 70, 136
+    g = gen(31 * k + order)
+    F, F_prev = randn((*bshape, N, D), dtype, g=g), randn((*bshape, N, D), dtype, g=g)
+    V = basis(D, k, g=g)
+    st = {"D1": randn((*bshape, N, k), g=g), "D2": poison((*bshape, N, k), torch.float32)}
+    if order == 1:
+        st["D2"] = None
+    ref, ker = both(F, V, st, order=order, h1=0.5, h2=1.5, F_prev=F_prev)
+    compare(ref, ker, dtype)
+    # the same differences as from the coefficients of F_prev
+    C = torch.empty((*bshape, N, k))
+    split_reference(F_prev, V, C=C)
+    via_c = clone_states(st)
+    split_reference(F, V, C=C, **via_c, order=order, h1=0.5, h2=1.5)
+    for name in ("D1", "D2")[:order]:
+        assert_close(ref[name], via_c[name], 1e-5, name)
+
+
+def test_split_previous_feature_bad_input():
+    F = torch.randn(2, 8, 24)
+    V = torch.randn(24, 4)
+    D1 = torch.randn(2, 8, 4)
+    for be in ("torch", "triton"):
+        with pytest.raises(ValueError, match=r"F_prev must have shape \(2, 8, 24\)"):
+            split(F, V, D1=D1, order=1, F_prev=torch.randn(2, 7, 24), backend=be)
+        with pytest.raises(ValueError, match="read only for order >= 1"):
+            split(F, V, C=torch.empty(2, 8, 4), F_prev=F.clone(), backend=be)
+        with pytest.raises(TypeError, match="F_prev must be float32, got .* float16"):
+            split(F, V, D1=D1, order=1, F_prev=F.half(), backend=be)

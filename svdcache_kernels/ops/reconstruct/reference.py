@@ -73,20 +73,32 @@ def reconstruct_reference(
     new tensor; ``None`` allocates one. Returns the result (dtype of x, else of R).
     """
     check_reconstruct_args(V, R, terms=terms, weights=weights, dR=dR, x=x, gate=gate, out=out)
+    # fp32 throughout; fused torch calls (addmm, in-place adds on fresh tensors) keep the CPU path,
+    # which the runtime uses off-GPU, at a few passes over the feature
+    D = R.shape[-1]
     fh = R.float()
+    fresh = fh is not R  # may be modified in place
     if terms:
-        P = sum(float(w) * t for w, t in zip(weights, terms))
-        fh = fh + P @ V.float().T
+        k = V.shape[1]
+        P = terms[0].reshape(-1, k) * float(weights[0])
+        for w, t in zip(weights[1:], terms[1:]):
+            P.add_(t.reshape(-1, k), alpha=float(w))
+        fh = torch.addmm(fh.reshape(-1, D), P, V.float().T).view(R.shape)
+        fresh = True
     if dR is not None and dr_scale:
-        fh = fh + float(dr_scale) * dR.float()
+        fh = fh.add_(dR.float(), alpha=float(dr_scale)) if fresh else fh.add(dR.float(), alpha=float(dr_scale))
+        fresh = True
     if x is not None:
         if gate is not None:
             g = gate.float() if gate_rows_shape(R, gate) else gate.float().unsqueeze(-2)
-            fh = x.float() + g * fh
-        else:
-            fh = x.float() + fh
+            fh = fh.mul_(g) if fresh else fh * g
+            fresh = True
+        if out is x and x.dtype == torch.float32:
+            return x.add_(fh)
+        fh = fh.add_(x.float()) if fresh else fh + x.float()
+        fresh = True
     dtype = x.dtype if x is not None else R.dtype
     if out is None:
-        return fh.to(dtype)
+        return fh.to(dtype) if fresh else fh.clone()
     out.copy_(fh)
     return out

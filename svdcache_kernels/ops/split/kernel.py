@@ -44,13 +44,13 @@ from .reference import check_split_args, split_reference
 
 @triton.jit
 def _split_kernel(
-    F_ptr, V_ptr, C_ptr, D1_ptr, D2_ptr, E_ptr, R_ptr, dR_ptr,
+    F_ptr, V_ptr, C_ptr, D1_ptr, D2_ptr, E_ptr, R_ptr, dR_ptr, FP_ptr,
     M, D, K,
-    stride_fm, stride_vd, stride_vk,
+    stride_fm, stride_vd, stride_vk, stride_fpm,
     stride_cm, stride_d1m, stride_d2m, stride_em, stride_rm, stride_drm,
     h1, h2, beta, one_minus_beta,
     HAS_C: tl.constexpr, ORDER: tl.constexpr, HAS_E: tl.constexpr, EMA_INIT: tl.constexpr,
-    HAS_R: tl.constexpr, HAS_DR: tl.constexpr,
+    HAS_R: tl.constexpr, HAS_DR: tl.constexpr, HAS_FPREV: tl.constexpr, NEED_ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -61,8 +61,9 @@ def _split_kernel(
     mask_k = offs_k < K
     offs_d0 = tl.arange(0, BLOCK_D)
 
-    # ---- loop 1: coefficients C = F V (fp32 accumulate) ------------------------------------------
+    # ---- loop 1: coefficients C = F V (fp32 accumulate); with F_prev, (F - F_prev) V -------------
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    acc_d = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + offs_d0
         mask_d = offs_d < D
@@ -74,16 +75,30 @@ def _split_kernel(
             V_ptr + offs_d[:, None] * stride_vd + offs_k[None, :] * stride_vk,
             mask=mask_d[:, None] & mask_k[None, :], other=0.0,
         )
-        if DOT_FP32:
-            acc = tl.dot(f.to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(f, v.to(f.dtype), acc)
+        if NEED_ACC:
+            if DOT_FP32:
+                acc = tl.dot(f.to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(f, v.to(f.dtype), acc)
+        if HAS_FPREV:
+            fp = tl.load(
+                FP_ptr + rows[:, None] * stride_fpm + offs_d[None, :],
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0, eviction_policy="evict_first",
+            )
+            diff = f.to(tl.float32) - fp.to(tl.float32)
+            if DOT_FP32:
+                acc_d = tl.dot(diff, v.to(tl.float32), acc_d, input_precision="ieee")
+            else:
+                acc_d = tl.dot(diff.to(f.dtype), v.to(f.dtype), acc_d)
 
     # ---- k-dim state updates (divided differences over the actual step distances, EMA) -----------
     cmask = mask_m[:, None] & mask_k[None, :]
     if ORDER >= 1:
-        c_prev = tl.load(C_ptr + rows[:, None] * stride_cm + offs_k[None, :], mask=cmask, other=0.0)
-        d1 = (acc - c_prev) / h1
+        if HAS_FPREV:
+            d1 = acc_d / h1
+        else:
+            c_prev = tl.load(C_ptr + rows[:, None] * stride_cm + offs_k[None, :], mask=cmask, other=0.0)
+            d1 = (acc - c_prev) / h1
         if ORDER >= 2:
             d1_prev = tl.load(D1_ptr + rows[:, None] * stride_d1m + offs_k[None, :], mask=cmask, other=0.0)
             tl.store(D2_ptr + rows[:, None] * stride_d2m + offs_k[None, :], (d1 - d1_prev) / h2, mask=cmask)
@@ -167,17 +182,19 @@ def split_triton(
     h2: float = 1.0,
     beta: float = 0.9,
     ema_init: bool = False,
+    F_prev: torch.Tensor | None = None,
 ) -> None:
     """Triton version of :func:`split_reference` (same arguments, same in-place semantics)."""
-    check_split_args(F, V, C=C, D1=D1, D2=D2, E=E, R=R, dR=dR, order=order, h1=h1, h2=h2, beta=beta)
+    check_split_args(F, V, C=C, D1=D1, D2=D2, E=E, R=R, dR=dR, order=order, h1=h1, h2=h2, beta=beta, F_prev=F_prev)
     D, K = F.shape[-1], V.shape[1]
     M = rows_of(F)
-    if M == 0 or (C is None and E is None and R is None):
-        return  # nothing to produce (order >= 1 implies C)
+    if M == 0 or (C is None and E is None and R is None and F_prev is None):
+        return  # nothing to produce (order >= 1 implies C or F_prev)
     if K > MAX_KERNEL_K:
         # A (BLOCK_M, >256) fp32 accumulator does not fit in registers; same semantics, torch path.
         return split_reference(
-            F, V, C=C, D1=D1, D2=D2, E=E, R=R, dR=dR, order=order, h1=h1, h2=h2, beta=beta, ema_init=ema_init
+            F, V, C=C, D1=D1, D2=D2, E=E, R=R, dR=dR, order=order, h1=h1, h2=h2, beta=beta, ema_init=ema_init,
+            F_prev=F_prev,
         )
     require_launchable(F, "split")
     fp32_dot = dot_fp32(F.dtype, F.device)
@@ -188,15 +205,16 @@ def split_triton(
     grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
     args = (
         F, V,
-        *(t if t is not None else dummy for t in (C, D1, D2, E, R, dR)),
+        *(t if t is not None else dummy for t in (C, D1, D2, E, R, dR, F_prev)),
         M, D, K,
-        row_stride(F), V.stride(0), V.stride(1),
+        row_stride(F), V.stride(0), V.stride(1), row_stride(F_prev) if F_prev is not None else 0,
         *strides,
         float(h1), float(h2), float(beta), 1.0 - float(beta),
     )
     meta = dict(
         HAS_C=C is not None, ORDER=int(order), HAS_E=E is not None, EMA_INIT=bool(ema_init),
-        HAS_R=R is not None, HAS_DR=dR is not None,
+        HAS_R=R is not None, HAS_DR=dR is not None, HAS_FPREV=F_prev is not None,
+        NEED_ACC=C is not None or E is not None or R is not None or (order >= 1 and F_prev is None),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], BLOCK_K=block_k(K),
         DOT_FP32=fp32_dot,
     )

@@ -6,7 +6,7 @@ import torch
 from ..._checks import check_activation, check_basis, check_like, check_rows
 
 
-def check_split_args(F, V, *, C, D1, D2, E, R, dR, order, h1, h2, beta) -> None:
+def check_split_args(F, V, *, C, D1, D2, E, R, dR, order, h1, h2, beta, F_prev=None) -> None:
     check_activation("F", F)
     check_rows("F", F)
     k = check_basis(V, F.shape[-1])
@@ -15,12 +15,14 @@ def check_split_args(F, V, *, C, D1, D2, E, R, dR, order, h1, h2, beta) -> None:
     cshape = (*F.shape[:-1], k)
     for name, t in (("C", C), ("D1", D1), ("D2", D2), ("E", E)):
         check_like(name, t, cshape, torch.float32, F.device)
-    for name, t in (("R", R), ("dR", dR)):
+    for name, t in (("R", R), ("dR", dR), ("F_prev", F_prev)):
         check_like(name, t, F.shape, F.dtype, F.device)
     if order not in (0, 1, 2):
         raise ValueError(f"order must be 0, 1 or 2, got {order}")
-    if order >= 1 and (C is None or D1 is None):
-        raise ValueError("order >= 1 needs C (holding the previous coefficients) and D1")
+    if order >= 1 and ((C is None and F_prev is None) or D1 is None):
+        raise ValueError("order >= 1 needs D1, and C holding the previous coefficients or F_prev the previous feature")
+    if F_prev is not None and order < 1:
+        raise ValueError("F_prev (the previous feature) is read only for order >= 1")
     if order >= 2 and D2 is None:
         raise ValueError("order 2 needs D1 (holding the previous first difference) and D2")
     if dR is not None and R is None:
@@ -49,6 +51,7 @@ def split_reference(
     h2: float = 1.0,
     beta: float = 0.9,
     ema_init: bool = False,
+    F_prev: torch.Tensor | None = None,
 ) -> None:
     """One full-compute step of SVD-Cache for feature ``F`` (..., N, D) and basis ``V`` (D, k).
 
@@ -63,15 +66,20 @@ def split_reference(
     - ``R`` (..., N, D) in F's dtype: residual ``F - C_new V^T``; ``dR``: ``(R_new - R_prev) / h1``
       with ``R_prev`` read from ``R`` on entry.
 
+    With ``F_prev`` (the previous full step's feature, F's shape and dtype) the first difference is
+    projected directly, ``D1 = (F - F_prev) V / h1``, and ``C`` need not hold (or keep) anything:
+    a cache that holds F_prev anyway stores no coefficients between steps.
+
     ``order`` counts the differences that have valid history (0 on a first full step). The paper's
     eq. 8-9 divide by sigma and multiply it back; the sigmas cancel (F_k = F V V^T), so none is
     applied here.
     """
-    check_split_args(F, V, C=C, D1=D1, D2=D2, E=E, R=R, dR=dR, order=order, h1=h1, h2=h2, beta=beta)
+    check_split_args(F, V, C=C, D1=D1, D2=D2, E=E, R=R, dR=dR, order=order, h1=h1, h2=h2, beta=beta, F_prev=F_prev)
     Vf = V.float()
-    Cn = F.float() @ Vf
+    need_c = C is not None or E is not None or R is not None
+    Cn = F.float() @ Vf if need_c or F_prev is None else None
     if order >= 1:
-        d1 = (Cn - C) / h1
+        d1 = ((F.float() - F_prev.float()) @ Vf if F_prev is not None else Cn - C) / h1
         if order >= 2:
             D2.copy_((d1 - D1) / h2)
         D1.copy_(d1)
