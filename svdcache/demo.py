@@ -162,7 +162,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--cfg", type=float, default=GUIDANCE["true_cfg_scale"],
                     help="true classifier-free guidance scale; cond and uncond calls are cached in separate "
                          f"contexts (default {GUIDANCE['true_cfg_scale']:g}; 1 = no guidance)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each mode; the median is shown (default 3)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs of each mode, interleaved; the median is shown (default 5)")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda (bf16, Triton kernels)")
     ap.add_argument("--basis", default=None, help="basis file (default: the embedded one); 'online' builds one online")
     ap.add_argument("--out", default="out/demo.png", help="side-by-side PNG (default out/demo.png)")
