@@ -133,7 +133,7 @@ def main(argv=None):
     plt.close(fig)
 
     # 3. smoothness of the principal part vs the residual along the uncached trajectory
-    feats = record_features(pipe, [canonical_prompt(d) for d in range(0, 10, 2)], [7] * 5, args.steps)
+    feats = record_features(pipe, [canonical_prompt(d) for d in range(0, 10, 2)], [7] * 5, args.steps)["cond"]
     steps = args.steps
     pr_change = torch.zeros(steps - 1)
     rs_change = torch.zeros(steps - 1)

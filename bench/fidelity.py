@@ -124,7 +124,8 @@ class Bench:
         D = tr.config.num_attention_heads * tr.config.attention_head_dim
         N, L = 64, 16
         rows = len(tr.transformer_blocks) * 2 * (N + L) + len(tr.single_transformer_blocks) * (N + L)
-        self.unit_bytes = len(self.prompts) * rows * D * 4  # one copy of the 18 module-level features
+        # one copy of the 18 module-level features, in each of the cond and uncond contexts
+        self.unit_bytes = 2 * len(self.prompts) * rows * D * 4
         ks = [self.basis.features[n].rank(0.99) for n in self.basis.features]
         self.k_frac = statistics.median(ks) / D
 
@@ -232,16 +233,20 @@ class Bench:
 # ----------------------------------------------------------------------------------------------
 # teacher-forced forecast errors on the uncached trajectory
 class _Recorder(svdcache.calibration.CalibrationHook):
+    """Keeps every feature of every step, per pipeline cache context (cond / uncond)."""
+
     def __init__(self):
         super().__init__()
-        self.feats: dict[str, list[torch.Tensor]] = {}
+        self.feats: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
 
     def record(self, name, F):
         if F is not None:
-            self.feats.setdefault(name, []).append(F.detach().clone())
+            ctx, step = self._where
+            self.feats.setdefault(ctx, {}).setdefault(name, {})[step] = F.detach().clone()
 
 
 def record_features(pipe, prompts, seeds, steps, granularity="auto"):
+    """{context: {feature: (steps, B, N, D)}} along the uncached trajectory."""
     from svdcache.apply import _install, _uninstall
 
     rec = _Recorder()
@@ -250,40 +255,39 @@ def record_features(pipe, prompts, seeds, steps, granularity="auto"):
         common.generate(pipe, prompts, seeds, steps)
     finally:
         _uninstall(pipe.transformer, root_name="svdcache_recorder")
-    return {n: torch.stack(v) for n, v in rec.feats.items()}  # (steps, B, N, D)
+    return {ctx: {n: torch.stack([v[i] for i in sorted(v)]) for n, v in fs.items()} for ctx, fs in rec.feats.items()}
 
 
-def teacher_forced(feats, cfg: SVDCacheConfig, basis, steps: int, ref_basis=None):
-    """Mean relative forecast error over cached steps and features; split by subspace of ``ref_basis``
-    (the tau=0.99 basis): principal = error projected on V_k, residual = the rest."""
+def teacher_forced(feats_by_ctx, cfg: SVDCacheConfig, basis, steps: int, ref_basis=None):
+    """Mean relative forecast error over cached steps (and contexts) per feature, split by the subspace
+    of ``ref_basis`` (the tau=0.99 basis): principal = error projected on V_k, residual = the rest."""
     from svdcache.predictors import make_feature_cache
 
     fs = set(full_steps(steps, interval=cfg.interval, warmup=cfg.warmup, tail=cfg.tail))
-    out = {}
-    for name, F in feats.items():
-        fb = basis.features[name]
-        V = fb.V[:, : fb.rank(cfg.tau, cfg.rank)].contiguous() if cfg.space == "svd" else None
-        gain = None
-        if cfg.fitted_gains:
-            gain = basis.meta.get("gains", {}).get(name, {}).get(f"o{cfg.order}_N{cfg.interval}_w{cfg.warmup}")
-        fc = make_feature_cache(name, cfg, V, gain)
-        rb = (ref_basis or basis).features[name]
-        Vr = rb.V[:, : rb.rank(0.99)]
-        tot = pri = res = 0.0
-        n = 0
-        for i in range(steps):
-            if i in fs:
-                fc.update(F[i], float(i))
-                continue
-            err = fc.forecast(float(i)).float() - F[i]
-            ep = err @ Vr @ Vr.T
-            norm = float(F[i].norm())
-            tot += float(err.norm()) / norm
-            pri += float(ep.norm()) / norm
-            res += float((err - ep).norm()) / norm
-            n += 1
-        out[name] = (tot / n, pri / n, res / n)
-    return out
+    sums: dict[str, list[float]] = {}
+    for feats in feats_by_ctx.values():
+        for name, F in feats.items():
+            fb = basis.features[name]
+            V = fb.V[:, : fb.rank(cfg.tau, cfg.rank)].contiguous() if cfg.space == "svd" else None
+            gain = None
+            if cfg.fitted_gains:
+                gain = basis.meta.get("gains", {}).get(name, {}).get(f"o{cfg.order}_N{cfg.interval}_w{cfg.warmup}")
+            fc = make_feature_cache(name, cfg, V, gain)
+            rb = (ref_basis or basis).features[name]
+            Vr = rb.V[:, : rb.rank(0.99)]
+            acc = sums.setdefault(name, [0.0, 0.0, 0.0, 0])
+            for i in range(steps):
+                if i in fs:
+                    fc.update(F[i], float(i))
+                    continue
+                err = fc.forecast(float(i)).float() - F[i]
+                ep = err @ Vr @ Vr.T
+                norm = float(F[i].norm())
+                acc[0] += float(err.norm()) / norm
+                acc[1] += float(ep.norm()) / norm
+                acc[2] += float((err - ep).norm()) / norm
+                acc[3] += 1
+    return {n: (a[0] / a[3], a[1] / a[3], a[2] / a[3]) for n, a in sums.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,7 +331,7 @@ def write_report(data, out_dir):
         "(uncached / actual, the cache's own matmuls included); FLUX-dev ratio: the same schedule at "
         "FLUX.1-dev's dimensions (analytic, k/D as the embedded basis's median "
         f"{meta['k_frac']:.3f}). Memory: cache state in copies of one set of the module-level features "
-        f"({meta['unit_mib']:.1f} MiB). TF error: teacher-forced relative forecast error on the uncached "
+        f"({meta['unit_mib']:.1f} MiB, cond and uncond contexts). TF error: teacher-forced relative forecast error on the uncached "
         "trajectory (mean over features and cached steps), split into the principal subspace (tau .99 basis) "
         "and the residual.",
         "",

@@ -23,6 +23,14 @@ def output_layout(block: torch.nn.Module) -> tuple[int | None, int | None]:
         return None, None  # inferred from the output on the first full step
 
 
+def _broadcasts(src, dst) -> bool:
+    """A stream entering with batch 1 and leaving broadcast to the batch (one negative prompt)."""
+    try:
+        return tuple(torch.broadcast_shapes(src, dst)) == tuple(dst)
+    except RuntimeError:
+        return False
+
+
 class GenericBlockAdapter(BlockAdapter):
     granularity = "block"
     STREAMS = (("hidden", "hidden_states"), ("encoder", "encoder_hidden_states"))
@@ -75,7 +83,7 @@ class GenericBlockAdapter(BlockAdapter):
             if o is None or x is None:
                 record(stream, None)  # the stream is absent: forecast it as absent
                 continue
-            if o.shape != x.shape:
+            if o.shape != x.shape and not _broadcasts(x.shape, o.shape):
                 raise ValueError(
                     f"{type(block).__name__} changes the shape of {arg} ({tuple(x.shape)} -> {tuple(o.shape)}): "
                     "its output minus input cannot be cached"
