@@ -73,10 +73,16 @@ def main(argv=None):
     fig, ax = plt.subplots(figsize=(8, 5))
     md += ["## 1. Singular-value energy and the rank tau selects", "",
            "| feature | D | k (tau .85) | k (tau .95) | k (tau .99) | energy of top 8 |", "|---|---|---|---|---|---|"]
+    kinds = ["attn.img", "attn.txt", "ff_context", "ff", "proj_out"]
+    colors = dict(zip(kinds, ["C0", "C1", "C2", "C3", "C4"]))
+    labelled = set()
     for n, s in zip(names, short):
         fb = base.features[n]
         e = torch.cumsum(fb.sigma.double() ** 2, 0) / (fb.sigma.double() ** 2).sum()
-        ax.plot(range(1, len(e) + 1), e.numpy(), lw=1, label=s if "0." in s else None)
+        kind = next(k for k in kinds if n.endswith("." + k))
+        ax.plot(range(1, len(e) + 1), e.numpy(), lw=1, color=colors[kind],
+                label=None if kind in labelled else f"{kind} ({sum(m.endswith('.' + kind) for m in names)} blocks)")
+        labelled.add(kind)
         md.append(f"| {s} | {fb.D} | {fb.rank(0.85)} | {fb.rank(0.95)} | {fb.rank(0.99)} | {float(e[7]):.3f} |")
     ax.axhline(0.85, ls=":", c="k")
     ax.set_xscale("log")

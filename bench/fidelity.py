@@ -68,6 +68,9 @@ def method_list(quick: bool = False) -> list[dict]:
         for o, k in ((1, 8), (2, 4), (2, 8)):  # candidates at about one copy of memory (1 + o k / D)
             add(f"SVD taylor{o} k={k} N={n}", f"SVD-Cache taylor{o}, k={k}", setting=n,
                 **svd_cfg(interval=n, predictor="taylor", order=o, tau=None, rank=k))
+        for tag, kw in (("tau.85", dict(tau=0.85)), ("tau.9", dict(tau=0.9)), ("k=12", dict(tau=None, rank=12))):
+            add(f"SVD taylor1 change {tag} N={n}", f"SVD-Cache taylor1, change subspace {tag}", setting=n,
+                **svd_cfg(interval=n, predictor="taylor", order=1, subspace="change", **kw))
         for o in (1, 2):
             add(f"SVD taylor{o} fitted gains N={n}", f"SVD-Cache taylor{o}, fitted gains", setting=n,
                 **svd_cfg(interval=n, predictor="taylor", order=o, tau=0.99, fitted_gains=True))
@@ -88,6 +91,10 @@ def method_list(quick: bool = False) -> list[dict]:
             tag = "ema" if pred == "ema" else f"taylor{o}"
             add(f"ablation {tag} tau{tau:g} N=5", "ablation (N=5)", setting=tau,
                 **svd_cfg(interval=5, predictor=pred, order=o, tau=tau))
+    for tau in (0.85, 0.95, 0.99):
+        for o in (1, 2):
+            add(f"ablation change taylor{o} tau{tau:g} N=5", "ablation (N=5)", setting=tau,
+                **svd_cfg(interval=5, predictor="taylor", order=o, tau=tau, subspace="change"))
     add("ablation taylor2 time=timestep N=5", "ablation (N=5)", setting="timestep",
         **svd_cfg(interval=5, predictor="taylor", order=2, tau=0.99, time_axis="timestep"))
     add("ablation taylor2 fixed k=8 N=5", "ablation (N=5)", setting="k8",
@@ -127,6 +134,7 @@ class Bench:
         # one copy of the 18 module-level features, in each of the cond and uncond contexts
         self.unit_bytes = 2 * len(self.prompts) * rows * D * 4
         ks = [self.basis.features[n].rank(0.99) for n in self.basis.features]
+        self.D = D
         self.k_frac = statistics.median(ks) / D
 
     # -- runs ----------------------------------------------------------------------------------
@@ -202,8 +210,11 @@ class Bench:
             row.update(full=g.full_steps, cached=g.cached_steps, runtime_flops_ratio=g.flops_ratio,
                        mem_copies_own=g.memory_ratio)
             c = m["cfg"]
+            ranks = list(st.ranks.values())
+            k_frac = statistics.median(ranks) / self.D if ranks else self.k_frac
+            row["k_frac"] = k_frac
             row["fluxdev_ratio"] = common.fluxdev_flops_ratio(
-                g.full_steps, g.cached_steps, self.k_frac, c.get("predictor", "taylor"),
+                g.full_steps, g.cached_steps, k_frac, c.get("predictor", "taylor"),
                 c.get("residual", "reuse") == "reuse", c.get("space", "svd"))
             row["config"] = c
         elif m["kind"] == "steps":
@@ -267,11 +278,13 @@ def teacher_forced(feats_by_ctx, cfg: SVDCacheConfig, basis, steps: int, ref_bas
     sums: dict[str, list[float]] = {}
     for feats in feats_by_ctx.values():
         for name, F in feats.items():
-            fb = basis.features[name]
+            fb = basis.subspace(cfg.subspace)[name]
             V = fb.V[:, : fb.rank(cfg.tau, cfg.rank)].contiguous() if cfg.space == "svd" else None
             gain = None
             if cfg.fitted_gains:
-                gain = basis.meta.get("gains", {}).get(name, {}).get(f"o{cfg.order}_N{cfg.interval}_w{cfg.warmup}")
+                prefix = "change/" if cfg.subspace == "change" else ""
+                key = f"{prefix}o{cfg.order}_N{cfg.interval}_w{cfg.warmup}"
+                gain = basis.meta.get("gains", {}).get(name, {}).get(key)
             fc = make_feature_cache(name, cfg, V, gain)
             rb = (ref_basis or basis).features[name]
             Vr = rb.V[:, : rb.rank(0.99)]
@@ -329,8 +342,8 @@ def write_report(data, out_dir):
         f"{meta['images']}; uncached reference {meta['ref_seconds']:.2f} s (median of {len(meta['ref_times'])}). "
         "PSNR / SSIM against the uncached images of the same prompt and seed. FLOPs ratio: counted "
         "(uncached / actual, the cache's own matmuls included); FLUX-dev ratio: the same schedule at "
-        "FLUX.1-dev's dimensions (analytic, k/D as the embedded basis's median "
-        f"{meta['k_frac']:.3f}). Memory: cache state in copies of one set of the module-level features "
+        "FLUX.1-dev's dimensions (analytic, k/D of each configuration taken as its median k over D = 128, "
+        "which likely overstates k at D = 3072). Memory: cache state in copies of one set of the module-level features "
         f"({meta['unit_mib']:.1f} MiB, cond and uncond contexts). TF error: teacher-forced relative forecast error on the uncached "
         "trajectory (mean over features and cached steps), split into the principal subspace (tau .99 basis) "
         "and the residual.",

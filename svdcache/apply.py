@@ -112,6 +112,8 @@ def enable(target, basis: Basis | str | os.PathLike | None = None, config: SVDCa
         use_basis = basis if cfg.space == "svd" else None
         if use_basis is not None:
             use_basis.validate(model, dims)
+            if cfg.subspace == "change":
+                use_basis.subspace("change")  # a clear error if the basis holds none
         resolved = "module" if any(a.granularity == "module" for _, _, a in blocks) else "block"
         hook = SVDCacheHook(cfg, use_basis, dims, type(model).__name__, resolved)
         _install(model, hook, granularity, blocks=blocks)

@@ -50,6 +50,15 @@ class Basis:
 
     features: dict[str, FeatureBasis]
     meta: dict = field(default_factory=dict)
+    changes: dict[str, FeatureBasis] = field(default_factory=dict)  # subspaces of F_t - F_t-1
+
+    def subspace(self, kind: str = "feature") -> dict[str, FeatureBasis]:
+        """The per-feature bases of the feature subspace or of the change subspace."""
+        if kind == "feature":
+            return self.features
+        if not self.changes:
+            raise ValueError("this basis holds no change subspace (calibrate it with svdcache >= 0.1 to get one)")
+        return self.changes
 
     def __len__(self) -> int:
         return len(self.features)
@@ -67,6 +76,11 @@ class Basis:
             tensors[f"{name}::V"] = fb.V.detach().float().contiguous().cpu()
             tensors[f"{name}::sigma"] = fb.sigma.detach().float().contiguous().cpu()
             shapes[name] = {"D": fb.D, "k": fb.k, "stored_rank": fb.V.shape[1]}
+            cb = self.changes.get(name)
+            if cb is not None:
+                tensors[f"{name}::dV"] = cb.V.detach().float().contiguous().cpu()
+                tensors[f"{name}::dsigma"] = cb.sigma.detach().float().contiguous().cpu()
+                shapes[name]["dk"] = cb.k
         meta = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in self.meta.items()}
         meta.update(format=FORMAT, format_version=FORMAT_VERSION, features=json.dumps(shapes))
         tmp = f"{os.fspath(path)}.tmp"
@@ -89,7 +103,7 @@ class Basis:
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path} is a safetensors file but not an svdcache basis (metadata format={meta.get('format')!r})")
         shapes = json.loads(meta.pop("features"))
-        features = {}
+        features, changes = {}, {}
         for name, s in shapes.items():
             try:
                 V, sigma = tensors[f"{name}::V"], tensors[f"{name}::sigma"]
@@ -98,14 +112,19 @@ class Basis:
             if V.dim() != 2 or V.shape[0] != s["D"] or sigma.numel() < V.shape[1] or not torch.isfinite(V).all():
                 raise ValueError(f"{path}: feature {name!r} is damaged (V {tuple(V.shape)}, sigma {tuple(sigma.shape)})")
             features[name] = FeatureBasis(V=V, sigma=sigma, k=int(s["k"]))
-        for key in ("tau", "steps", "feature_shapes", "gains"):
+            if "dk" in s:
+                dV, dsigma = tensors.get(f"{name}::dV"), tensors.get(f"{name}::dsigma")
+                if dV is None or dsigma is None or dV.dim() != 2 or dV.shape[0] != s["D"] or not torch.isfinite(dV).all():
+                    raise ValueError(f"{path}: the change subspace of feature {name!r} is damaged or missing")
+                changes[name] = FeatureBasis(V=dV, sigma=dsigma, k=int(s["dk"]))
+        for key in ("tau", "steps", "feature_shapes", "gains", "images"):
             if key in meta:
                 try:
                     meta[key] = json.loads(meta[key])
                 except ValueError:
                     pass
         meta.pop("format", None)
-        return cls(features=features, meta=meta)
+        return cls(features=features, meta=meta, changes=changes)
 
     def validate(self, model: torch.nn.Module, feature_dims: dict[str, int]) -> None:
         """Raise a ValueError naming the feature if this basis does not fit ``model``."""

@@ -15,6 +15,9 @@ from .config import SVDCacheConfig
 from .state import DefaultContextStateManager
 
 
+CHANGE_PREFIX = "change/"  # fitted-gain keys of the change subspace
+
+
 class _StepCounter(BaseState):
     def __init__(self):
         self.step = 0
@@ -38,6 +41,8 @@ class CalibrationHook(ModelHook):
         self._where = ("default", 0)
         self.state_manager = DefaultContextStateManager(_StepCounter)
         self.grams: dict[str, torch.Tensor] = {}
+        self.dgrams: dict[str, torch.Tensor] = {}  # of F_t - F_t-1, per context trajectory
+        self._prev: dict[tuple[str, str], tuple[int, torch.Tensor]] = {}
         self.shapes: dict[str, list[int]] = {}
         self.used_steps: set[int] = set()
         self._active = False
@@ -75,10 +80,17 @@ class CalibrationHook(ModelHook):
             G = self.grams[name] = torch.zeros(D, D, dtype=torch.float32, device=F.device)
             self.shapes[name] = list(F.shape)
         K.gram_update(G, F.detach(), backend=self.backend)
+        ctx, step = self._where
+        prev = self._prev.get((ctx, name))
+        if prev is not None and prev[0] == step - 1 and prev[1].shape == F.shape:
+            dG = self.dgrams.get(name)
+            if dG is None:
+                dG = self.dgrams[name] = torch.zeros(D, D, dtype=torch.float32, device=F.device)
+            K.gram_update(dG, (F - prev[1]).detach(), backend=self.backend)
+        self._prev[(ctx, name)] = (step, F.detach())
         if self.sample_rows:
             X = F.detach().reshape(-1, D)
             X = X[:: max(1, -(-X.shape[0] // self.sample_rows))]
-            ctx, step = self._where
             self.samples.setdefault((ctx, name), {})[step] = X.float().cpu()
 
     def forecast(self, name, **kw):  # never called: calibration computes every step
@@ -100,7 +112,7 @@ def basis_from_grams(grams: dict[str, torch.Tensor], tau: float, store_tau: floa
     return feats
 
 
-def fit_gains(samples, feats, *, warmup: int = 3, intervals=range(2, 13), orders=(1, 2)) -> dict:
+def fit_gains(samples, feats, *, warmup: int = 3, intervals=range(2, 13), orders=(1, 2), prefix: str = "") -> dict:
     """Least-squares gains of the principal Taylor increment, per feature, order and interval.
 
     Teacher-forced on the calibration trajectory (its own features, row-subsampled): at each step the
@@ -140,7 +152,7 @@ def fit_gains(samples, feats, *, warmup: int = 3, intervals=range(2, 13), orders
                     dC = C[i] - hist[-1][1]
                     num += float((dP * dC).sum())
                     den += float((dP * dP).sum())
-                a = acc.setdefault((name, f"o{order}_N{N}_w{warmup}"), [0.0, 0.0])
+                a = acc.setdefault((name, f"{prefix}o{order}_N{N}_w{warmup}"), [0.0, 0.0])
                 a[0] += num
                 a[1] += den
     gains: dict[str, dict[str, float]] = {}
@@ -202,6 +214,8 @@ def calibrate(
     if missing:
         raise RuntimeError(f"calibration saw no data for features {missing[:5]}: did the generation run?")
     feats = basis_from_grams(hook.grams, tau, store_tau, progress)
+    changes = basis_from_grams(hook.dgrams, tau, store_tau, progress) if hook.dgrams else {}
+    hook._prev.clear()
     import diffusers
 
     from . import __version__
@@ -218,8 +232,11 @@ def calibrate(
         "diffusers_version": diffusers.__version__,
     }
     if hook.samples:
-        meta["gains"] = fit_gains(hook.samples, feats, warmup=gain_warmup)
-    return Basis(features=feats, meta=meta)
+        gains = fit_gains(hook.samples, feats, warmup=gain_warmup)
+        for name, g in fit_gains(hook.samples, changes, warmup=gain_warmup, prefix=CHANGE_PREFIX).items():
+            gains.setdefault(name, {}).update(g)
+        meta["gains"] = gains
+    return Basis(features=feats, meta=meta, changes=changes)
 
 
 class OnlineBasisBuilder:
@@ -232,6 +249,8 @@ class OnlineBasisBuilder:
     def __init__(self, cfg: SVDCacheConfig):
         self.cfg = cfg
         self.rows: dict[str, list[torch.Tensor]] = {}
+        self.diffs: dict[str, list[torch.Tensor]] = {}  # change subspace: X_t - X_t-1 per context
+        self._last: dict[tuple[str, str], torch.Tensor] = {}
         self.seconds = 0.0
         self.flops = 0
         self.built: set[str] = set()
@@ -241,16 +260,24 @@ class OnlineBasisBuilder:
         return bool(self.built) and not self.rows
 
     @torch.no_grad()
-    def collect(self, name: str, F: torch.Tensor) -> FeatureBasis | None:
+    def collect(self, name: str, F: torch.Tensor, ctx: str = "default") -> FeatureBasis | None:
         t0 = time.perf_counter()
         X = F.detach().reshape(-1, F.shape[-1])
         stride = max(1, -(-X.shape[0] // self.MAX_ROWS_PER_STEP))
-        self.rows.setdefault(name, []).append(X[::stride].float())
+        X = X[::stride].float()
+        self.rows.setdefault(name, []).append(X)
+        change = self.cfg.subspace == "change"
+        if change:
+            last = self._last.get((ctx, name))
+            if last is not None and last.shape == X.shape:
+                self.diffs.setdefault(name, []).append(X - last)
+            self._last[(ctx, name)] = X
         # at most ``warmup`` steps (config doc): more would force scheduled-cached steps to run in full
-        if len(self.rows[name]) < min(self.cfg.online_steps, self.cfg.warmup):
+        if len(self.rows[name]) < min(self.cfg.online_steps, self.cfg.warmup) or (change and name not in self.diffs):
             self.seconds += time.perf_counter() - t0
             return None
-        A = torch.cat(self.rows.pop(name))
+        A = torch.cat(self.diffs.pop(name) if change else self.rows[name])
+        del self.rows[name]
         q = max(1, min(self.cfg.online_rank, A.shape[1], A.shape[0]))
         with torch.random.fork_rng(devices=[A.device] if A.is_cuda else []):  # leave the user's RNG alone
             torch.manual_seed(0)

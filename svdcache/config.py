@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 SPACES = ("svd", "full")
+SUBSPACES = ("feature", "change")
 PREDICTORS = ("taylor", "ema", "reuse")
 RESIDUALS = ("reuse", "taylor", "damped")
 GRANULARITIES = ("auto", "module", "block")
@@ -43,7 +44,11 @@ class SVDCacheConfig:
             "timestep" the model is called with (the ODE time; uneven with shifted schedules).
 
     Basis
-        tau: energy threshold choosing k per feature (eq. 6); ``rank`` fixes k instead.
+        subspace: "feature" (the paper: the principal subspace of the features F) or "change" (the
+            principal subspace of their step-to-step changes F_t - F_t-1: what the forecast has to
+            carry; the residual then holds what barely moves). Both come from the same calibration.
+        tau: energy threshold choosing k per feature (eq. 6, on the energy of that subspace's data);
+            ``rank`` fixes k instead.
         online_steps: with no basis given, the number of first full steps whose features build one
             (randomized SVD), at most ``warmup``.
         online_rank: the randomized SVD's rank (k is then chosen by ``tau`` within it).
@@ -74,6 +79,7 @@ class SVDCacheConfig:
     residual: str = "reuse"
     residual_gain: float = 0.5
     time_axis: str = "step"
+    subspace: str = "feature"
     tau: float | None = 0.99
     rank: int | None = None
     online_steps: int = 3
@@ -96,6 +102,7 @@ class SVDCacheConfig:
         one_of("residual", self.residual, RESIDUALS)
         one_of("granularity", self.granularity, GRANULARITIES)
         one_of("time_axis", self.time_axis, TIME_AXES)
+        one_of("subspace", self.subspace, SUBSPACES)
         one_of("backend", self.backend, ("auto", "triton", "torch"))
         if int(self.interval) != self.interval or self.interval < 1:
             raise ValueError(f"SVDCacheConfig.interval must be an integer >= 1, got {self.interval!r}")
@@ -134,7 +141,8 @@ class SVDCacheConfig:
             p = {"taylor": f"taylor{self.order}", "ema": "ema", "reuse": "reuse"}[self.predictor]
             r = {"reuse": "reuse", "taylor": "taylor", "damped": f"damped{self.residual_gain:g}"}[self.residual]
             k = f"tau{self.tau:g}" if self.rank is None else f"k{self.rank}"
-            name = f"SVD[{p}|R:{r}|{k}]"
+            sub = "|dF" if self.subspace == "change" else ""
+            name = f"SVD[{p}|R:{r}|{k}{sub}]"
         return f"{name} N={self.interval}"
 
 

@@ -107,7 +107,7 @@ class SVDCacheHook(ModelHook):
         self.cur = RunStats()  # the generation in progress (all contexts)
         self._cur_contexts: set[str] = set()
         self.generations = 0
-        self.bases = {n: basis.features[n] for n in feature_dims} if basis else {}
+        self.bases = {n: basis.subspace(config.subspace)[n] for n in feature_dims} if basis else {}
         self.ranks = {n: fb.rank(config.tau, config.rank) for n, fb in self.bases.items()}
         self.gains = self._fitted_gains(basis) if config.fitted_gains else {}
         self._V: dict[str, torch.Tensor] = {}
@@ -130,7 +130,9 @@ class SVDCacheHook(ModelHook):
 
     def _fitted_gains(self, basis) -> dict[str, float]:
         cfg = self.cfg
-        key = f"o{cfg.order}_N{cfg.interval}_w{cfg.warmup}"
+        from .calibration import CHANGE_PREFIX
+
+        key = f"{CHANGE_PREFIX if cfg.subspace == 'change' else ''}o{cfg.order}_N{cfg.interval}_w{cfg.warmup}"
         table = (basis.meta.get("gains") if basis is not None else None) or {}
         gains = {n: table[n][key] * cfg.gain for n in self.feature_dims if key in table.get(n, {})}
         if len(gains) < len(self.feature_dims):
@@ -331,7 +333,7 @@ class SVDCacheHook(ModelHook):
             # zero-setup: hold the feature until its online basis exists, then replay it, so the
             # first generation's caches start with the whole warm-up history
             self._pending.setdefault(name, []).append((st, st.generation, F, st.t))
-            built = self.online.collect(name, F)
+            built = self.online.collect(name, F, self.state_manager.context.name)
             if built is None:
                 return
             self._adopt(name, built)
@@ -369,8 +371,11 @@ class SVDCacheHook(ModelHook):
         self.bases[name] = fb
         self.ranks[name] = fb.rank(self.cfg.tau, self.cfg.rank)
         if self.basis is None and set(self.bases) >= set(self.feature_dims):
-            self.basis = Basis(dict(self.bases), {"model_class": self.model_class, "source": "online",
-                                                  "tau": self.cfg.tau})
+            meta = {"model_class": self.model_class, "source": "online", "tau": self.cfg.tau}
+            if self.cfg.subspace == "change":  # the online SVD of changes stands for both
+                self.basis = Basis(dict(self.bases), meta, changes=dict(self.bases))
+            else:
+                self.basis = Basis(dict(self.bases), meta)
 
     def forecast(self, name: str, *, x=None, gate=None, out=None):
         st = self._state
