@@ -45,7 +45,8 @@ def test_triton_backend_counts_like_torch(k):
     basis = _basis(model, k)
     flops = {}
     for backend in ("torch", "triton"):
-        svdcache.enable(model, basis=basis, interval=2, warmup=2, rank=k, backend=backend, check_finite=False)
+        svdcache.enable(model, basis=basis, interval=2, warmup=2, rank=k, backend=backend, check_finite=False,
+                        subspace="feature")
         with torch.no_grad():
             loop.run(steps=7)
         g = svdcache.stats(model).last_generation
