@@ -134,11 +134,15 @@ class Run:
 # Emulated references: the reference ops' math on the operands the 16-bit tensor-core path rounds
 # ---------------------------------------------------------------------------------------------------
 def split_emulated(F, V, *, dot_dtype, C=None, D1=None, D2=None, E=None, R=None, dR=None, order=0,
-                   h1=1.0, h2=1.0, beta=0.9, ema_init=False):
+                   h1=1.0, h2=1.0, beta=0.9, ema_init=False, F_prev=None):
     Vf = V.to(dot_dtype).float() if dot_dtype is not None else V.float()
     Cn = F.float() @ Vf
     if order >= 1:
-        d1 = (Cn - C) / h1
+        if F_prev is not None:  # the kernel rounds F - F_prev to the dot dtype before its dot
+            dd = F.float() - F_prev.float()
+            d1 = (dd.to(dot_dtype).float() if dot_dtype is not None else dd) @ Vf / h1
+        else:
+            d1 = (Cn - C) / h1
         if order >= 2:
             D2.copy_((d1 - D1) / h2)
         D1.copy_(d1)
@@ -255,6 +259,21 @@ def _parity(run: Run) -> None:
                 # R = F - F V V^T cancels: its error scales with |F| (dR: (|F| + |R_prev|) / h1)
                 sc = max(_maxabs(outs["emu"][n]), fmax if n == "R" else (fmax + _maxabs(init["R"])) / kw["h1"])
                 record("split", dtype, k, n, outs["kernel"][n], outs["emu"][n], outs["exact"][n], t16, sc, loose)
+
+            # the runtime's default full step: D1/D2 from F - F_prev, no coefficients kept
+            Fp = rnd(*B, N, D, dtype=dtype, scale=2.0)
+            pinit = dict(D1=rnd(*cs), D2=nan(*cs))
+            pkw = dict(order=2, h1=0.75, h2=2.0, F_prev=Fp)
+            pouts = {}
+            for name, fn in (("kernel", lambda **s: split(F, V, backend="triton", **s, **pkw)),
+                             ("emu", lambda **s: split_emulated(F, V, dot_dtype=dot_dt, **s, **pkw)),
+                             ("exact", lambda **s: split_reference(F, V, **s, **pkw))):
+                pouts[name] = {n: t.clone() for n, t in pinit.items()}
+                run.guard(f"parity split F_prev {dn(dtype)} k={k} {name}", fn, **pouts[name])
+            run.sync()
+            for n in ("D1", "D2"):
+                record("split F_prev", dtype, k, n, pouts["kernel"][n], pouts["emu"][n], pouts["exact"][n], t32,
+                       _maxabs(pouts["emu"][n]), loose)
 
             # reconstruct: Taylor-2 forecast, damped dR, gated residual add in place on x
             terms = [rnd(*cs, scale=3.0) for _ in range(3)]
