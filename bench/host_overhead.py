@@ -1,0 +1,198 @@
+#!/usr/bin/env python
+"""Host overhead of the cache on a FLUX.1-dev-architecture transformer at a tiny width (CPU proxy).
+
+    python bench/host_overhead.py                       # table -> bench/results/host_overhead.md
+    python bench/host_overhead.py --label before --out /tmp/x.md
+
+FLUX.1-dev's block structure (19 double + 38 single blocks, 114 cached features) at 16 image tokens,
+8 text tokens, head dim 16 and 2 heads (D = 32): the device work per call is negligible, so the time
+of a call is Python and op dispatch - what a GPU step pays on the host before its kernels run.
+Reported per kind of call (median over calls of 4 generations x 25 steps, interval 5):
+
+- uncached: the model without the cache;
+- full (cache on): a computed step that records its features and projects them (split);
+- cached: a forecast step (gates + reconstruction only).
+
+"torch ops" counts every aten op a call dispatches (TorchDispatchMode; each is a kernel launch on a
+GPU unless it is a view); "non-view ops" leaves the views out. Targets (issue 12): cached <= 0.10 x
+uncached host time and <= 4 ops per cached feature (<= 460 per call); full <= 1.05 x uncached.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import svdcache  # noqa: E402
+from svdcache.apply import _plan  # noqa: E402
+from svdcache.basis import Basis, FeatureBasis  # noqa: E402
+
+N_IMG, N_TXT, HEADS, HEAD_DIM = 16, 8, 2, 16
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = self.views = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        if getattr(func, "is_view", False):
+            self.views += 1
+        return func(*args, **(kwargs or {}))
+
+
+def build_model(seed: int = 0, dtype=torch.float32):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    m = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=19, num_single_layers=38, attention_head_dim=HEAD_DIM,
+        num_attention_heads=HEADS, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6),
+    )
+    return (m if dtype == torch.float32 else m.to(dtype)).eval()
+
+
+def random_basis(model, k: int, seed: int = 0) -> Basis:
+    """An orthonormal random basis per feature (the host path does not depend on which one)."""
+    _, dims = _plan(model, "auto")
+    g = torch.Generator().manual_seed(seed)
+    feats = {}
+    for name, D in dims.items():
+        V, _ = torch.linalg.qr(torch.randn(D, D, generator=g))
+        sigma = torch.logspace(0, -3, D)
+        feats[name] = FeatureBasis(V=V.contiguous(), sigma=sigma, k=k)
+    return Basis(feats, {"model_class": type(model).__name__, "tau": 0.85}, changes=dict(feats))
+
+
+def inputs(model, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = model.config
+    return dict(
+        hidden_states=torch.randn(1, N_IMG, c.in_channels, generator=g).to(dtype),
+        encoder_hidden_states=torch.randn(1, N_TXT, c.joint_attention_dim, generator=g).to(dtype),
+        pooled_projections=torch.randn(1, c.pooled_projection_dim, generator=g).to(dtype),
+        img_ids=torch.zeros(N_IMG, 3), txt_ids=torch.zeros(N_TXT, 3), return_dict=False,
+    )
+
+
+def run_generation(model, kw, steps, root=None, times=None, ref=None):
+    """One Euler generation; with ``ref`` (the uncached model) each step also times an uncached call
+    of the same inputs right before, so a busy shared machine slows both sides alike."""
+    h = kw["hidden_states"]
+    for i in range(steps):
+        t = torch.full((1,), 1.0 - i / steps, dtype=h.dtype)
+        args = {**kw, "hidden_states": h}
+        tu = None
+        if ref is not None:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                ref(**args, timestep=t)
+            tu = time.perf_counter() - t0
+            if times is not None:
+                times.setdefault("uncached", []).append(tu)
+        before = root.cur.cached_steps if root is not None else 0
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model(**args, timestep=t)[0]
+        dt = time.perf_counter() - t0
+        kind = "uncached" if root is None else ("cached" if root.cur.cached_steps > before else "full")
+        if times is not None:
+            times.setdefault(kind, []).append(dt)
+            if tu is not None:
+                times.setdefault(kind + "/ratio", []).append(dt / tu)
+        h = h - out / steps
+    return h
+
+
+def count_ops(model, kw, steps, root=None):
+    """Aten ops per kind of call, from one counted generation."""
+    h = kw["hidden_states"]
+    res = {}
+    for i in range(steps):
+        t = torch.full((1,), 1.0 - i / steps, dtype=h.dtype)
+        before = root.cur.cached_steps if root is not None else 0
+        with torch.no_grad(), OpCounter() as c:
+            out = model(**{**kw, "hidden_states": h}, timestep=t)[0]
+        kind = "uncached" if root is None else ("cached" if root.cur.cached_steps > before else "full")
+        res.setdefault(kind, (c.ops, c.ops - c.views))
+        h = h - out / steps
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--generations", type=int, default=4)
+    ap.add_argument("--interval", type=int, default=5)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--label", default="", help="a name for this measurement (e.g. before / after)")
+    ap.add_argument("--out", default=os.path.join(REPO, "bench", "results", "host_overhead.md"))
+    ap.add_argument("--append", action="store_true", help="append a section to --out instead of replacing it")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    dtype = getattr(torch, args.dtype)
+    model = build_model(dtype=dtype)
+    kw = inputs(model, dtype)
+    basis = random_basis(model, args.rank)
+    n_feat = len(basis.features)
+
+    ref = copy.deepcopy(model)  # the same weights, never cached
+    times: dict[str, list[float]] = {}
+    ops = count_ops(ref, kw, 2)
+    svdcache.enable(model, basis=basis, interval=args.interval, rank=args.rank)
+    root = model._diffusers_hook.get_hook("svdcache")
+    run_generation(model, kw, args.steps, root, ref=ref)  # warm-up (FLOP table, plans, buffers)
+    svdcache.reset(model)
+    for _ in range(args.generations):
+        run_generation(model, kw, args.steps, root, times=times, ref=ref)
+        svdcache.reset(model)
+    ops.update(count_ops(model, kw, args.steps, root))
+    st = svdcache.stats(model)
+    svdcache.disable(model)
+
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    lines = [
+        f"## {args.label or 'measurement'}: FLUX.1-dev blocks (19 double + 38 single, {n_feat} cached features), "
+        f"{N_IMG} image + {N_TXT} text tokens, D = {HEADS * HEAD_DIM}, {args.dtype}, k = {args.rank}, interval {args.interval}",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"1 thread; median of {args.generations} generations x {args.steps} steps, each cached-model call timed right after an uncached call of the same inputs; `python bench/host_overhead.py"
+        f"{' --label ' + args.label if args.label else ''}`.",
+        "",
+        "| call | host time (ms) | x uncached (median of paired ratios) | torch ops | non-view ops | ops per cached feature | target |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    targets = {"uncached": "", "full": "<= 1.05x", "cached": "<= 0.10x, <= 460 ops"}
+    for kind, name in (("uncached", "uncached"), ("full", "full (cache on)"), ("cached", "cached")):
+        o, nv = ops.get(kind, (0, 0))
+        per = f"{o / n_feat:.1f}" if kind == "cached" else ""
+        lines.append(f"| {name} | {med[kind]:.2f} | {(med[kind + '/ratio'] / 1e3 if kind != 'uncached' else 1.0):.3f} | {o} | {nv} | {per} | {targets[kind]} |")
+    lines += ["", f"stats: {st.last_generation.full_steps} full / {st.last_generation.cached_steps} cached steps per "
+              f"generation, FLOPs ratio {st.last_generation.flops_uncached / max(st.last_generation.flops, 1):.2f}x", ""]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        mode = "a" if args.append else "w"
+        with open(args.out, mode) as f:
+            if not args.append:
+                f.write("# Host overhead of the cache (CPU proxy for the cached step's launch cost)\n\n"
+                        "Written by `bench/host_overhead.py` (see its docstring).\n\n")
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
