@@ -9,6 +9,7 @@ from diffusers.hooks import HookRegistry
 from .adapters import find_blocks
 from .basis import Basis, load_basis
 from .config import SVDCacheConfig
+from .distributed import check_parallel_model, gather_stats, parallel_of
 from .hooks import BLOCK_HOOK, CAPTURE_HOOK, ROOT_HOOK, BlockHook, CaptureHook, SVDCacheHook
 from .stats import CacheStats
 
@@ -115,7 +116,10 @@ def enable(target, basis: Basis | str | os.PathLike | None = None, config: SVDCa
             if cfg.subspace == "change":
                 use_basis.subspace("change")  # a clear error if the basis holds none
         resolved = "module" if any(a.granularity == "module" for _, _, a in blocks) else "block"
+        check_parallel_model(model)
         hook = SVDCacheHook(cfg, use_basis, dims, type(model).__name__, resolved)
+        if hook.online is not None:
+            hook.online.parallel = parallel_of(model)  # zero-setup basis: all-reduce over the model's ranks
         _install(model, hook, granularity, blocks=blocks)
     return cfg
 
@@ -141,13 +145,20 @@ def is_enabled(target) -> bool:
     return any(_is_enabled(m) for m in _transformers(target))
 
 
-def stats(target) -> CacheStats:
-    """Steps computed vs forecast, FLOPs, cache memory and ranks (per generation and cumulative)."""
+def stats(target, all_ranks: bool = False) -> CacheStats:
+    """Steps computed vs forecast, FLOPs, cache memory and ranks (per generation and cumulative).
+
+    ``all_ranks=True`` (multi-GPU): every rank of the model's parallel group must call it; one
+    all-gather returns a :class:`svdcache.distributed.ParallelCacheStats` with every rank's stats and
+    the cache memory per rank and in total. Nothing is exchanged otherwise."""
     models = _transformers(target)
     hooks = [_root(m) for m in models]
     if not any(hooks):
         raise ValueError("svdcache is not enabled on this pipeline/model")
-    return next(h for h in hooks if h is not None).stats()
+    model, hook = next((m, h) for m, h in zip(models, hooks) if h is not None)
+    if all_ranks:
+        return gather_stats(model, hook.stats())
+    return hook.stats()
 
 
 def current_basis(target) -> Basis | None:

@@ -205,6 +205,13 @@ def calibrate(
 
     hook = CalibrationHook(steps=steps, backend=backend, sample_rows=fit_gain_rows)
     feature_dims = _install(model, hook, granularity, root_name="svdcache_calibration")
+    from .distributed import all_gather_object, all_reduce_dict_, merge_samples, parallel_info
+
+    parallel = parallel_info(model)
+    if parallel is not None and parallel.shards == 1:
+        parallel = None  # tensor parallelism: every rank sees all rows (replicated), nothing to combine
+    if parallel is not None and hook.sample_rows:  # context parallelism: each rank sees its shard of the rows
+        hook.sample_rows = max(1, -(-hook.sample_rows // parallel.shards))  # the ranks' rows make up one budget
     try:
         with torch.no_grad():
             run()
@@ -213,6 +220,14 @@ def calibrate(
     missing = [n for n in feature_dims if n not in hook.grams]
     if missing:
         raise RuntimeError(f"calibration saw no data for features {missing[:5]}: did the generation run?")
+    if parallel is not None:
+        # the Grams of all ranks' rows, so every rank's eigh sees what one process would (the sum over
+        # rows splits over shards); the sampled rows (gains, schedules) are gathered once, so every
+        # rank fits the same gains and schedules from the same rows
+        all_reduce_dict_(hook.grams, parallel)
+        all_reduce_dict_(hook.dgrams, parallel)
+        if hook.samples:
+            hook.samples = merge_samples(all_gather_object(hook.samples, parallel))
     feats = basis_from_grams(hook.grams, tau, store_tau, progress)
     changes = basis_from_grams(hook.dgrams, tau, store_tau, progress) if hook.dgrams else {}
     hook._prev.clear()
@@ -241,13 +256,19 @@ def calibrate(
 
 class OnlineBasisBuilder:
     """Zero-setup basis: rows of the first ``online_steps`` full steps of each feature, then a
-    randomized low-rank SVD (torch.svd_lowrank) whose energy fractions are taken against the exact
-    total energy of the rows."""
+    randomized low-rank SVD (torch.svd_lowrank) of their Gram matrix G = A^T A, whose energy
+    fractions are taken against the exact total energy trace(G).
+
+    Through the Gram the basis is a function of a sum over rows, so under context parallelism
+    (rows sharded over ranks) one all-reduce of G per feature gives every rank the basis of all
+    the rows, the same as one process would build; ``parallel`` (set by ``enable``) returns the
+    model's :class:`svdcache.distributed.ParallelInfo` or None."""
 
     MAX_ROWS_PER_STEP = 2048
 
     def __init__(self, cfg: SVDCacheConfig):
         self.cfg = cfg
+        self.parallel = lambda: None
         self.rows: dict[str, list[torch.Tensor]] = {}
         self.diffs: dict[str, list[torch.Tensor]] = {}  # change subspace: X_t - X_t-1 per context
         self._last: dict[tuple[str, str], torch.Tensor] = {}
@@ -263,7 +284,10 @@ class OnlineBasisBuilder:
     def collect(self, name: str, F: torch.Tensor, ctx: str = "default") -> FeatureBasis | None:
         t0 = time.perf_counter()
         X = F.detach().reshape(-1, F.shape[-1])
-        stride = max(1, -(-X.shape[0] // self.MAX_ROWS_PER_STEP))
+        info = self.parallel()
+        shards = info.shards if info is not None else 1
+        # the row budget is per step of the whole sequence: a shard keeps its share of it
+        stride = max(1, -(-X.shape[0] * shards // self.MAX_ROWS_PER_STEP))
         X = X[::stride].float()
         self.rows.setdefault(name, []).append(X)
         change = self.cfg.subspace == "change"
@@ -278,16 +302,22 @@ class OnlineBasisBuilder:
             return None
         A = torch.cat(self.diffs.pop(name) if change else self.rows[name])
         del self.rows[name]
-        q = max(1, min(self.cfg.online_rank, A.shape[1], A.shape[0]))
-        with torch.random.fork_rng(devices=[A.device] if A.is_cuda else []):  # leave the user's RNG alone
+        G = A.T @ A  # (D, D) fp32, the sum over rows: shards add up
+        if info is not None and info.shards > 1:
+            from .distributed import all_reduce_
+
+            all_reduce_(G, info)  # the one collective of the zero-setup basis (per feature, once)
+        q = max(1, min(self.cfg.online_rank, G.shape[0]))
+        with torch.random.fork_rng(devices=[G.device] if G.is_cuda else []):  # leave the user's RNG alone
             torch.manual_seed(0)
-            _, S, V = torch.svd_lowrank(A, q=q, niter=2)
-        total = float((A.double() ** 2).sum())
-        rest = max(total - float((S.double() ** 2).sum()), 0.0)
-        sigma = torch.cat([S.float().cpu(), torch.tensor([rest**0.5])])
+            _, S, V = torch.svd_lowrank(G, q=q, niter=2)  # G symmetric PSD: S = sigma^2 of the rows
+        total = float(torch.diagonal(G).double().sum())
+        rest = max(total - float(S.double().sum()), 0.0)
+        sigma = torch.cat([S.double().clamp_min(0).sqrt().float().cpu(), torch.tensor([rest**0.5])])
         V = V.float().cpu()
         k = max(1, min(K.rank_for_energy(sigma, self.cfg.tau) if self.cfg.tau else self.cfg.rank, q))
-        self.flops += 2 * A.shape[0] * A.shape[1] * q * 6  # niter=2: about 6 passes over A
+        D = G.shape[0]
+        self.flops += 2 * A.shape[0] * D * D + 2 * D * D * q * 6  # Gram, then about 6 passes over G
         self.built.add(name)
         if A.is_cuda:
             torch.cuda.synchronize(A.device)
