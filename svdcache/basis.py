@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -12,6 +13,111 @@ from svdcache_kernels import rank_for_energy
 
 FORMAT = "svdcache-basis"
 FORMAT_VERSION = "1"
+
+CHECKSUM_KEY = "checksum"
+ORTHO_TOL = 1e-3  # fp32 calibration gives ~1e-6; a damaged or rescaled V is far off
+
+
+def _checksum(tensors: dict[str, torch.Tensor], meta: dict) -> str:
+    """sha256 over the tensors (as fp32 values) and the metadata fields that change an image."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key]
+        h.update(key.encode())
+        if t.is_floating_point():
+            h.update(t.detach().float().contiguous().cpu().numpy().tobytes())
+        else:
+            h.update(t.detach().contiguous().cpu().numpy().tobytes())
+    for key in ("features", "gains", "granularity", "model_class"):
+        v = meta.get(key)
+        h.update(f"{key}={v if v is None or isinstance(v, str) else json.dumps(v)}".encode())
+    return h.hexdigest()[:32]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _parse_features(path: str, meta: dict) -> dict:
+    """The 'features' metadata field: {name: {"D": int, "k": int, "stored_rank": int, "dk": int}}."""
+    if "features" not in meta:
+        raise ValueError(f"{path}: metadata field 'features' is missing; recalibrate or save the basis again")
+    raw = meta["features"]
+    try:
+        shapes = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"{path}: metadata field 'features' is not valid JSON ({e}); recalibrate or save the "
+                         "basis again") from None
+    if not isinstance(shapes, dict) or not shapes:
+        raise ValueError(f"{path}: metadata field 'features' must be a non-empty object of feature name -> "
+                         f"shape, got {type(shapes).__name__}")
+    for name, s in shapes.items():
+        if not isinstance(s, dict):
+            raise ValueError(f"{path}: metadata field 'features'[{name!r}] must be an object, got {type(s).__name__}")
+        for key in ("D", "k"):
+            if key not in s:
+                raise ValueError(f"{path}: metadata field 'features'[{name!r}] has no {key!r}")
+        for key in ("D", "k", "stored_rank", "dk"):
+            if key in s and (not _is_int(s[key]) or s[key] < 1):
+                raise ValueError(f"{path}: metadata field 'features'[{name!r}][{key!r}] must be an integer >= 1, "
+                                 f"got {s[key]!r}")
+    return shapes
+
+
+def _check_gains(path: str, gains) -> None:
+    """Fitted gains: {feature: {key: g}} with g finite in [0, 2] (the range fit_gains clips to)."""
+    if gains is None:
+        return
+    if not isinstance(gains, dict):
+        raise ValueError(f"{path}: metadata field 'gains' must be an object of feature -> {{key: gain}}, "
+                         f"got {type(gains).__name__}")
+    for name, table in gains.items():
+        if not isinstance(table, dict):
+            raise ValueError(f"{path}: metadata field 'gains'[{name!r}] must be an object, got {type(table).__name__}")
+        for key, g in table.items():
+            if not isinstance(g, (int, float)) or isinstance(g, bool) or not math.isfinite(g) or not 0.0 <= g <= 2.0:
+                raise ValueError(f"{path}: metadata field 'gains'[{name!r}][{key!r}] = {g!r} is not a number in "
+                                 "[0, 2] (the range calibration fits); recalibrate")
+
+
+def _check_feature(where: str, name: str, kind: str, fb: "FeatureBasis", D: int | None) -> None:
+    sk = "sigma" if kind == "V" else "dsigma"
+    V, sigma = fb.V, fb.sigma
+    stamp = (V.data_ptr(), V._version, tuple(V.shape), sigma.data_ptr(), sigma._version, fb.k)
+    if getattr(fb, "_checked", None) == stamp:
+        return
+
+    def bad(field, what):
+        return ValueError(f"{where}: feature {name!r}: {field} {what}; recalibrate or save the basis again")
+
+    if not isinstance(V, torch.Tensor) or V.dim() != 2:
+        raise bad(kind, f"must be a 2-D tensor (D, r), got {getattr(V, 'shape', type(V).__name__)}")
+    if not V.is_floating_point():
+        raise bad(kind, f"has dtype {V.dtype}, not a float dtype")
+    if D is not None and V.shape[0] != D:
+        raise bad(kind, f"has {V.shape[0]} rows but metadata says D={D}")
+    r = V.shape[1]
+    if r < 1:
+        raise bad(kind, "has 0 columns (an empty basis)")
+    if not bool(torch.isfinite(V).all()):
+        raise bad(kind, "holds non-finite values")
+    G = V.double().T @ V.double()
+    err = float((G - torch.eye(r, dtype=G.dtype, device=G.device)).abs().max())
+    if not err <= ORTHO_TOL:
+        raise bad(kind, f"does not have orthonormal columns (max |V^T V - I| = {err:.3g} > {ORTHO_TOL:g})")
+    if not isinstance(sigma, torch.Tensor) or sigma.dim() != 1 or not sigma.is_floating_point():
+        raise bad(sk, f"must be a 1-D float tensor, got {getattr(sigma, 'dtype', type(sigma).__name__)} "
+                  f"{tuple(getattr(sigma, 'shape', ()))}")
+    if sigma.numel() < r:
+        raise bad(sk, f"has {sigma.numel()} values for {r} columns")
+    if not bool(torch.isfinite(sigma).all()) or bool((sigma < 0).any()):
+        raise bad(sk, "holds negative or non-finite values")
+    head = sigma[: max(r, sigma.numel() - 1)].double()  # an online basis ends with one residual-energy lump
+    if bool((head[1:] > head[:-1] * (1 + 1e-5) + 1e-30).any()):
+        raise bad(sk, "is not non-increasing")
+    if not _is_int(fb.k) or not 1 <= fb.k <= r:
+        raise bad("k" if kind == "V" else "dk", f"= {fb.k!r} is not an integer in [1, {r}] (the stored columns)")
+    fb._checked = stamp
 
 
 def config_fingerprint(model: torch.nn.Module) -> str:
@@ -71,80 +177,121 @@ class Basis:
     def save(self, path: str | os.PathLike) -> None:
         from safetensors.torch import save_file
 
-        tensors, shapes = {}, {}
+        tensors, shapes, seen = {}, {}, set()
+
+        def put(key, t):
+            t = t.detach().float().contiguous().cpu()
+            if t.data_ptr() in seen:  # the zero-setup basis: its change subspace is the feature subspace
+                t = t.clone()  # safetensors refuses tensors that share memory
+            seen.add(t.data_ptr())
+            tensors[key] = t
+
         for name, fb in self.features.items():
-            tensors[f"{name}::V"] = fb.V.detach().float().contiguous().cpu()
-            tensors[f"{name}::sigma"] = fb.sigma.detach().float().contiguous().cpu()
+            put(f"{name}::V", fb.V)
+            put(f"{name}::sigma", fb.sigma)
             shapes[name] = {"D": fb.D, "k": fb.k, "stored_rank": fb.V.shape[1]}
             cb = self.changes.get(name)
             if cb is not None:
-                tensors[f"{name}::dV"] = cb.V.detach().float().contiguous().cpu()
-                tensors[f"{name}::dsigma"] = cb.sigma.detach().float().contiguous().cpu()
+                put(f"{name}::dV", cb.V)
+                put(f"{name}::dsigma", cb.sigma)
                 shapes[name]["dk"] = cb.k
         meta = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in self.meta.items()}
         meta.update(format=FORMAT, format_version=FORMAT_VERSION, features=json.dumps(shapes))
+        meta[CHECKSUM_KEY] = _checksum(tensors, meta)
         tmp = f"{os.fspath(path)}.tmp"
         save_file(tensors, tmp, metadata=meta)
         os.replace(tmp, path)  # never leave a half-written basis behind
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Basis":
+        """Read a basis file and check it (see :meth:`check`); every error is a ValueError naming the
+        file and the field. A file that loads cannot make a wrong image through its numbers."""
         from safetensors import safe_open
 
         path = os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"no basis file at {path}")
         try:
-            with safe_open(path, framework="pt", device=str(device)) as f:
+            with safe_open(path, framework="pt", device="cpu") as f:
                 meta = dict(f.metadata() or {})
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:  # safetensors raises several types for a damaged file
             raise ValueError(f"{path} is not a readable svdcache basis file ({type(e).__name__}: {e})") from None
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path} is a safetensors file but not an svdcache basis (metadata format={meta.get('format')!r})")
-        shapes = json.loads(meta.pop("features"))
+        raw_meta = dict(meta)  # the checksum is over the fields as stored
+        shapes = _parse_features(path, meta)
         features, changes = {}, {}
         for name, s in shapes.items():
-            try:
-                V, sigma = tensors[f"{name}::V"], tensors[f"{name}::sigma"]
-            except KeyError:
-                raise ValueError(f"{path}: feature {name!r} is listed but its tensors are missing") from None
-            if V.dim() != 2 or V.shape[0] != s["D"] or sigma.numel() < V.shape[1] or not torch.isfinite(V).all():
-                raise ValueError(f"{path}: feature {name!r} is damaged (V {tuple(V.shape)}, sigma {tuple(sigma.shape)})")
-            features[name] = FeatureBasis(V=V, sigma=sigma, k=int(s["k"]))
+            for key in ("V", "sigma") + (("dV", "dsigma") if "dk" in s else ()):
+                if f"{name}::{key}" not in tensors:
+                    raise ValueError(f"{path}: feature {name!r} is listed but its tensor {key!r} is missing; "
+                                     "recalibrate or save the basis again")
+            features[name] = FeatureBasis(V=tensors[f"{name}::V"], sigma=tensors[f"{name}::sigma"], k=s["k"])
             if "dk" in s:
-                dV, dsigma = tensors.get(f"{name}::dV"), tensors.get(f"{name}::dsigma")
-                if dV is None or dsigma is None or dV.dim() != 2 or dV.shape[0] != s["D"] or not torch.isfinite(dV).all():
-                    raise ValueError(f"{path}: the change subspace of feature {name!r} is damaged or missing")
-                changes[name] = FeatureBasis(V=dV, sigma=dsigma, k=int(s["dk"]))
-        for key in ("tau", "steps", "feature_shapes", "gains", "images"):
+                changes[name] = FeatureBasis(V=tensors[f"{name}::dV"], sigma=tensors[f"{name}::dsigma"], k=s["dk"])
+        for key in ("tau", "steps", "feature_shapes", "gains", "images", "schedules"):
             if key in meta:
                 try:
                     meta[key] = json.loads(meta[key])
                 except ValueError:
-                    pass
+                    if key == "gains":
+                        raise ValueError(f"{path}: metadata field 'gains' is not valid JSON; "
+                                         "recalibrate or delete the field") from None
+        _check_gains(path, meta.get("gains"))
+        basis = cls(features=features, meta=meta, changes=changes)
+        basis.check(where=path, dims={n: s["D"] for n, s in shapes.items()})
+        for name, s in shapes.items():
+            if "stored_rank" in s and s["stored_rank"] != features[name].V.shape[1]:
+                raise ValueError(f"{path}: feature {name!r}: metadata field 'stored_rank' says {s['stored_rank']} "
+                                 f"columns but V has {features[name].V.shape[1]}; recalibrate or save the basis again")
+        basis.source = path  # errors at enable name the file
+        want = meta.pop(CHECKSUM_KEY, None)
+        if want is not None and want != _checksum(tensors, raw_meta):
+            raise ValueError(f"{path}: the tensors or metadata do not match the checksum saved with them (the file "
+                             "was modified or damaged after it was saved); recalibrate or save the basis again")
         meta.pop("format", None)
-        return cls(features=features, meta=meta, changes=changes)
+        meta.pop("features", None)
+        if str(device) != "cpu":
+            for fb in (*features.values(), *changes.values()):
+                fb.V, fb.sigma = fb.V.to(device), fb.sigma.to(device)
+        return basis
+
+    def check(self, where: str = "basis", dims: dict[str, int] | None = None) -> None:
+        """Raise a ValueError (naming ``where``, the feature and the field) unless every feature's
+        basis is usable: float, finite, at least one column, orthonormal columns (|V^T V - I| <=
+        ORTHO_TOL), sigma finite, non-negative, non-increasing over the stored columns and at least
+        that long, and k within the stored columns."""
+        if self.changes and set(self.changes) != set(self.features):
+            odd = sorted(set(self.changes) ^ set(self.features))
+            raise ValueError(f"{where}: feature {odd[0]!r} has a feature subspace but no change subspace (or the other "
+                             f"way round; {len(odd)} such features); recalibrate or save the basis again")
+        for kind, group in (("V", self.features), ("dV", self.changes)):
+            for name, fb in group.items():
+                _check_feature(where, name, kind, fb, None if dims is None else dims.get(name))
 
     def validate(self, model: torch.nn.Module, feature_dims: dict[str, int]) -> None:
         """Raise a ValueError naming the feature if this basis does not fit ``model``."""
         cls_name = type(model).__name__
+        src = getattr(self, "source", None)
+        where = "basis" if src is None else f"basis from {src}"
         if self.meta.get("model_class") and self.meta["model_class"] != cls_name:
-            raise ValueError(f"basis was calibrated on {self.meta['model_class']}, not on {cls_name}")
+            raise ValueError(f"{where} was calibrated on {self.meta['model_class']}, not on {cls_name}")
         for name, D in feature_dims.items():
             if name not in self.features:
                 raise ValueError(
-                    f"basis has no feature {name!r} (it holds {len(self)} features, e.g. "
+                    f"{where} has no feature {name!r} (it holds {len(self)} features, e.g. "
                     f"{next(iter(self.features), None)!r}); calibrate this model with the same granularity"
                 )
             if self.features[name].D != D:
-                raise ValueError(f"feature {name!r}: basis has D={self.features[name].D} but the model has D={D}")
+                raise ValueError(f"{where}: feature {name!r}: basis has D={self.features[name].D} but the model has D={D}")
+        self.check(where=where, dims=feature_dims)  # a hand-made or edited Basis: refused before any call
         fp = self.meta.get("config_fingerprint")
         if fp and fp != config_fingerprint(model):
             import warnings
 
             warnings.warn(
-                f"basis was calibrated on a {cls_name} with another config (fingerprint {fp} vs "
+                f"{where} was calibrated on a {cls_name} with another config (fingerprint {fp} vs "
                 f"{config_fingerprint(model)}); its features fit, so it is used",
                 stacklevel=3,
             )
