@@ -35,7 +35,7 @@ def load_pipeline(device: str = "cpu", dtype=None):
         )
     if dtype is None:
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    pipe = FluxPipeline.from_pretrained(PIPELINE_DIR, torch_dtype=dtype)
+    pipe = FluxPipeline.from_pretrained(PIPELINE_DIR, dtype=dtype)  # diffusers 0.42 deprecates torch_dtype=
     return pipe.to(device)
 
 
