@@ -6,9 +6,9 @@ import os
 import torch
 from diffusers.hooks import HookRegistry
 
-from .adapters import find_blocks
+from .adapters import find_blocks, last_plan
 from .basis import Basis, load_basis
-from .config import SVDCacheConfig
+from .config import GRANULARITIES, SVDCacheConfig
 from .distributed import check_parallel_model, gather_stats, parallel_of
 from .hooks import BLOCK_HOOK, CAPTURE_HOOK, ROOT_HOOK, BlockHook, CaptureHook, SVDCacheHook
 from .stats import CacheStats
@@ -41,8 +41,8 @@ def _is_enabled(model) -> bool:
     return _root(model) is not None
 
 
-def _plan(model, granularity: str):
-    blocks = find_blocks(model, granularity)
+def _plan(model, granularity: str, blocks=None, streams=None):
+    blocks = find_blocks(model, granularity, blocks=blocks, streams=streams)
     dims = {}
     for name, block, adapter in blocks:
         for local, D in adapter.feature_dims(block).items():
@@ -62,7 +62,8 @@ def _install(model, controller, granularity, root_name: str = ROOT_HOOK, blocks=
         bh = BlockHook(controller, name, adapter)
         HookRegistry.check_if_exists_or_initialize(block).register_hook(bh, BLOCK_HOOK)
         for _, sub, outputs in adapter.capture_points(block):
-            HookRegistry.check_if_exists_or_initialize(sub).register_hook(CaptureHook(bh, outputs), CAPTURE_HOOK)
+            hook = outputs(bh) if callable(outputs) else CaptureHook(bh, outputs)  # an adapter's own hook
+            HookRegistry.check_if_exists_or_initialize(sub).register_hook(hook, CAPTURE_HOOK)
     registry = HookRegistry.check_if_exists_or_initialize(model)
     registry.register_hook(controller, root_name)
     registry.invalidate_child_registries_cache()
@@ -80,7 +81,8 @@ def _uninstall(model, root_name: str = ROOT_HOOK) -> bool:
     return True
 
 
-def enable(target, basis: Basis | str | os.PathLike | None = None, config: SVDCacheConfig | None = None, **overrides):
+def enable(target, basis: Basis | str | os.PathLike | None = None, config: SVDCacheConfig | None = None, *,
+           blocks=None, streams=None, **overrides):
     """Turn SVD-Cache on for a diffusers pipeline or transformer; generate exactly as before.
 
     ``basis``: a :class:`Basis` (or the path of a saved one) from :func:`svdcache.calibrate`; with
@@ -107,20 +109,20 @@ def enable(target, basis: Basis | str | os.PathLike | None = None, config: SVDCa
             raise ValueError("this model is being calibrated")
         _uninstall(model)
         granularity = cfg.granularity
-        if granularity == "auto" and basis is not None and basis.meta.get("granularity") in ("module", "block"):
-            granularity = basis.meta["granularity"]
-        blocks, dims = _plan(model, granularity)
+        if granularity == "auto" and basis is not None and basis.meta.get("granularity") in GRANULARITIES[1:]:
+            granularity = basis.meta["granularity"]  # the granularity it was calibrated at
+        planned, dims = _plan(model, granularity, blocks, streams)
         use_basis = basis if cfg.space == "svd" else None
         if use_basis is not None:
             use_basis.validate(model, dims)
             if cfg.subspace == "change":
                 use_basis.subspace("change")  # a clear error if the basis holds none
-        resolved = "module" if any(a.granularity == "module" for _, _, a in blocks) else "block"
+        resolved = last_plan(model).granularity  # "module", "submodule", "block" or a mix ("module+block")
         check_parallel_model(model)
         hook = SVDCacheHook(cfg, use_basis, dims, type(model).__name__, resolved)
         if hook.online is not None:
             hook.online.parallel = parallel_of(model)  # zero-setup basis: all-reduce over the model's ranks
-        _install(model, hook, granularity, blocks=blocks)
+        _install(model, hook, granularity, blocks=planned)
     return cfg
 
 

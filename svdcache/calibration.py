@@ -161,6 +161,14 @@ def fit_gains(samples, feats, *, warmup: int = 3, intervals=range(2, 13), orders
     return gains
 
 
+def _resolved_granularity(model, requested: str) -> str:
+    """The granularity the blocks got (so enable(granularity="auto") with this basis picks the same)."""
+    from .adapters import last_plan
+
+    plan = last_plan(model)
+    return plan.granularity if plan is not None and "+" not in plan.granularity else requested
+
+
 def calibrate(
     target,
     prompt: str | list[str] | None = None,
@@ -238,7 +246,7 @@ def calibrate(
     meta = {
         "model_class": type(model).__name__,
         "config_fingerprint": config_fingerprint(model),
-        "granularity": granularity,
+        "granularity": _resolved_granularity(model, granularity),
         "tau": tau,
         "steps": sorted(hook.used_steps),
         "feature_shapes": hook.shapes,

@@ -7,7 +7,7 @@ SPACES = ("svd", "full")
 SUBSPACES = ("feature", "change")
 PREDICTORS = ("taylor", "ema", "reuse")
 RESIDUALS = ("reuse", "taylor", "damped")
-GRANULARITIES = ("auto", "module", "block")
+GRANULARITIES = ("auto", "module", "submodule", "block")
 TIME_AXES = ("step", "timestep")
 
 
@@ -27,8 +27,10 @@ class SVDCacheConfig:
 
     What is cached
         granularity: "module" (FLUX: pre-gate attention / MLP / proj_out outputs, gates recomputed on
-            cached steps), "block" (each block's output minus input, per stream; any diffusers model)
-            or "auto" (module where the model has an adapter, else block).
+            cached steps), "submodule" (any block: the outputs of its attention / feed-forward
+            submodules; the block's norms, gates and residual adds run every step), "block" (each
+            block's output minus input, per stream) or "auto" (module where the model has an
+            adapter, else submodule where a block holds attention / feed-forward modules, else block).
         space: "svd" (forecast the principal subspace, treat the residual by ``residual``) or "full"
             (forecast the whole feature: FORA with ``predictor="reuse"``, TaylorSeer with "taylor").
 

@@ -206,3 +206,40 @@ def parallel_of(model):
         return None if m is None else parallel_info(m)
 
     return info
+
+
+def plain_feature(name: str, F: torch.Tensor) -> torch.Tensor:
+    """A cached feature as a plain tensor. Under tensor parallelism diffusers' row-parallel linears
+    return their all-reduced output as an AsyncCollectiveTensor (waited for here: the model would
+    wait for it at its next use anyway) and may return DTensors: a replicated one is used as its
+    local (full) tensor; a sharded one is refused, since caching it would need communication."""
+    if type(F) is torch.Tensor:
+        return F
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
+    if isinstance(F, AsyncCollectiveTensor):
+        F = F.trigger_wait()
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without DTensor
+        return F
+    if isinstance(F, DTensor):
+        if not all(p.is_replicate() for p in F.placements):
+            raise ValueError(f"svdcache: feature {name!r} is sharded across ranks ({F.placements}); only replicated "
+                             "(tensor parallel) or sequence-sharded (context parallel) features can be cached")
+        F = F.to_local()
+    return F
+
+
+def reduce_partial(output):
+    """A row-parallel linear's output under tensor parallelism is a Partial(sum) DTensor until torch's
+    output hook all-reduces it. A capture point on such a linear reduces it here instead and hands
+    the module's caller the replicated result, whose layout the output hook then leaves alone: the
+    one all-reduce of the model, moved earlier, none added."""
+    try:
+        from torch.distributed.tensor import DTensor, Replicate
+    except ImportError:
+        return output
+    if isinstance(output, DTensor) and any(p.is_partial() for p in output.placements):
+        return output.redistribute(placements=[Replicate()] * len(output.placements))
+    return output

@@ -21,7 +21,21 @@ _register_cpu_sdpa()
 
 
 def count_flops(fn, *args, **kwargs):
-    """Run ``fn`` and return ``(output, flops)`` as torch's FLOP counter sees it (matmuls, attention)."""
-    with _fc.FlopCounterMode(display=False) as counter:
-        out = fn(*args, **kwargs)
+    """Run ``fn`` and return ``(output, flops)`` as torch's FLOP counter sees it (matmuls, attention).
+
+    An op the counter's dispatch mode cannot run (torch's flex_attention higher-order op, eagerly,
+    e.g. AnyFlow-FAR) fails at its first call, before the model's first attention output exists:
+    ``fn`` then runs again uncounted and the count is 0, with one warning."""
+    try:
+        with _fc.FlopCounterMode(display=False) as counter:
+            out = fn(*args, **kwargs)
+    except TypeError as e:
+        if "no implementation found" not in str(e):
+            raise
+        import warnings
+
+        warnings.warn(f"svdcache: torch's FLOP counter cannot run this model ({str(e)[:90]}...); its FLOPs "
+                      "are not counted", stacklevel=3)
+        torch._dynamo.reset()  # the failed call leaves flex_attention's eager trace marked as skipped
+        return fn(*args, **kwargs), 0
     return out, int(counter.get_total_flops())

@@ -13,6 +13,7 @@ from diffusers.hooks import ModelHook
 from svdcache_kernels.ops._triton_common import MAX_KERNEL_K
 
 from .config import SVDCacheConfig
+from .distributed import plain_feature, reduce_partial
 from .flops import count_flops
 from .predictors import SubspaceCache, make_feature_cache
 from .schedule import is_full_step
@@ -53,6 +54,8 @@ class CaptureHook(ModelHook):
     def post_forward(self, module, output):
         record = self.block_hook.active_record
         if record is not None:
+            if type(output) is not torch.Tensor:
+                output = reduce_partial(output)  # tensor parallelism: a row-parallel linear's partial sum
             for name, idx in self.outputs:
                 record(name, output if idx is None else output[idx])
         return output
@@ -329,6 +332,8 @@ class SVDCacheHook(ModelHook):
             st.features[name] = None
             st.updated.add(name)
             return
+        if type(F) is not torch.Tensor:  # tensor parallelism: a pending all-reduce or a DTensor
+            F = plain_feature(name, F)
         if self.cfg.space == "svd" and name not in self.bases:
             # zero-setup: hold the feature until its online basis exists, then replay it, so the
             # first generation's caches start with the whole warm-up history

@@ -1,5 +1,16 @@
-"""Block-level caching for any diffusers transformer: each block's output minus input, per stream."""
+"""Block-level caching for any transformer block: each block's output minus its input, per stream.
+
+The streams (the block's arguments whose updated value it returns) and their positions in the
+output are read from the first full step's actual output, never trusted blindly: an output tensor
+is matched to the tensor argument of the same shape (the closest one where several share it: a
+residual block's output lies near its input), after diffusers' block registry's layout where that
+layout agrees with the output. Any number of streams (LTX-2's video / audio), any argument names
+(``x``), or a user's ``streams={"hidden": "x", ...}``. A block whose output cannot be mapped (an
+output that is no updated argument) is computed in full on every step, with one warning.
+"""
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -7,10 +18,11 @@ from .base import BlockAdapter, bind_arguments
 
 # Blocks diffusers' TransformerBlockRegistry does not list: (hidden index, encoder index) of the output.
 _EXTRA_LAYOUTS = {"JointTransformerBlock": (1, 0)}
+_NAMES = {"hidden_states": "hidden", "encoder_hidden_states": "encoder"}  # stream names of older bases
 
 
 def output_layout(block: torch.nn.Module) -> tuple[int | None, int | None]:
-    """Indices of (hidden_states, encoder_hidden_states) in the block's output tuple."""
+    """Indices of (hidden_states, encoder_hidden_states) in the block's output tuple, as registered."""
     name = type(block).__name__
     if name in _EXTRA_LAYOUTS:
         return _EXTRA_LAYOUTS[name]
@@ -20,7 +32,7 @@ def output_layout(block: torch.nn.Module) -> tuple[int | None, int | None]:
         meta = TransformerBlockRegistry.get(type(block))
         return meta.return_hidden_states_index, meta.return_encoder_hidden_states_index
     except Exception:
-        return None, None  # inferred from the output on the first full step
+        return None, None
 
 
 def _broadcasts(src, dst) -> bool:
@@ -31,78 +43,106 @@ def _broadcasts(src, dst) -> bool:
         return False
 
 
+class Uncacheable(Exception):
+    pass
+
+
 class GenericBlockAdapter(BlockAdapter):
     granularity = "block"
-    STREAMS = (("hidden", "hidden_states"), ("encoder", "encoder_hidden_states"))
+    needs_forward = True
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int | None = None, streams: dict[str, str] | None = None):
         self.dim = dim
-        self.layouts: dict[type, tuple] = {}
+        self.streams = dict(streams) if streams else None  # stream name -> argument name
+        self.layouts: dict[int, tuple] = {}  # id(block) -> (kind, [(position, stream, arg)])
+        self.uncacheable: dict[int, str] = {}
+        self._warned = False
 
     def feature_dims(self, block):
-        hid, enc = output_layout(block)
-        dims = {"hidden": self.dim}
-        # SD3's last block (context_pre_only) returns no encoder stream
-        if enc is not None and not getattr(block, "context_pre_only", False):
-            dims["encoder"] = self.dim
-        return dims
+        return {}  # learned on the first full step (declared by the block hook)
 
-    def _layout(self, block, inputs, out):
-        """Map output positions to streams: from the registry, else by matching input shapes."""
-        key = type(block)
+    # -- the layout -------------------------------------------------------------------------------
+    def _candidates(self, inputs: dict) -> list[tuple[str, str]]:
+        """(stream name, argument) of every tensor argument that may be a stream."""
+        if self.streams:
+            return [(s, a) for s, a in self.streams.items()]
+        return [(_NAMES.get(a, a), a) for a, v in inputs.items() if isinstance(v, torch.Tensor) and v.dim() >= 2]
+
+    def _layout(self, block, inputs: dict, out):
+        key = id(block)
         if key in self.layouts:
             return self.layouts[key]
-        hid, enc = output_layout(block)
-        if isinstance(out, torch.Tensor):
-            layout = (None, None)
-        elif hid is not None:
-            layout = (hid, enc)
-        else:
-            h, e = inputs.get("hidden_states"), inputs.get("encoder_hidden_states")
-            match = {}
-            for i, o in enumerate(out):
-                if isinstance(o, torch.Tensor) and h is not None and o.shape == h.shape:
-                    match.setdefault("hidden", i)
-                elif isinstance(o, torch.Tensor) and e is not None and o.shape == e.shape:
-                    match.setdefault("encoder", i)
-            if "hidden" not in match:
-                raise ValueError(f"cannot tell which output of {key.__name__} is hidden_states; register its layout")
-            layout = (match["hidden"], match.get("encoder"))
+        cands = [(s, a) for s, a in self._candidates(inputs) if isinstance(inputs.get(a), torch.Tensor)]
+        if self.streams and len(cands) < len(self.streams):
+            missing = [a for s, a in self.streams.items() if not isinstance(inputs.get(a), torch.Tensor)]
+            raise ValueError(f"svdcache: streams={self.streams}: {type(block).__name__} was called without the "
+                             f"tensor argument(s) {missing}")
+        outs = [out] if isinstance(out, torch.Tensor) else list(out) if isinstance(out, (tuple, list)) else None
+        if outs is None:
+            raise Uncacheable(f"returns a {type(out).__name__}")
+        registered = dict(zip(("hidden_states", "encoder_hidden_states"), output_layout(block)))
+        mapping, used = [], set()
+        for pos, o in enumerate(outs):
+            if o is None:
+                continue
+            if not isinstance(o, torch.Tensor):
+                raise Uncacheable(f"returns a {type(o).__name__} at position {pos}")
+            same = [(s, a) for s, a in cands if a not in used and (inputs[a].shape == o.shape
+                                                                   or _broadcasts(inputs[a].shape, o.shape))]
+            if any(inputs[a] is o for _, a in same):  # handed through unchanged
+                s, a = next((s, a) for s, a in same if inputs[a] is o)
+                mapping.append((pos, None, a))
+                used.add(a)
+                continue
+            reg = [(s, a) for s, a in same if registered.get(a) == pos]
+            if reg:
+                pick = reg[0]
+            elif same:
+                pick = min(same, key=lambda sa: float((o - inputs[sa[1]]).float().norm()
+                                                      / (inputs[sa[1]].float().norm() + 1e-12)))
+            else:
+                raise Uncacheable(f"output {pos} (shape {tuple(o.shape)}) matches no tensor argument")
+            mapping.append((pos, pick[0], pick[1]))
+            used.add(pick[1])
+        layout = ("tensor" if isinstance(out, torch.Tensor) else type(out), len(outs), mapping)
         self.layouts[key] = layout
         return layout
 
+    # -- forwards ---------------------------------------------------------------------------------
     def full_forward(self, block, forward, args, kwargs, record):
-        inputs = bind_arguments(block, args, kwargs)
         out = forward(*args, **kwargs)
-        hid, enc = self._layout(block, inputs, out)
-        for stream, arg, idx in (("hidden", "hidden_states", hid), ("encoder", "encoder_hidden_states", enc)):
-            if stream == "encoder" and idx is None:
+        if id(block) in self.uncacheable:
+            return out
+        inputs = bind_arguments(block, args, kwargs)
+        try:
+            kind, n, mapping = self._layout(block, inputs, out)
+        except Uncacheable as e:
+            self.uncacheable[id(block)] = f"{type(block).__name__} {e}"
+            self._warn(block)
+            return out
+        outs = [out] if kind == "tensor" else list(out)
+        for pos, stream, arg in mapping:
+            if stream is None:
                 continue
-            o = out if idx is None else out[idx]
-            x = inputs.get(arg)
-            if o is None or x is None:
-                record(stream, None)  # the stream is absent: forecast it as absent
-                continue
-            if o.shape != x.shape and not _broadcasts(x.shape, o.shape):
-                raise ValueError(
-                    f"{type(block).__name__} changes the shape of {arg} ({tuple(x.shape)} -> {tuple(o.shape)}): "
-                    "its output minus input cannot be cached"
-                )
             # the kernels walk rows with unit channel stride; a transposed input (PixArt, DiT and
             # HunyuanVideo embed patches as flatten(2).transpose(1, 2)) gives o - x the same strides
-            record(stream, (o - x).contiguous())
+            record(stream, (outs[pos] - inputs[arg]).contiguous())
         return out
 
-    def cached_forward(self, block, args, kwargs, forecast):
+    def _warn(self, block):
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"svdcache: block level cannot cache {self.uncacheable[id(block)]}; such blocks are "
+                          "computed on every step (name the streams with enable(..., streams={...}) or use "
+                          "granularity='submodule')", stacklevel=5)
+
+    def cached_forward(self, block, args, kwargs, forecast, forward=None):
+        if id(block) in self.uncacheable or id(block) not in self.layouts:
+            return forward(*args, **kwargs)
         inputs = bind_arguments(block, args, kwargs)
-        hid, enc = self.layouts[type(block)]
-        h = forecast("hidden", x=inputs["hidden_states"].contiguous())
-        if hid is None:
-            return h
-        n_out = 1 + max(i for i in (hid, enc) if i is not None)
-        out = [None] * n_out
-        out[hid] = h
-        if enc is not None:
-            e = inputs.get("encoder_hidden_states")
-            out[enc] = None if e is None else forecast("encoder", x=e.contiguous())
-        return tuple(out)
+        kind, n, mapping = self.layouts[id(block)]
+        outs = [None] * n
+        for pos, stream, arg in mapping:
+            x = inputs[arg]
+            outs[pos] = x if stream is None else forecast(stream, x=x.contiguous())
+        return outs[0] if kind == "tensor" else kind(outs)

@@ -1,7 +1,7 @@
 """One rank of the distributed tests: ``python cp_worker.py <scenario> <modes> <out_dir>``.
 
 Runs a tiny FluxTransformer2DModel under diffusers' context parallelism (gloo, CPU; ``modes`` a
-comma list of ``ulysses`` / ``ring``) with and without SVD-Cache, the same runs in one process
+comma list of ``ulysses`` / ``ring``, and ``tensor`` for tensor parallelism) with and without SVD-Cache, the same runs in one process
 without parallelism for reference, counts every torch.distributed collective per transformer call,
 and writes what it measured to ``out_dir/rank<r>.pt`` (torch.save of a dict). Scenarios:
 
@@ -226,7 +226,8 @@ def parity(mode, inp, basis, counter, rank):
         out = orig(name, **kw)
         if rank == 1 and out is not None and hook.cur.cached_steps == 0 and hook.cur.fallbacks == 0:
             hits["n"] += 1
-            return out * float("nan")
+            for t in {id(t): t for t in (out, kw.get("out")) if t is not None}.values():
+                t.fill_(float("nan"))  # in place: an adapter may keep using its out= buffer
         return out
 
     hook.forecast = poisoned
@@ -240,6 +241,31 @@ def parity(mode, inp, basis, counter, rank):
     res["nan_hits"] = hits["n"]
     svdcache.disable(m)
     return res, m
+
+
+def tensor_parity(inp, counter):
+    """Tensor parallelism (diffusers' Flux TP plan over 2 ranks): zero-setup cache vs one process.
+    diffusers allows TP on CUDA / NPU / TPU / XPU meshes only; the test adds "cpu" to that list (the
+    DTensor sharding and gloo collectives are torch's own on any device)."""
+    import diffusers.hooks.tensor_parallel as TPm
+    from diffusers import TensorParallelConfig
+
+    if "cpu" not in TPm._SUPPORTED_TP_DEVICES:
+        TPm._SUPPORTED_TP_DEVICES = (*TPm._SUPPORTED_TP_DEVICES, "cpu")
+    res: dict = {}
+    m = build()
+    m.enable_parallelism(config=TensorParallelConfig(tp_degree=2))
+    res["cp_uncached"] = run(m, inp, counter)
+    res["counts_uncached"], counter.calls = counter.calls, []
+    svdcache.enable(m, interval=INTERVAL)
+    res["cp_online"] = run(m, inp, counter)
+    res["counts_online"], counter.calls = counter.calls, []
+    res["cp_online_basis"] = basis_tensors(svdcache.current_basis(m))
+    res["cp_online_stats"] = svdcache.stats(m)
+    allst = svdcache.stats(m, all_ranks=True)
+    res["all_ranks_stats"] = {"per_rank": allst.cache_bytes_per_rank, "kind": allst.kind}
+    svdcache.disable(m)
+    return res
 
 
 def main():
@@ -260,7 +286,10 @@ def main():
         basis = svdcache.load_basis(os.path.join(out_dir, "basis.safetensors"))  # every rank loads the file
         res["loaded_basis"] = basis_tensors(basis)
         for mode in modes:
-            res[mode], m = parity(mode, inp, basis, counter, rank)
+            if mode == "tensor":
+                res[mode] = tensor_parity(inp, counter)
+            else:
+                res[mode], m = parity(mode, inp, basis, counter, rank)
         res["seconds"] = time.perf_counter() - t0
         torch.save(res, path)
         # last: rank 1 raises inside a cached step; rank 0 must end on its own (nobody kills it)

@@ -12,7 +12,7 @@ import torch
 from dist_launch import launch
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cp_worker.py")
-MODES = ("ulysses", "ring")
+MODES = ("ulysses", "ring")  # context parallelism; "tensor" (tensor parallelism) runs in the same launch
 # hard limit of the whole launch (the launcher kills what is left, and the tests then fail); each
 # rank's own collective timeout is DIST_TIMEOUT
 LAUNCH_TIMEOUT = 300
@@ -25,7 +25,7 @@ def _tail(text: str, n: int = 30) -> str:
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
     out = tmp_path_factory.mktemp("cp")
-    ranks = launch(WORKER, ["parity", ",".join(MODES), str(out)], nprocs=2, timeout=LAUNCH_TIMEOUT,
+    ranks = launch(WORKER, ["parity", ",".join(MODES + ("tensor",)), str(out)], nprocs=2, timeout=LAUNCH_TIMEOUT,
                    env={"DIST_TIMEOUT": "60"})
     data = []
     for r in ranks:
@@ -151,6 +151,29 @@ def test_stats_all_ranks(launched, mode):
     assert r0[mode]["all_ranks_stats"]["total"] == r0["sp_offline_stats"].last_generation.cache_bytes
     # the explicit call is the only exchange: one all-gather
     assert [c[0] for c in r0[mode]["stats_outside"] if c[1]] == ["dist.all_gather_object"]
+
+
+def test_tensor_parallel(launched):
+    """Tensor parallelism: the cached features are the row-parallel linears' all-reduced outputs,
+    replicated, so every rank holds the whole cache and builds the same basis locally. A full step
+    issues the uncached model's collectives (svdcache reduces a single block's partial proj_out
+    itself, in place of torch's output hook: moved, not added), a cached step none."""
+    _, (r0, r1) = launched
+    t0, t1 = r0["tensor"], r1["tensor"]
+    torch.testing.assert_close(t0["cp_uncached"], r0["sp_uncached"])
+    torch.testing.assert_close(t0["cp_online"], r0["sp_online"])
+    assert torch.equal(t0["cp_online"], t1["cp_online"])
+    a, b = t0["cp_online_basis"], t1["cp_online_basis"]
+    assert a and all(torch.equal(a[k], b[k]) for k in a)
+    unc = t0["counts_uncached"]
+    assert unc and all(c == unc[0] for c in unc)
+    names = sorted(c[0] for c in unc[0])
+    calls = t0["counts_online"]
+    assert calls == t1["counts_online"]
+    full = [c for c in calls if c]
+    assert all(sorted(x[0] for x in c) == names for c in full)
+    assert len(calls) - len(full) == t0["cp_online_stats"].last_generation.cached_steps > 0
+    assert t0["all_ranks_stats"]["kind"] == "tensor"
 
 
 def test_failure_on_one_rank_ends_both(launched):

@@ -60,12 +60,13 @@ def rel_err(x, ref, x_T) -> float:
     return float((x - ref).norm() / (ref - x_T).norm())
 
 
-def calibrated_basis(name, model):
-    return svdcache.calibrate(model, run=lambda: run(name, model, seed=CALIB_SEED), progress=False)
+def calibrated_basis(name, model, granularity="auto"):
+    return svdcache.calibrate(model, run=lambda: run(name, model, seed=CALIB_SEED), progress=False,
+                              granularity=granularity)
 
 
 def enable(name, model, basis_kind, **kw):
-    basis = calibrated_basis(name, model) if basis_kind == "calibrated" else None
+    basis = calibrated_basis(name, model, kw.get("granularity", "auto")) if basis_kind == "calibrated" else None
     return svdcache.enable(model, basis=basis, interval=INTERVAL, warmup=WARMUP, **kw)
 
 
@@ -114,7 +115,9 @@ def test_interval_one_is_exact_and_disable_restores(name, model):
 
 @pytest.mark.parametrize("basis_kind", ["online", "calibrated"])
 def test_cached_steps_skip_the_blocks(name, model, basis_kind):
-    enable(name, model, basis_kind)  # online: default online_steps, which must not exceed warmup
+    # block level (FLUX: its module level): nothing but FLUX's gates runs inside a cached block; the
+    # default submodule level is covered per class by tests/models/test_coverage.py
+    enable(name, model, basis_kind, granularity="auto" if name == "flux" else "block")
     expensive = Z.expensive_modules(name, model)
     assert expensive
     blocks = Z.blocks(name, model)
@@ -183,7 +186,7 @@ def test_bound_catches_a_zero_forecast(name, model, monkeypatch):
     through; FLUX: attention / MLP contributions dropped) lands well outside it."""
     x_T, _ = Z.make_inputs(name, BATCH, SEED)
     ref, _ = run(name, model)
-    enable(name, model, "calibrated")
+    enable(name, model, "calibrated", granularity="auto" if name == "flux" else "block")
     monkeypatch.setattr(SVDCacheHook, "forecast", lambda self, feature, *, x=None, gate=None, out=None: x)
     x, _ = run(name, model)
     assert svdcache.stats(model).last_generation.cached_steps == len(CACHED)
