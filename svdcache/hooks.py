@@ -25,6 +25,8 @@ logger = logging.getLogger("svdcache")
 ROOT_HOOK = "svdcache"
 BLOCK_HOOK = "svdcache_block"
 CAPTURE_HOOK = "svdcache_capture"
+# the transformer's timestep argument: diffusers' name, and those of HiDream, Z-Image, Cosmos 3
+_TIMESTEP_ARGS = ("timestep", "timesteps", "t", "vision_timesteps")
 
 
 def _first_tensor(out):
@@ -70,9 +72,17 @@ class BlockHook(ModelHook):
         self.name = name
         self.adapter = adapter
         self.active_record = None
-        prefix = name + "."
-        self._record = lambda local, F: controller.record(prefix + local, F)
+        self.active_forecast = None  # set during a cached forward (submodule hooks read it)
+        self.prefix = prefix = name + "."
         self._forecast = lambda local, **kw: controller.forecast(prefix + local, **kw)
+
+    def _record(self, local: str, F) -> None:
+        # adapters that learn their features on the first full step (submodule, generic block level)
+        # declare them then; a static feature is already known and this is a dict lookup
+        declare = getattr(self.controller, "declare", None)
+        if declare is not None:
+            declare(self.prefix + local, None if F is None else F.shape[-1])
+        self.controller.record(self.prefix + local, F)
 
     def new_forward(self, module, *args, **kwargs):
         mode = self.controller.mode()
@@ -88,6 +98,13 @@ class BlockHook(ModelHook):
 
     @torch.compiler.disable
     def _cached_forward(self, module, args, kwargs):
+        if getattr(self.adapter, "needs_forward", False):  # the block's own forward runs (submodule level)
+            self.active_forecast = self._forecast
+            try:
+                return self.adapter.cached_forward(module, args, kwargs, self._forecast,
+                                                   forward=self.fn_ref.original_forward)
+            finally:
+                self.active_forecast = None
         return self.adapter.cached_forward(module, args, kwargs, self._forecast)
 
 
@@ -184,7 +201,7 @@ class SVDCacheHook(ModelHook):
             getattr(hs, "dtype", None),
             getattr(hs, "device", None),
         )
-        timestep = kwargs.get("timestep")
+        timestep = next((kwargs[k] for k in _TIMESTEP_ARGS if kwargs.get(k) is not None), None)
         skip_read = self._sync_free(hs) and cfg.time_axis == "step"
         t_raw = None if skip_read else _timestep_value(timestep)
         num_steps = ctx.num_inference_steps or cfg.num_inference_steps
@@ -314,6 +331,21 @@ class SVDCacheHook(ModelHook):
         return not missing
 
     # -- feature callbacks (from block and capture hooks) ----------------------------------------
+    @torch.compiler.disable
+    def declare(self, name: str, D: int | None) -> None:
+        """A feature first seen on a full step (adapters that learn their features from the first
+        full step's outputs): it joins the features every full step must produce."""
+        if name in self.feature_dims:
+            return
+        self.feature_dims[name] = D
+        if self.basis is not None and self.cfg.space == "svd":
+            sub = self.basis.subspace(self.cfg.subspace)
+            if name not in sub:
+                raise ValueError(f"the basis has no feature {name!r} (it holds {len(sub)} features, e.g. "
+                                 f"{next(iter(sub), None)!r}); calibrate this model with the same granularity")
+            self.bases[name] = sub[name]
+            self.ranks[name] = sub[name].rank(self.cfg.tau, self.cfg.rank)
+
     def _basis_V(self, name: str, F: torch.Tensor) -> torch.Tensor:
         V = self._V.get(name)
         if V is not None and V.device == F.device and V.dtype == F.dtype:
