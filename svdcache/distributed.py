@@ -243,3 +243,18 @@ def reduce_partial(output):
     if isinstance(output, DTensor) and any(p.is_partial() for p in output.placements):
         return output.redistribute(placements=[Replicate()] * len(output.placements))
     return output
+
+
+def sees_shards(model, root_hook: str) -> bool:
+    """Whether the cache's root hook receives the model's inputs already split by context
+    parallelism (``enable_parallelism`` called after ``svdcache.enable``: diffusers' split hook was
+    registered later, so it runs first). Decisions on the input values must then not be taken per
+    rank, as each rank would judge a different shard."""
+    if model is None or getattr(model, "_parallel_config", None) is None:
+        return False
+    reg = getattr(model, "_diffusers_hook", None)
+    order = getattr(reg, "_hook_order", [])
+    if root_hook not in order:
+        return False
+    later = order[order.index(root_hook) + 1:]
+    return any(name.startswith("cp_input") for name in later)

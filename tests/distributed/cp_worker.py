@@ -215,6 +215,20 @@ def parity(mode, inp, basis, counter, rank):
     res["cp_online_basis"] = basis_tensors(svdcache.current_basis(m))
     res["n_features"] = len(svdcache.stats(m).ranks)
 
+    # the other order: svdcache enabled first, then enable_parallelism (its split hook then runs before
+    # svdcache's root hook, which sees the rank's shard of the input)
+    if mode == "ulysses":
+        m2 = build()
+        svdcache.enable(m2, basis=basis, **cache_kw)
+        m2.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))
+        from svdcache.distributed import sees_shards
+
+        res["inner_sees_shards"] = sees_shards(m2, "svdcache")
+        res["outer_sees_shards"] = sees_shards(m, "svdcache")
+        res["inner_offline"] = run(m2, inp)
+        res["inner_stats"] = svdcache.stats(m2)
+        svdcache.disable(m2)
+
     # a NaN forecast in rank 1's shard at the first cached step: the gathered output carries it to
     # every rank, so both fall back together and the collectives stay paired
     svdcache.enable(m, basis=basis, **cache_kw)

@@ -54,6 +54,17 @@ def test_cached_output_equals_single_process(launched, mode, basis):
     assert torch.equal(cp, r1[mode][f"cp_{basis}"])  # the gathered output is the same on both ranks
 
 
+def test_enable_before_parallelism(launched):
+    """svdcache.enable first, enable_parallelism after: the root hook sees the input shards (and
+    knows it: no per-rank decision on input values); the output is the same as one process's."""
+    _, (r0, r1) = launched
+    res = r0["ulysses"]
+    assert res["inner_sees_shards"] and not res["outer_sees_shards"]
+    torch.testing.assert_close(res["inner_offline"], r0["sp_offline"])
+    assert torch.equal(res["inner_offline"], r1["ulysses"]["inner_offline"])
+    assert res["inner_stats"].last_generation.cached_steps == r0["sp_offline_stats"].last_generation.cached_steps
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_basis_identical_on_all_ranks(launched, mode):
     _, (r0, r1) = launched
