@@ -14,6 +14,7 @@ from .apply import current_basis, disable, enable, is_enabled, reset, stats  # n
 from .basis import Basis, FeatureBasis, load_basis  # noqa: E402
 from .calibration import calibrate  # noqa: E402
 from .config import SVDCacheConfig, fora, taylorseer  # noqa: E402
+from .hub import push_to_hub  # noqa: E402
 from .stats import CacheStats, RunStats  # noqa: E402
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "calibrate",
     "current_basis",
     "load_basis",
+    "push_to_hub",
     "Basis",
     "FeatureBasis",
     "SVDCacheConfig",

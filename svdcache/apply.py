@@ -10,6 +10,7 @@ from .adapters import find_blocks, last_plan
 from .basis import Basis, load_basis
 from .config import GRANULARITIES, SVDCacheConfig
 from .distributed import check_parallel_model, gather_stats, parallel_of
+from .guards import refuse_foreign_cache
 from .hooks import BLOCK_HOOK, CAPTURE_HOOK, ROOT_HOOK, BlockHook, CaptureHook, SVDCacheHook
 from .stats import CacheStats
 
@@ -97,11 +98,18 @@ def enable(target, basis: Basis | str | os.PathLike | None = None, config: SVDCa
     if overrides:
         cfg = cfg.replace(**overrides)
     cfg.validate()
+    env_backend = os.environ.get("SVDCACHE_BACKEND", "")
+    if cfg.backend == "auto" and env_backend not in ("", "auto"):  # the environment decides what "auto" means
+        if env_backend not in ("triton", "torch"):
+            raise ValueError(f"SVDCACHE_BACKEND={env_backend!r} must be auto, triton or torch")
+        cfg = cfg.replace(backend=env_backend)
     if isinstance(basis, (str, os.PathLike)):
         basis = load_basis(basis)
     if basis is not None and not isinstance(basis, Basis):
         raise TypeError(f"basis must be an svdcache Basis or a path, got {type(basis).__name__}")
     models = _transformers(target)
+    for model in models:
+        refuse_foreign_cache(model)  # FirstBlockCache, TaylorSeerCache, ...: refused before anything changes
     if basis is not None and len(models) > 1:
         raise ValueError("this pipeline has several transformers: enable each one with its own basis")
     for model in models:

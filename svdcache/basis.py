@@ -298,5 +298,19 @@ class Basis:
 
 
 def load_basis(path: str | os.PathLike, device: str | torch.device = "cpu") -> Basis:
-    """Load a basis saved by :meth:`Basis.save`; errors name the file and what is wrong."""
-    return Basis.load(path, device=device)
+    """Load a basis saved by :meth:`Basis.save` (or from a Hub repo id ``org/name``, see
+    :mod:`svdcache.hub`); errors name the file and what is wrong."""
+    from .hub import from_pretrained, looks_like_repo_id  # Hub repo ids: svdcache.hub
+
+    return from_pretrained(path, device=device) if looks_like_repo_id(path) else Basis.load(path, device=device)
+
+
+def _from_pretrained(cls, repo_or_dir, subfolder: str | None = None, **kwargs) -> Basis:
+    """A basis from a file, a folder (``[subfolder/]svdcache_basis.safetensors``) or a Hub repo id
+    (``revision=``, ``filename=``, huggingface_hub's cache and offline mode); see :mod:`svdcache.hub`."""
+    from .hub import from_pretrained
+
+    return from_pretrained(repo_or_dir, subfolder=subfolder, **kwargs)
+
+
+Basis.from_pretrained = classmethod(_from_pretrained)

@@ -161,6 +161,12 @@ def fit_gains(samples, feats, *, warmup: int = 3, intervals=range(2, 13), orders
     return gains
 
 
+def _model_identity(target) -> dict:
+    from .hub import model_identity
+
+    return model_identity(target)
+
+
 def _resolved_granularity(model, requested: str) -> str:
     """The granularity the blocks got (so enable(granularity="auto") with this basis picks the same)."""
     from .adapters import last_plan
@@ -254,6 +260,7 @@ def calibrate(
         "library_version": __version__,
         "diffusers_version": diffusers.__version__,
     }
+    meta.update(_model_identity(target))  # model_id / model_revision, where diffusers recorded them
     if hook.samples:
         gains = fit_gains(hook.samples, feats, warmup=gain_warmup)
         for name, g in fit_gains(hook.samples, changes, warmup=gain_warmup, prefix=CHANGE_PREFIX).items():

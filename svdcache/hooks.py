@@ -4,8 +4,10 @@ module outputs of full steps to the feature caches (or to calibration)."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import warnings
+import weakref
 
 import torch
 from diffusers.hooks import ModelHook
@@ -15,6 +17,7 @@ from svdcache_kernels.ops._triton_common import MAX_KERNEL_K
 from .config import SVDCacheConfig
 from .distributed import plain_feature, reduce_partial
 from .flops import count_flops
+from .guards import CONTINUATION_TOL, concurrent_use_error, continuation_residual, refuse_foreign_cache
 from .predictors import SubspaceCache, make_feature_cache
 from .schedule import is_full_step
 from .state import ContextState, DefaultContextStateManager
@@ -136,6 +139,10 @@ class SVDCacheHook(ModelHook):
         self._state: ContextState | None = None  # state of the call in progress
         self._pending: dict[str, list] = {}  # zero-setup: features held until their basis exists
         self.online = None
+        self._lock = threading.Lock()  # held for the length of a call: a second thread's call is refused
+        self._owner = None  # the thread holding it
+        self.explicit = 0  # > 0 inside ``with svdcache.generation(model)``: one generation, no guessing
+        self._model = None
         if basis is None and config.space == "svd":
             from .calibration import OnlineBasisBuilder
 
@@ -146,6 +153,7 @@ class SVDCacheHook(ModelHook):
         # depend on the cache's settings (its ops are counted apart): keep them on the model, so a
         # re-enable does not count again (torch's FLOP counter slows the calls it watches).
         self._flops = module.__dict__.setdefault("_svdcache_flop_table", {})
+        self._model = weakref.ref(module)  # to see another cache added after enable
         return module
 
     def _fitted_gains(self, basis) -> dict[str, float]:
@@ -190,6 +198,20 @@ class SVDCacheHook(ModelHook):
     # -- per-call decision --------------------------------------------------------------------
     @torch.compiler.disable
     def _begin(self, args, kwargs) -> ContextState:
+        if not self._lock.acquire(blocking=False):
+            if self._owner != threading.get_ident():
+                raise concurrent_use_error(self.model_class)
+            if self._state is not None:  # this thread's last call raised without cleaning up (compiled)
+                self._state.new_generation()
+                self._state = None
+        self._owner = threading.get_ident()
+        try:
+            return self._begin_locked(args, kwargs)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _begin_locked(self, args, kwargs) -> ContextState:
         cfg = self.cfg
         st = self.state_manager.get_state()
         ctx = self.state_manager.context
@@ -205,9 +227,12 @@ class SVDCacheHook(ModelHook):
         skip_read = self._sync_free(hs) and cfg.time_axis == "step"
         t_raw = None if skip_read else _timestep_value(timestep)
         num_steps = ctx.num_inference_steps or cfg.num_inference_steps
+        bare = self.state_manager._context is None and isinstance(hs, torch.Tensor) and not skip_read
         if st.signature is not None and sig != st.signature:
             logger.info("svdcache: input shape/dtype/device changed (%s -> %s): state reset, computing in full", st.signature, sig)
             new = True
+        elif self.explicit:  # inside svdcache.generation(): the user says where generations start
+            new = st.step < 0
         elif ctx.step_index is not None:
             new = ctx.step_index <= st.step
         else:  # timesteps only go down within a generation; a repeat of its first one restarts it
@@ -215,9 +240,20 @@ class SVDCacheHook(ModelHook):
             new = st.step < 0 or (t_raw is not None and st.last_t is not None
                                   and (t_raw > st.last_t or t_raw == st.last_t == st.first_t))
             new = new or (num_steps is not None and st.step + 1 >= num_steps)
+            if not new and bare and st.traj_x is not None:
+                # a bare loop restarted at an equal or lower timestep (an interrupted generation, img2img):
+                # its input is not the continuation of the last inputs and outputs
+                r = continuation_residual(st.traj_x, st.traj_out, hs)
+                if r is not None and r > CONTINUATION_TOL:
+                    logger.info("svdcache: the input does not continue the trajectory (residual %.2f): new generation", r)
+                    new = True
         if new:
+            model = self._model() if self._model is not None else None
+            if model is not None:
+                refuse_foreign_cache(model)  # e.g. model.enable_cache(FirstBlockCacheConfig()) after enable
             self._start_generation(st, ctx.name)
             st.first_t = t_raw
+        st.traj_x = hs.detach().clone() if bare and not self.explicit else None
         st.signature = sig
         st.last_t = t_raw
         st.step = ctx.step_index if ctx.step_index is not None else st.step + 1
@@ -251,12 +287,36 @@ class SVDCacheHook(ModelHook):
     # no per-step Python value (step offsets, weights) is baked into a graph and forces a recompile.
     def new_forward(self, module, *args, **kwargs):
         st = self._begin(args, kwargs)
-        if not torch.compiler.is_compiling() and self._wants_count(st):
-            out, counted = count_flops(self.fn_ref.original_forward, *args, **kwargs)
-            self._store_count(st, counted, args, kwargs)
-        else:
+        if torch.compiler.is_compiling():
+            # no try block here: a graph break inside one makes dynamo run the whole frame eagerly; a
+            # compiled call that raised is cleaned up by the next call's _begin (same thread)
             out = self.fn_ref.original_forward(*args, **kwargs)
+            return self._end(st, out, args, kwargs)
+        try:
+            if self._wants_count(st):
+                out, counted = count_flops(self.fn_ref.original_forward, *args, **kwargs)
+                self._store_count(st, counted, args, kwargs)
+            else:
+                out = self.fn_ref.original_forward(*args, **kwargs)
+        except BaseException:
+            self._abort(st)
+            raise
         return self._end(st, out, args, kwargs)
+
+    @torch.compiler.disable
+    def _abort(self, st: ContextState) -> None:
+        """A call that raised (another hook, a bad input, an interrupt) leaves nothing behind: its
+        context starts over on the next call."""
+        st.new_generation()
+        st.mode = None
+        self._state = None
+        self._lock.release()
+
+    def _track(self, st: ContextState, out) -> None:
+        if st.traj_x is not None:  # bare loop: keep the last two outputs for continuation_residual
+            o = _first_tensor(out)
+            st.traj_out = (st.traj_out + [o.detach().clone()])[-2:] if isinstance(o, torch.Tensor) else []
+
 
     @torch.compiler.disable
     def _end(self, st: ContextState, out, args, kwargs):
@@ -267,6 +327,7 @@ class SVDCacheHook(ModelHook):
                 if o is None or bool(torch.isfinite(o).all()):
                     self.cur.cached_steps += 1
                     self._account(st)
+                    self._track(st, out)
                     return out
                 self._warn_once("fallback", "svdcache: a forecast is not finite; this step is computed in full "
                                 "(warned once)")
@@ -282,10 +343,16 @@ class SVDCacheHook(ModelHook):
             st.hist = min(st.hist + 1, 3)
             st.ready = self._all_updated(st)
             self._measure_memory()
+            self._track(st, out)
             return out
+        except BaseException:
+            st.new_generation()  # e.g. the fallback's full forward raised: no partial state is kept
+            raise
         finally:
             self._state = None
             st.mode = None
+            self._lock.release()
+
 
     def _measure_memory(self) -> None:
         cache = feats = 0

@@ -34,6 +34,8 @@ class ContextState(BaseState):
         self.ready = False  # every feature holds state from a full step
         self.updated: set[str] = set()
         self.hist = 0  # full steps so far in this generation (caps at 3)
+        self.traj_x = None  # bare loop: the last input and outputs, to tell a continuation from a restart
+        self.traj_out: list = []
         self.call_cache_flops = 0
 
     def new_generation(self) -> None:

@@ -57,6 +57,8 @@ class CacheStats:
     def __str__(self) -> str:
         g, t = self.last_generation, self.total
         ks = list(self.ranks.values())
+        if not t.calls:  # nothing ran yet: no ratios to print (they would be nan)
+            return f"SVD-Cache stats ({self.config})\n  no steps yet"
         lines = [
             f"SVD-Cache stats ({self.config})",
             f"  last generation: {g.full_steps} full + {g.cached_steps} cached calls, FLOPs ratio "

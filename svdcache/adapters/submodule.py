@@ -54,13 +54,18 @@ def is_heavy(module: torch.nn.Module) -> bool:
     return bool(_NAME.search(name)) and not _NOT.search(name) and next(module.parameters(), None) is not None
 
 
+# the MLP input projection of parallel attention + MLP blocks (FLUX / HunyuanVideo single blocks:
+# ``proj_mlp``), a bare Linear: named, not typed
+_MLP_LINEAR = re.compile(r"^(proj_mlp|mlp_in|ff_in)$")
+
+
 def heavy_submodules(block: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """The outermost heavy submodules of ``block`` (not the block itself), in registration order."""
     found: list[tuple[str, torch.nn.Module]] = []
     for path, mod in block.named_modules():
         if not path or any(path.startswith(p + ".") for p, _ in found):
             continue
-        if is_heavy(mod):
+        if is_heavy(mod) or (isinstance(mod, torch.nn.Linear) and _MLP_LINEAR.match(path)):
             found.append((path, mod))
     return found
 

@@ -42,6 +42,7 @@ class Result:
     uncached_lists: list = field(default_factory=list)
     heavy_full: int = 0  # heavy leaf calls per full step (mean)
     heavy_cached: int = 0  # heavy leaf calls on all cached steps together
+    rel_err: float = float("nan")  # ||out - ref|| / ||ref|| of the last step's output, cached run
 
 
 def _tensors(x):
@@ -184,6 +185,9 @@ def check(name: str, granularity: str = "auto", steps: int = STEPS, interval: in
         if not all(torch.isfinite(t).all() for o in outs for t in o):
             res.detail = "non-finite cached output"
             return res
+        num = sum(float((a - r).float().norm()) ** 2 for a, r in zip(outs[-1], ref[-1]))
+        den = sum(float(r.float().norm()) ** 2 for r in ref[-1])
+        res.rel_err = (num / max(den, 1e-30)) ** 0.5
         res.heavy_full = sum(sum(counts[i].values()) for i in full) // max(1, len(full))
         ran = sorted({p for i in cached for p in counts[i]})
         res.heavy_cached = sum(sum(counts[i].values()) for i in cached)
