@@ -19,6 +19,7 @@ class Emb:
         with torch.no_grad():
             pe, ppe, _ = self.pipe.encode_prompt(canonical_prompt(3), None, max_sequence_length=CALL_KWARGS["max_sequence_length"])
         self.embeds = dict(prompt_embeds=pe, pooled_prompt_embeds=ppe)
+        self.steps = STEPS
         self.ref = self.gen()  # uncached
         self._good = None
 

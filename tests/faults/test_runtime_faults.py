@@ -204,8 +204,6 @@ def test_other_cache_registered_by_hand_is_refused(emb, loop):
 def test_other_cache_enabled_after_svdcache_is_refused_and_leaves_nothing(emb, other):
     """The second order: the call is refused before any work; after disabling both, the next call
     works and gives what a clean enable gives (no 'updated twice at the same time')."""
-    from conftest import STEPS
-
     tr = emb.pipe.transformer
     svdcache.enable(emb.pipe, interval=2, warmup=2)
     clean = emb.gen()
@@ -216,7 +214,7 @@ def test_other_cache_enabled_after_svdcache_is_refused_and_leaves_nothing(emb, o
             emb.gen()
     finally:
         tr.disable_cache()
-    assert svdcache.stats(emb.pipe).last_generation.calls in (0, STEPS)
+    assert svdcache.stats(emb.pipe).last_generation.calls in (0, emb.steps)
     assert torch.equal(emb.gen(), clean)
     svdcache.disable(emb.pipe)
     svdcache.enable(emb.pipe, interval=2, warmup=2, basis=svdcache.current_basis(emb.pipe))
