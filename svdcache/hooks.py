@@ -405,13 +405,24 @@ class SVDCacheHook(ModelHook):
         if name in self.feature_dims:
             return
         self.feature_dims[name] = D
-        if self.basis is not None and self.cfg.space == "svd":
+        if self.basis is not None and self.cfg.space == "svd" and self.online is None:  # a calibrated basis
             sub = self.basis.subspace(self.cfg.subspace)
             if name not in sub:
                 raise ValueError(f"the basis has no feature {name!r} (it holds {len(sub)} features, e.g. "
                                  f"{next(iter(sub), None)!r}); calibrate this model with the same granularity")
             self.bases[name] = sub[name]
             self.ranks[name] = sub[name].rank(self.cfg.tau, self.cfg.rank)
+            if self.cfg.fitted_gains:  # as _fitted_gains does for the features known at enable
+                from .calibration import CHANGE_PREFIX
+
+                c = self.cfg
+                key = f"{CHANGE_PREFIX if c.subspace == 'change' else ''}o{c.order}_N{c.interval}_w{c.warmup}"
+                g = ((self.basis.meta.get("gains") or {}).get(name) or {}).get(key)
+                if g is None:
+                    self._warn_once("gains", f"svdcache: the basis has no fitted gains for {key} on some "
+                                    f"features; those use gain {c.gain}")
+                else:
+                    self.gains[name] = g * c.gain
 
     def _basis_V(self, name: str, F: torch.Tensor) -> torch.Tensor:
         V = self._V.get(name)

@@ -120,3 +120,21 @@ def test_submodule_forecasts_carry_the_signal(name, monkeypatch):
     monkeypatch.setattr(SVDCacheHook, "forecast", zeros)
     bad = err()
     assert good < 0.5 * bad, (good, bad)
+
+
+def test_calibrated_submodule_basis_and_its_fitted_gains():
+    """A basis calibrated at submodule level: enable picks that granularity from it, the features
+    learned on the first full step take their bases and fitted gains from it."""
+    name = "WanTransformer3DModel"
+    model = Z.build(name)
+    basis = svdcache.calibrate(model, run=lambda: C.denoise(name, model, C.STEPS, seed=7), progress=False)
+    assert basis.meta["granularity"] == "submodule"
+    key = "change/o1_N3_w3"  # calibrate fits gains for its gain_warmup (3)
+    assert all(key in g for g in basis.meta["gains"].values()), list(next(iter(basis.meta["gains"].values())))
+    svdcache.enable(model, basis=basis, interval=3, warmup=3, fitted_gains=True, num_inference_steps=C.STEPS)
+    C.denoise(name, model, C.STEPS)
+    hook = svdcache.apply._root(model)
+    assert set(hook.feature_dims) == set(basis.features)
+    assert hook.gains == {n: g[key] for n, g in basis.meta["gains"].items()}
+    assert svdcache.stats(model).last_generation.cached_steps == 2
+    svdcache.disable(model)
