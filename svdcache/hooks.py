@@ -80,6 +80,13 @@ class BlockHook(ModelHook):
         self._forecast = lambda local, **kw: controller.forecast(prefix + local, **kw)
 
     def _record(self, local: str, F) -> None:
+        if torch.compiler.is_compiling():
+            deferred = getattr(self.controller, "_deferred", None)
+            if deferred is not None:
+                # traced: hand the feature out of the graph, the root hook's _end records it eagerly
+                # (no graph break inside the blocks, no per-feature guard, one graph per kind of call)
+                deferred.append((self, local, F))
+                return
         # adapters that learn their features on the first full step (submodule, generic block level)
         # declare them then; a static feature is already known and this is a dict lookup
         declare = getattr(self.controller, "declare", None)
@@ -140,6 +147,7 @@ class SVDCacheHook(ModelHook):
         self._pending: dict[str, list] = {}  # zero-setup: features held until their basis exists
         self.online = None
         self._lock = threading.Lock()  # held for the length of a call: a second thread's call is refused
+        self._deferred: list = []  # (block hook, feature, F) recorded inside a compiled graph, for _end
         self._owner = None  # the thread holding it
         self.explicit = 0  # > 0 inside ``with svdcache.generation(model)``: one generation, no guessing
         self._model = None
@@ -204,6 +212,7 @@ class SVDCacheHook(ModelHook):
             if self._state is not None:  # this thread's last call raised without cleaning up (compiled)
                 self._state.new_generation()
                 self._state = None
+            self._deferred.clear()
         self._owner = threading.get_ident()
         try:
             return self._begin_locked(args, kwargs)
@@ -289,8 +298,14 @@ class SVDCacheHook(ModelHook):
         st = self._begin(args, kwargs)
         if torch.compiler.is_compiling():
             # no try block here: a graph break inside one makes dynamo run the whole frame eagerly; a
-            # compiled call that raised is cleaned up by the next call's _begin (same thread)
-            out = self.fn_ref.original_forward(*args, **kwargs)
+            # compiled call that raised is cleaned up by the next call's _begin (same thread).
+            # A full step is one graph (features leave it as outputs); a cached step runs eagerly:
+            # its blocks are forecasts behind the cache's own ops, and a graph break per block would
+            # compile every block's hook frame apart (diffusers' one new_forward code object for all).
+            if st.mode == "cached":
+                out = self._eager_forward(*args, **kwargs)
+            else:
+                out = self.fn_ref.original_forward(*args, **kwargs)
             return self._end(st, out, args, kwargs)
         try:
             if self._wants_count(st):
@@ -304,12 +319,17 @@ class SVDCacheHook(ModelHook):
         return self._end(st, out, args, kwargs)
 
     @torch.compiler.disable
+    def _eager_forward(self, *args, **kwargs):
+        return self.fn_ref.original_forward(*args, **kwargs)
+
+    @torch.compiler.disable
     def _abort(self, st: ContextState) -> None:
         """A call that raised (another hook, a bad input, an interrupt) leaves nothing behind: its
         context starts over on the next call."""
         st.new_generation()
         st.mode = None
         self._state = None
+        self._deferred.clear()
         self._lock.release()
 
     def _track(self, st: ContextState, out) -> None:
@@ -321,6 +341,11 @@ class SVDCacheHook(ModelHook):
     @torch.compiler.disable
     def _end(self, st: ContextState, out, args, kwargs):
         try:
+            if self._deferred:  # features a compiled full step handed out
+                items = list(self._deferred)
+                self._deferred.clear()
+                for bh, local, F in items:
+                    bh._record(local, F)
             if st.mode == "cached":
                 check = self.cfg.check_finite and not self._sync_free(_first_tensor(out))
                 o = _first_tensor(out) if check else None
