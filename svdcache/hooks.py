@@ -15,7 +15,7 @@ from diffusers.hooks import ModelHook
 from svdcache_kernels.ops._triton_common import MAX_KERNEL_K
 
 from .config import SVDCacheConfig
-from .distributed import plain_feature, reduce_partial
+from .distributed import plain_feature, reduce_partial, sees_shards
 from .flops import count_flops
 from .guards import CONTINUATION_TOL, concurrent_use_error, continuation_residual, refuse_foreign_cache
 from .predictors import SubspaceCache, make_feature_cache
@@ -249,7 +249,7 @@ class SVDCacheHook(ModelHook):
             new = st.step < 0 or (t_raw is not None and st.last_t is not None
                                   and (t_raw > st.last_t or t_raw == st.last_t == st.first_t))
             new = new or (num_steps is not None and st.step + 1 >= num_steps)
-            if not new and bare and st.traj_x is not None:
+            if not new and bare and st.traj_x is not None and not self._input_is_shard():
                 # a bare loop restarted at an equal or lower timestep (an interrupted generation, img2img):
                 # its input is not the continuation of the last inputs and outputs
                 r = continuation_residual(st.traj_x, st.traj_out, hs)
@@ -277,6 +277,12 @@ class SVDCacheHook(ModelHook):
         st.call_torch_flops = 0  # the share of call_cache_flops that ran as PyTorch ops on the Triton backend
         self._state = st
         return st
+
+    def _input_is_shard(self) -> bool:
+        """Context parallelism split the input before this hook (a value-based decision would then
+        differ between ranks and desynchronise their collectives): see svdcache.distributed."""
+        model = self._model() if self._model is not None else None
+        return model is not None and getattr(model, "_parallel_config", None) is not None and sees_shards(model, ROOT_HOOK)
 
     def _sync_free(self, t) -> bool:
         return self.cfg.sync_free and isinstance(t, torch.Tensor) and t.is_cuda
