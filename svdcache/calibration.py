@@ -189,6 +189,8 @@ def calibrate(
     backend: str = "auto",
     fit_gain_rows: int = 256,
     gain_warmup: int = 3,
+    blocks=None,
+    streams=None,
     **pipe_kwargs,
 ) -> Basis:
     """Run one reference generation and compute the SVD basis of every cached feature.
@@ -218,7 +220,12 @@ def calibrate(
             return target(prompt=prompt, num_inference_steps=num_inference_steps, **pipe_kwargs)
 
     hook = CalibrationHook(steps=steps, backend=backend, sample_rows=fit_gain_rows)
-    feature_dims = _install(model, hook, granularity, root_name="svdcache_calibration")
+    planned = None
+    if blocks is not None or streams is not None:  # a user's block lists / stream names, as for enable
+        from .adapters import find_blocks
+
+        planned = find_blocks(model, granularity, blocks=blocks, streams=streams)
+    feature_dims = _install(model, hook, granularity, root_name="svdcache_calibration", blocks=planned)
     from .distributed import all_gather_object, all_reduce_dict_, merge_samples, parallel_info
 
     parallel = parallel_info(model)

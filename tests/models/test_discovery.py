@@ -138,3 +138,18 @@ def test_calibrated_submodule_basis_and_its_fitted_gains():
     assert hook.gains == {n: g[key] for n, g in basis.meta["gains"].items()}
     assert svdcache.stats(model).last_generation.cached_steps == 2
     svdcache.disable(model)
+
+
+def test_calibrate_with_user_blocks():
+    name = "FluxTransformer2DModel"
+    model = Z.build(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        basis = svdcache.calibrate(model, run=lambda: C.denoise(name, model, C.STEPS, seed=7), progress=False,
+                                   blocks=["single_transformer_blocks"], fit_gain_rows=0)
+        assert basis.features and all(n.startswith("single_transformer_blocks.") for n in basis.features)
+        svdcache.enable(model, basis=basis, blocks=["single_transformer_blocks"], interval=3, warmup=2,
+                        num_inference_steps=C.STEPS)
+    C.denoise(name, model, C.STEPS)
+    assert svdcache.stats(model).last_generation.cached_steps == 3
+    svdcache.disable(model)
