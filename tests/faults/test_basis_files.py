@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 import svdcache
 from svdcache.basis import Basis, FeatureBasis
 
-FUZZ = settings(max_examples=25, deadline=None, derandomize=True,
+FUZZ = settings(max_examples=25, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 FEAT = "transformer_blocks.1.ff"  # a feature with k well inside its stored columns
 

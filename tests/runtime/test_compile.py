@@ -69,16 +69,3 @@ def test_compiled_transformer_with_cache_matches_eager_and_does_not_recompile(ti
     finally:
         svdcache.disable(tr)
         torch._dynamo.reset()
-
-
-def test_compiled_uncached_model_is_one_graph(tiny_pipe):
-    """The reference the cached run is held to: without the cache the model is one graph."""
-    import torch._dynamo
-
-    tr = tiny_pipe.transformer
-    torch._dynamo.reset()
-    compiled, graphs = _compile_counting(tr)
-    loop = FluxLoop(tr)
-    loop.run(3, model=compiled)
-    assert len(graphs) == 1
-    torch._dynamo.reset()
