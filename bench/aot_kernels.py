@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import time
@@ -77,6 +78,30 @@ def source_for(fn, args, meta):
     return ASTSource(fn, sig, constexprs=consts, attrs=attrs)
 
 
+def parse_ptxas(text: str) -> str:
+    """Registers, spills and performance advisories from ``ptxas -v`` output.
+
+    Only "Used N registers" lines give the register count: advisories such as "(C7515) Potential
+    Performance Loss: wgmma.mma_async instructions are serialized due to insufficient register
+    resources ..." also mention registers and are reported by their code instead."""
+    regs = spill = "?"
+    notes = []
+    for line in text.splitlines():
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            regs = m.group(1)
+        m = re.search(r"(\d+) bytes spill stores", line)
+        if m:
+            spill = m.group(1)
+        m = re.search(r"\((C\d{4})\)", line)
+        if m and m.group(1) not in notes:
+            notes.append(m.group(1))
+    extra = ""
+    if notes:
+        extra = " [" + ", ".join(n + (": wgmma serialized" if n == "C7515" else "") for n in notes) + "]"
+    return f"{regs} regs, {spill} B spilled{extra}"
+
+
 def ptxas_info(ptx: str, arch: str) -> str:
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     path = "/tmp/_svdcache_aot.ptx"
@@ -89,13 +114,7 @@ def ptxas_info(ptx: str, arch: str) -> str:
         out = subprocess.run([p, "-v", f"--gpu-name=sm_{arch}", path, "-o", "/tmp/_svdcache_aot.cubin"],
                              capture_output=True, text=True)
         if out.returncode == 0:
-            regs = spill = "?"
-            for line in (out.stdout + out.stderr).splitlines():
-                if "registers" in line:
-                    regs = line.split("Used")[1].split("registers")[0].strip()
-                if "spill stores" in line:
-                    spill = line.split("bytes spill stores")[0].split(",")[-1].strip()
-            return f"{regs} regs, {spill} B spilled"
+            return parse_ptxas(out.stdout + out.stderr)
     return "ptxas unavailable"
 
 
@@ -119,6 +138,14 @@ def variants(quick: bool):
                             lambda F=F, V=V, c=c, R=R: split_mod.split_triton(
                                 F, V, C=c(), D1=c(), D2=c(), E=c(), R=R(), dR=R(), order=2, h1=1.0, h2=2.0)))
             gate = torch.empty(B, 6 * D, dtype=dt, device=m)[:, 2 * D:3 * D].unsqueeze(1)
+            if not quick or (k == 256 and dt == torch.bfloat16):
+                # the runtime's exact variants: split with F_prev (order 1), 1-term reconstruct with x and gate
+                out.append((f"split F_prev {TY[dt]} k={k}", split_mod, "_split_kernel",
+                            lambda F=F, V=V, c=c, R=R: split_mod.split_triton(F, V, D1=c(), order=1, h1=5.0,
+                                                                               F_prev=R())))
+                out.append((f"reconstruct 1 term+gate {TY[dt]} k={k}", rec_mod, "_reconstruct_kernel",
+                            lambda V=V, R=R, c=c, gate=gate: rec_mod.reconstruct_triton(
+                                V, R(), terms=[c()], weights=(2.0,), x=R(), gate=gate)))
             out.append((f"reconstruct 3 terms+dR+gate {TY[dt]} k={k}", rec_mod, "_reconstruct_kernel",
                         lambda V=V, R=R, c=c, gate=gate: rec_mod.reconstruct_triton(
                             V, R(), terms=[c(), c(), c()], weights=(1.0, 0.5, 0.25), dR=R(), dr_scale=0.5,
@@ -126,7 +153,22 @@ def variants(quick: bool):
             if not quick:
                 out.append((f"reconstruct reuse {TY[dt]} k={k}", rec_mod, "_reconstruct_kernel",
                             lambda V=V, R=R, c=c: rec_mod.reconstruct_triton(V, R(), terms=[c()], weights=(1.0,))))
+        # k above one register tile (k-tiled kernels; the split's residual as a second kernel)
+        kb = 1024
         F = torch.empty(B, N, D, dtype=dt, device=m)
+        V = torch.empty(D, kb, dtype=dt, device=m)
+        cb = lambda: torch.empty(B, N, kb, device=m)  # noqa: E731
+        Rb = lambda dt=dt: torch.empty(B, N, D, dtype=dt, device=m)  # noqa: E731
+        if not quick or dt == torch.bfloat16:
+            out.append((f"split F_prev {TY[dt]} k={kb}", split_mod, "_split_kernel",
+                        lambda F=F, V=V, cb=cb, Rb=Rb: split_mod.split_triton(F, V, D1=cb(), order=1, h1=5.0,
+                                                                               F_prev=Rb())))
+            out.append((f"split C,R {TY[dt]} k={kb}", split_mod, "_split_kernel|_residual_kernel",
+                        lambda F=F, V=V, cb=cb, Rb=Rb: split_mod.split_triton(F, V, C=cb(), R=Rb())))
+            gate = torch.empty(B, 6 * D, dtype=dt, device=m)[:, 2 * D:3 * D].unsqueeze(1)
+            out.append((f"reconstruct 1 term+gate {TY[dt]} k={kb}", rec_mod, "_reconstruct_kernel",
+                        lambda V=V, gate=gate, cb=cb, Rb=Rb: rec_mod.reconstruct_triton(
+                            V, Rb(), terms=[cb()], weights=(2.0,), x=Rb(), gate=gate)))
         out.append((f"gram {TY[dt]}", gram_mod, "_gram_kernel",
                     lambda F=F: gram_mod.gram_update_triton(torch.empty(D, D, device=m), F)))
     if quick:
@@ -201,35 +243,39 @@ def main(argv=None) -> int:
     meta_as_cuda = torch.device("cuda")
     for mod, name in ((split_mod, "split_config"), (rec_mod, "reconstruct_config"), (gram_mod, "gram_config")):
         real = getattr(mod, name)
-        setattr(mod, name, lambda *a, _real=real: _real(*a[:-1], meta_as_cuda))
+        setattr(mod, name, lambda *a, _real=real, **kw: _real(*a[:-1], meta_as_cuda, **kw))
     failures = 0
     print(f"target sm_{args.arch}, triton {triton.__version__}, {args.sms} SMs assumed")
     print(f"{'variant':44s} {'BLOCK_M/D/K or D/R':>20s} {'warps':>5s} {'stages':>6s} {'smem':>8s}  mma       registers")
     for label, mod, attr, call in variants(args.quick) + (sweep_variants() if args.sweep else []):
-        rec = Recorder(getattr(mod, attr))
-        setattr(mod, attr, rec)
+        recs = {name: Recorder(getattr(mod, name)) for name in attr.split("|")}  # a launch may run 2 kernels
+        for name, rec in recs.items():
+            setattr(mod, name, rec)
         try:
             tc.FORCE_DOT_FP32 = "fp32" in label.split()  # the GPU rule: fp32 ieee, 16-bit tensor cores
             call()
         finally:
-            setattr(mod, attr, rec.fn)
+            for name, rec in recs.items():
+                setattr(mod, name, rec.fn)
             tc.FORCE_DOT_FP32 = None
-        for grid, a, meta, w, s in rec.calls:
+        calls = [(name, rec, c) for name, rec in recs.items() for c in rec.calls]
+        for kname, rec, (grid, a, meta, w, s) in calls:
+            lab = label if len(recs) == 1 else f"{label} ({kname.strip('_')})"
             blocks = "/".join(str(meta[k]) for k in ("BLOCK_M", "BLOCK_D", "BLOCK_K", "BLOCK_R") if k in meta)
             t = time.time()
             src = source_for(rec.fn, a, meta)
-            jobs.append(dict(label=label, file=os.path.relpath(mod.__file__, REPO), fn=attr, signature=src.signature,
+            jobs.append(dict(label=lab, file=os.path.relpath(mod.__file__, REPO), fn=kname, signature=src.signature,
                              constexprs={rec.fn.arg_names[i[0]]: v for i, v in src.constants.items()},
                              attrs=[[i[0], v] for i, v in src.attrs.items()], num_warps=w, num_stages=s))
             try:
                 kern = triton.compile(src, target=target, options={"num_warps": w, "num_stages": s})
             except Exception as e:
                 failures += 1
-                print(f"{label:44s} {blocks:>20s} {w:5d} {s:6d}  COMPILE ERROR {type(e).__name__}: {str(e)[:300]}")
+                print(f"{lab:44s} {blocks:>20s} {w:5d} {s:6d}  COMPILE ERROR {type(e).__name__}: {str(e)[:300]}")
                 continue
             ptx = kern.asm["ptx"]
             mma = "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else "fma"
-            print(f"{label:44s} {blocks:>20s} {w:5d} {s:6d} {kern.metadata.shared:8d}  {mma:8s}  "
+            print(f"{lab:44s} {blocks:>20s} {w:5d} {s:6d} {kern.metadata.shared:8d}  {mma:8s}  "
                   f"{ptxas_info(ptx, args.arch)}  ({time.time() - t:.1f} s, grid {grid})", flush=True)
     if args.dump:
         import json

@@ -57,7 +57,6 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, T
 import svdcache  # noqa: E402
 from svdcache.flops import count_flops  # noqa: E402
 from svdcache.schedule import is_full_step  # noqa: E402
-from svdcache_kernels.ops._triton_common import MAX_KERNEL_K  # noqa: E402
 
 # FLUX.1-dev's transformer/config.json (architecture fields).
 FLUX_DEV = dict(
@@ -340,16 +339,15 @@ def calibrate(run: Run, model, inp):
     kw = {}
     if "fit_gain_rows" in inspect.signature(svdcache.calibrate).parameters:
         kw["fit_gain_rows"] = 0  # the default config does not use fitted gains: keep no samples for them
-    basis = svdcache.calibrate(model, run=lambda: generate(run, model, inp), tau=run.args.tau, progress=False, **kw)
+    # fp32 eigh (SVDCACHE_EIGH_DTYPE): 228 Grams of 3072^2 in float64 are unbudgeted minutes
+    os.environ.setdefault("SVDCACHE_EIGH_DTYPE", run.args.eigh_dtype)
+    basis = svdcache.calibrate(model, run=lambda: generate(run, model, inp), tau=run.cfg.tau or 0.85, progress=False,
+                               **kw)
     run.sync()
     dt = time.perf_counter() - t
-    ks = sorted(fb.rank(run.args.tau) for fb in basis.features.values())
     run.info["calib_s"] = dt
     run.info["calib_peak"] = run.peak_bytes()
-    run.info["ranks"] = ks
-    run.log(f"calibrate: {dt:.1f} s, {len(ks)} features, k at tau={run.args.tau}: min {ks[0]}, median "
-            f"{ks[len(ks) // 2]}, max {ks[-1]}; {sum(k > MAX_KERNEL_K for k in ks)} above {MAX_KERNEL_K} "
-            "(reference ops instead of the Triton kernels)")
+    run.log(f"calibrate: {dt:.1f} s ({os.environ['SVDCACHE_EIGH_DTYPE']} eigh), {len(basis.features)} features")
     return basis
 
 
@@ -361,8 +359,14 @@ def row_svd(run: Run, model, inp, basis, interval: int, sync_free: bool = False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            svdcache.enable(model, basis=basis, interval=interval,
+            svdcache.enable(model, basis=basis, config=run.cfg, interval=interval,
                             **({"sync_free": True, "num_inference_steps": run.args.steps} if sync_free else {}))
+            if "ranks" not in run.info:  # the ranks the runtime uses (its subspace, tau or rank), once
+                ks = sorted(svdcache.stats(model).ranks.values())
+                run.info["ranks"] = ks
+                if ks:
+                    run.log(f"ranks (svdcache.stats): {len(ks)} features, k min {ks[0]}, median {ks[len(ks) // 2]}, "
+                            f"max {ks[-1]} ({run.cfg.label})")
             t = time.perf_counter()
             generate(run, model, inp)  # warm-up: Triton compilation, FLOP counting of each kind of call
             run.triton_warm = True
@@ -505,11 +509,15 @@ def report(run: Run) -> str:
           "FluxPipeline's loop (`cache_context(\"cond\")`, `scheduler.step`).", ""]
     ks = run.info.get("ranks")
     if ks:
-        L.append(f"SVD-Cache: basis from one `svdcache.calibrate` generation ({fmt(run.info.get('calib_s'), 1)} s), "
-                 f"tau = {a.tau}: rank k over {len(ks)} features min {ks[0]}, median {ks[len(ks) // 2]}, max {ks[-1]}; "
-                 f"{sum(k > MAX_KERNEL_K for k in ks)} features have k > {MAX_KERNEL_K} and run the PyTorch reference "
-                 "ops instead of the Triton kernels. Default config otherwise (Taylor order 2 in the subspace, "
-                 "residual reused, warm-up 3, check_finite on).")
+        c = run.cfg
+        k_how = f"rank = {c.rank} (override)" if c.rank is not None else f"tau = {c.tau}"
+        L.append(f"SVD-Cache: basis from one `svdcache.calibrate` generation ({fmt(run.info.get('calib_s'), 1)} s, "
+                 f"{os.environ.get('SVDCACHE_EIGH_DTYPE', 'float64')} eigh); ranks as the runtime uses them "
+                 f"(`svdcache.stats(...).ranks`: the {c.subspace} subspace, {k_how}) over {len(ks)} features: min "
+                 f"{ks[0]}, median {ks[len(ks) // 2]}, max {ks[-1]}; every k runs in the Triton kernels (tiled over k "
+                 f"above 256). Config: `{c.label}` (Taylor order {c.order} in the {c.subspace} subspace, residual "
+                 f"{c.residual}, warm-up {c.warmup}, check_finite {c.check_finite}: on a GPU one device-side state "
+                 "check per full step instead of a host sync per cached step).")
     L.append("TaylorSeer: diffusers' `TaylorSeerCacheConfig(cache_interval=N, max_order=1, disable_cache_before_step=3, "
              "taylor_factors_dtype=bf16)`, which by default hooks the attention modules only: on its cached steps the "
              "feed-forward layers (and the single blocks' proj_mlp / proj_out) are still computed.")
@@ -604,9 +612,12 @@ def main(argv=None) -> int:
     ap.add_argument("--resolution", type=int, default=1024, help="image side in pixels (GPU run)")
     ap.add_argument("--intervals", default="4,5,6,7,8")
     ap.add_argument("--sync-free-intervals", default="5,7",
-                    help="extra SVD-Cache rows with sync_free=True (no host sync per call), after the others")
+                    help="extra SVD-Cache rows with sync_free=True (no host sync per call), run first")
     ap.add_argument("--repeats", type=int, default=None, help="timed generations per row at most (GPU: 3)")
-    ap.add_argument("--tau", type=float, default=0.99, help="SVD-Cache energy threshold (the default config's)")
+    ap.add_argument("--tau", type=float, default=None, help="SVD-Cache energy threshold (default: the config's)")
+    ap.add_argument("--rank", type=int, default=None, help="fixed rank k for every feature (overrides tau)")
+    ap.add_argument("--eigh-dtype", default="float32", choices=("float32", "float64"),
+                    help="calibration's eigendecomposition (SVDCACHE_EIGH_DTYPE); float32 keeps it in budget")
     ap.add_argument("--init-gain", type=float, default=1.0, help="Linear weights N(0, gain^2 / fan_in)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-taylorseer", action="store_true")
@@ -622,11 +633,13 @@ def main(argv=None) -> int:
         print("no CUDA device: run on a GPU machine, or use --tiny", file=sys.stderr)
         return 2
     run = Run(args)
+    over = {k: v for k, v in (("tau", args.tau), ("rank", args.rank)) if v is not None}
+    run.cfg = svdcache.SVDCacheConfig(**over)
     intervals = [int(n) for n in args.intervals.split(",") if n.strip()]
-    run.plan = ([] if args.no_svd else [("svd", n) for n in intervals]) + (
-        [] if args.no_taylorseer else [("ts", n) for n in intervals])
     sync_free = [int(n) for n in args.sync_free_intervals.split(",") if n.strip()]
-    run.plan += [] if args.no_svd else [("svd_sf", n) for n in sync_free]
+    # sync-free rows first: a run cut short by the budget keeps them
+    run.plan = ([] if args.no_svd else [("svd_sf", n) for n in sync_free] + [("svd", n) for n in intervals]) + (
+        [] if args.no_taylorseer else [("ts", n) for n in intervals])
     run.log(f"device: {card_name(run)}; torch {torch.__version__}, diffusers {diffusers.__version__}; "
             f"budget {args.budget_s:.0f} s")
     try:
@@ -637,10 +650,10 @@ def main(argv=None) -> int:
         row_uncached(run, model, inp)
         write_report(run)
         basis = None
-        if any(m == "svd" for m, _ in run.plan):
+        if any(m.startswith("svd") for m, _ in run.plan):
             # one generation with the Gram updates, then an eigendecomposition per feature
             need = 1.5 * est_gen_s(run, "uncached", 1) + (0 if run.tiny else 45.0)
-            first = next(n for m, n in run.plan if m == "svd")
+            first = next(n for m, n in run.plan if m.startswith("svd"))
             if run.left() < need + est_row_s(run, "svd", first) + args.reserve_s:
                 run.notes.append(f"calibration skipped: {run.left():.0f} s left, about {need:.0f} s needed")
             else:

@@ -306,6 +306,72 @@ def _parity(run: Run) -> None:
         tc.FORCE_DOT_FP32 = None
         run.log(f"parity {dn(dtype)} done")
 
+    # The runtime's exact variants at the shapes, and so the launch configs, that production selects:
+    # FLUX's joint stream (M = 4608 rows) and image stream (M = 4096), bf16, k from one register tile
+    # to a k-tiled 1000; split with F_prev (order 1, the default full step), 1-term reconstruct with
+    # x and a strided gate in place (the default cached step), and the residual-form split above one
+    # k tile (its second kernel). Smoke: small shapes with small k tiles forced (same code paths).
+    from svdcache_kernels.ops.reconstruct.kernel import reconstruct_config
+    from svdcache_kernels.ops.split.kernel import split_config
+
+    dtype = torch.float16 if run.smoke else torch.bfloat16
+    tc.FORCE_DOT_FP32 = False if run.smoke else None
+    dot_dt = None if tc.dot_fp32(dtype, dev) else dtype
+    t16, loose = 2 * ULP[dtype], 32 * 2.0 ** -BITS[dtype]
+    shapes = [((1,), 90, 72, (16, 72))] if run.smoke else [((1,), 4608, 3072, (64, 256, 1000)), ((1,), 4096, 3072, (256,))]
+    force = dict(BLOCK_K=32) if run.smoke else {}
+    for B2, N2, D2, ks2 in shapes:
+        for k in ks2:
+            if run.left() < 20:
+                run.notes.append("production-shape parity cut short by the time budget")
+                break
+            M2 = math.prod(B2) * N2
+            scfg = split_config(M2, D2, k, dtype, dev, has_r=False)
+            rcfg = reconstruct_config(M2, D2, k, 1, dtype, dev)
+            run.log(f"parity at M={M2} D={D2} k={k}: split config {scfg}, reconstruct config {rcfg}")
+            V = basis(D2, k)
+            cs, rs = (*B2, N2, k), (*B2, N2, D2)
+            F, Fp = rnd(*rs, dtype=dtype, scale=2.0), rnd(*rs, dtype=dtype, scale=2.0)
+            pkw = dict(order=1, h1=5.0, F_prev=Fp)
+            outs = {}
+            with tc.config_override("split", **force), tc.config_override("reconstruct", **force):
+                for name, fn in (("kernel", lambda **s: split(F, V, backend="triton", **s, **pkw)),
+                                 ("emu", lambda **s: split_emulated(F, V, dot_dtype=dot_dt, **s, **pkw)),
+                                 ("exact", lambda **s: split_reference(F, V, **s, **pkw))):
+                    outs[name] = {"D1": nan(*cs)}
+                    run.guard(f"parity split F_prev M={M2} k={k} {name}", fn, **outs[name])
+                run.sync()
+                record(f"split F_prev M={M2}", dtype, k, "D1", outs["kernel"]["D1"], outs["emu"]["D1"],
+                       outs["exact"]["D1"], 2e-5, _maxabs(outs["emu"]["D1"]), loose)
+                if k > tc.MAX_KERNEL_K or run.smoke:  # residual form above one k tile: two kernels
+                    init = dict(C=nan(*cs), R=nan(*rs, dtype=dtype))
+                    routs = {}
+                    for name, fn in (("kernel", lambda **s: split(F, V, backend="triton", **s)),
+                                     ("emu", lambda **s: split_emulated(F, V, dot_dtype=dot_dt, **s)),
+                                     ("exact", lambda **s: split_reference(F, V, **s))):
+                        routs[name] = {n: t.clone() for n, t in init.items()}
+                        run.guard(f"parity split C,R M={M2} k={k} {name}", fn, **routs[name])
+                    run.sync()
+                    record(f"split C,R M={M2}", dtype, k, "C", routs["kernel"]["C"], routs["emu"]["C"],
+                           routs["exact"]["C"], 2e-5, _maxabs(routs["emu"]["C"]), loose)
+                    record(f"split C,R M={M2}", dtype, k, "R", routs["kernel"]["R"], routs["emu"]["R"],
+                           routs["exact"]["R"], t16, max(_maxabs(routs["emu"]["R"]), _maxabs(F)), loose)
+                D1 = rnd(*cs, scale=3.0)
+                x = rnd(*rs, dtype=dtype, scale=4.0)
+                gate = rnd(*B2, 6 * D2, dtype=dtype)[..., 2 * D2:3 * D2].unsqueeze(-2)
+                rkw = dict(terms=[D1], weights=(2.0,), gate=gate)
+                xk = x.clone()
+                got = run.guard(f"parity reconstruct 1 term+gate M={M2} k={k}",
+                                lambda: reconstruct(V, F, backend="triton", x=xk, out=xk, **rkw))
+                if got is not None:
+                    emu = reconstruct_emulated(V, F, dot_dtype=dot_dt, x=x, **rkw)
+                    record(f"reconstruct 1 term+gate M={M2}", dtype, k, "out (in place)", xk, emu,
+                           reconstruct_reference(V, F, x=x, **rkw), t16, _maxabs(emu), loose)
+            del F, Fp, outs
+            run.sync()
+    tc.FORCE_DOT_FP32 = None
+    run.log("production-shape parity done")
+
 
 # ---------------------------------------------------------------------------------------------------
 # 2. Copy bandwidth, 3. timings, 4. sweep

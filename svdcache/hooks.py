@@ -12,8 +12,6 @@ import weakref
 import torch
 from diffusers.hooks import ModelHook
 
-from svdcache_kernels.ops._triton_common import MAX_KERNEL_K
-
 from .config import SVDCacheConfig
 from .distributed import plain_feature, reduce_partial, sees_shards
 from .flops import count_flops
@@ -25,6 +23,7 @@ from .stats import CacheStats, RunStats
 
 logger = logging.getLogger("svdcache")
 
+_MISSING = object()
 ROOT_HOOK = "svdcache"
 BLOCK_HOOK = "svdcache_block"
 CAPTURE_HOOK = "svdcache_capture"
@@ -76,8 +75,9 @@ class BlockHook(ModelHook):
         self.adapter = adapter
         self.active_record = None
         self.active_forecast = None  # set during a cached forward (submodule hooks read it)
-        self.prefix = prefix = name + "."
-        self._forecast = lambda local, **kw: controller.forecast(prefix + local, **kw)
+        self.prefix = name + "."
+        self._forecast = Forecaster(controller, self.prefix)
+        self._names: dict[str, str] = {}  # local -> full feature name (no string concatenation per call)
 
     def _record(self, local: str, F) -> None:
         if torch.compiler.is_compiling():
@@ -87,17 +87,28 @@ class BlockHook(ModelHook):
                 # (no graph break inside the blocks, no per-feature guard, one graph per kind of call)
                 deferred.append((self, local, F))
                 return
-        # adapters that learn their features on the first full step (submodule, generic block level)
-        # declare them then; a static feature is already known and this is a dict lookup
-        declare = getattr(self.controller, "declare", None)
-        if declare is not None:
-            declare(self.prefix + local, None if F is None else F.shape[-1])
-        self.controller.record(self.prefix + local, F)
+        name = self._names.get(local)
+        if name is None:
+            name = self._names[local] = self.prefix + local
+        ctl = self.controller
+        dims = getattr(ctl, "feature_dims", None)
+        if dims is None or name not in dims:
+            # adapters that learn their features on the first full step (submodule, generic block
+            # level) declare them then
+            declare = getattr(ctl, "declare", None)
+            if declare is not None:
+                declare(name, None if F is None else F.shape[-1])
+        if torch.compiler.is_compiling():
+            ctl.record(name, F)  # behind a graph break
+        else:  # the same, without the compiler-disable wrapper per feature
+            getattr(ctl, "_record_eager", ctl.record)(name, F)
 
     def new_forward(self, module, *args, **kwargs):
         mode = self.controller.mode()
         if mode == "cached":
-            return self._cached_forward(module, args, kwargs)
+            if torch.compiler.is_compiling():
+                return self._cached_forward(module, args, kwargs)
+            return self._cached_forward_eager(module, args, kwargs)
         if mode is None:  # called outside a managed transformer call
             return self.fn_ref.original_forward(*args, **kwargs)
         self.active_record = self._record
@@ -106,8 +117,7 @@ class BlockHook(ModelHook):
         finally:
             self.active_record = None
 
-    @torch.compiler.disable
-    def _cached_forward(self, module, args, kwargs):
+    def _cached_forward_eager(self, module, args, kwargs):
         if getattr(self.adapter, "needs_forward", False):  # the block's own forward runs (submodule level)
             self.active_forecast = self._forecast
             try:
@@ -116,6 +126,30 @@ class BlockHook(ModelHook):
             finally:
                 self.active_forecast = None
         return self.adapter.cached_forward(module, args, kwargs, self._forecast)
+
+    _cached_forward = torch.compiler.disable(_cached_forward_eager)  # under torch.compile: a graph break
+
+
+class Forecaster:
+    """What a block's cached forward calls: ``forecast(local_name, x=, gate=, out=)``, plus
+    ``buffer(key, shape, dtype, device)``, a work tensor owned by the runtime and reused every
+    cached call (adapters write block outputs into it instead of allocating, or concatenating)."""
+
+    __slots__ = ("controller", "prefix", "names")
+
+    def __init__(self, controller, prefix: str):
+        self.controller = controller
+        self.prefix = prefix
+        self.names: dict[str, str] = {}
+
+    def __call__(self, local: str, **kw):
+        name = self.names.get(local)
+        if name is None:
+            name = self.names[local] = self.prefix + local
+        return self.controller.forecast(name, **kw)
+
+    def buffer(self, key: str, shape, dtype, device):
+        return self.controller.buffer(key, shape, dtype, device)
 
 
 class SVDCacheHook(ModelHook):
@@ -145,6 +179,8 @@ class SVDCacheHook(ModelHook):
         self._warned: set[str] = set()
         self._state: ContextState | None = None  # state of the call in progress
         self._pending: dict[str, list] = {}  # zero-setup: features held until their basis exists
+        self._buffers: dict[str, torch.Tensor] = {}  # cached forwards' output buffers (see buffer)
+        self._plans: dict[str, dict] = {}  # per feature: prepared split / reconstruct calls by layout
         self.online = None
         self._lock = threading.Lock()  # held for the length of a call: a second thread's call is refused
         self._deferred: list = []  # (block hook, feature, F) recorded inside a compiled graph, for _end
@@ -233,9 +269,9 @@ class SVDCacheHook(ModelHook):
             getattr(hs, "device", None),
         )
         timestep = next((kwargs[k] for k in _TIMESTEP_ARGS if kwargs.get(k) is not None), None)
-        skip_read = self._sync_free(hs) and cfg.time_axis == "step"
-        t_raw = None if skip_read else _timestep_value(timestep)
         num_steps = ctx.num_inference_steps or cfg.num_inference_steps
+        skip_read = cfg.time_axis == "step" and self._skip_timestep_read(timestep, hs, ctx, num_steps)
+        t_raw = None if skip_read else _timestep_value(timestep)
         bare = self.state_manager._context is None and isinstance(hs, torch.Tensor) and not skip_read
         if st.signature is not None and sig != st.signature:
             logger.info("svdcache: input shape/dtype/device changed (%s -> %s): state reset, computing in full", st.signature, sig)
@@ -275,8 +311,49 @@ class SVDCacheHook(ModelHook):
         st.updated = set()
         st.call_cache_flops = 0
         st.call_torch_flops = 0  # the share of call_cache_flops that ran as PyTorch ops on the Triton backend
+        if st.mode == "cached" and getattr(st, "finite_flag", None) is not None:
+            self._check_state_flag(st)
         self._state = st
         return st
+
+    # -- host syncs: none per step on a GPU ------------------------------------------------------
+    @staticmethod
+    def _device_side(t) -> bool:
+        """Reading ``t`` on the host would wait for the device (a GPU tensor)."""
+        return isinstance(t, torch.Tensor) and t.device.type != "cpu"
+
+    def _skip_timestep_read(self, timestep, hs, ctx, num_steps) -> bool:
+        """The timestep is read (restart detection) where it is free: a CPU value. On a GPU it is
+        read only when nothing else says where a generation starts: no step index, no step count
+        (config or the pipeline's scheduler) and no pipeline context (pipelines reset the cache at
+        the end of each call). ``sync_free`` never reads it."""
+        if self.cfg.sync_free and self._device_side(hs):
+            return True
+        if not self._device_side(timestep):
+            return False
+        return ctx.step_index is not None or num_steps is not None or self.state_manager._context is not None
+
+    def _states_finite(self, st: ContextState):
+        """On a GPU, at a full step: one device-side flag, all k-dim states finite (a non-finite
+        feature makes them non-finite), read at the next cached step instead of a sync per step."""
+        ts = [u for fc in st.features.values() if fc is not None for u in fc.state_tensors()]
+        if not ts:
+            return None
+        norms = torch._foreach_norm(ts, float("inf"))  # max |.|: NaN and inf survive, no overflow
+        return torch.isfinite(torch.stack(norms)).all()
+
+    def _check_state_flag(self, st: ContextState) -> None:
+        ok = bool(st.finite_flag)  # the one host read per full-step interval on a GPU
+        st.finite_flag = None
+        if ok:
+            return
+        self._warn_once("fallback", "svdcache: a cached state is not finite; this step is computed in full "
+                        "(warned once)")
+        self.cur.fallbacks += 1
+        st.features = {}
+        st.ready = False
+        st.hist = 0
+        st.mode = "full"
 
     def _input_is_shard(self) -> bool:
         """Context parallelism split the input before this hook (a value-based decision would then
@@ -353,8 +430,10 @@ class SVDCacheHook(ModelHook):
                 for bh, local, F in items:
                     bh._record(local, F)
             if st.mode == "cached":
-                check = self.cfg.check_finite and not self._sync_free(_first_tensor(out))
-                o = _first_tensor(out) if check else None
+                o = _first_tensor(out)
+                # a GPU output is not read back per step: its states were checked at the full step
+                check = self.cfg.check_finite and not self._sync_free(o) and not self._device_side(o)
+                o = o if check else None
                 if o is None or bool(torch.isfinite(o).all()):
                     self.cur.cached_steps += 1
                     self._account(st)
@@ -373,6 +452,9 @@ class SVDCacheHook(ModelHook):
             self._account(st)
             st.hist = min(st.hist + 1, 3)
             st.ready = self._all_updated(st)
+            st.finite_flag = None
+            if st.ready and self.cfg.check_finite and not self.cfg.sync_free and self._device_side(_first_tensor(out)):
+                st.finite_flag = self._states_finite(st)
             self._measure_memory()
             self._track(st, out)
             return out
@@ -466,8 +548,7 @@ class SVDCacheHook(ModelHook):
         self._V[name] = V
         return V
 
-    @torch.compiler.disable
-    def record(self, name: str, F: torch.Tensor | None) -> None:
+    def _record_eager(self, name: str, F: torch.Tensor | None) -> None:
         st = self._state
         if F is None:
             st.features[name] = None
@@ -489,11 +570,14 @@ class SVDCacheHook(ModelHook):
             return
         self._update(st, name, F, st.t)
 
+    record = torch.compiler.disable(_record_eager)  # a graph break under torch.compile
+
     def _update(self, st: ContextState, name: str, F: torch.Tensor, t: float) -> None:
         fc = st.features.get(name)
         if fc is None:
             V = self._basis_V(name, F) if self.cfg.space == "svd" else None
             fc = st.features[name] = make_feature_cache(name, self.cfg, V, self.gains.get(name))
+            fc.plans = self._plans.setdefault(name, {})  # validated kernel calls outlive a generation
         elif isinstance(fc, SubspaceCache) and (fc.V.dtype != F.dtype or fc.V.device != F.device):
             fc.V = self._basis_V(name, F)
         try:
@@ -505,10 +589,8 @@ class SVDCacheHook(ModelHook):
 
     @staticmethod
     def _add_cache_flops(st: ContextState, fc, flops: int) -> None:
+        # the kernels cover every k, so on the Triton backend torch's FLOP counter sees none of these
         st.call_cache_flops += flops
-        V = getattr(fc, "V", None)
-        if V is not None and V.shape[1] > MAX_KERNEL_K:  # the kernels' wrappers fall back to the reference ops
-            st.call_torch_flops += flops
 
     def _adopt(self, name, fb) -> None:
         """A feature's basis, built online from the first full steps, joins the model's basis."""
@@ -525,18 +607,30 @@ class SVDCacheHook(ModelHook):
 
     def forecast(self, name: str, *, x=None, gate=None, out=None):
         st = self._state
-        if name not in st.features:  # ready implies every feature was updated
+        fc = st.features.get(name, _MISSING)
+        if fc is _MISSING:  # ready implies every feature was updated
             raise RuntimeError(f"svdcache: no cached state for feature {name!r} on a cached step")
-        fc = st.features[name]
         if fc is None:
             return None
-        if x is not None and fc.shape is not None and tuple(x.shape) != fc.shape:
+        if x is not None and fc.shape is not None and x.shape != fc.shape:
             # a stream that enters a block with batch 1 and leaves it broadcast to the batch (FLUX's
             # text stream with one negative prompt for a batch of images)
-            x = x.expand(fc.shape).contiguous()
+            if out is not None and out is not x and tuple(out.shape) == fc.shape:
+                x = out.copy_(x)  # broadcast into the output buffer, then in place
+            else:
+                x = x.expand(fc.shape).contiguous()
         res = fc.forecast(st.t, x=x, gate=gate, out=out)
-        self._add_cache_flops(st, fc, getattr(fc, "forecast_flops", 0))
+        st.call_cache_flops += fc.forecast_flops
         return res
+
+    def buffer(self, key: str, shape, dtype, device) -> torch.Tensor:
+        """A work tensor for cached block outputs, reused by every cached call (one per key; replaced
+        when the shape, dtype or device changes). Only cached forwards write it, and what they
+        return from it is consumed by the next block of the same call."""
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != device:
+            buf = self._buffers[key] = torch.empty(shape, dtype=dtype, device=device)
+        return buf
 
     # -- statistics --------------------------------------------------------------------------------
     def stats(self) -> CacheStats:

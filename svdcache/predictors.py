@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 import svdcache_kernels as K
+from svdcache_kernels.plan import layout as plan_layout
 
 from .config import SVDCacheConfig
 
@@ -44,6 +45,8 @@ class FeatureCache:
         self.shape: tuple | None = None
         self.device = None
         self.feature_nbytes = 0  # one copy of the feature: the unit of cache memory
+        self.update_flops = self.forecast_flops = 0  # the cache's own FLOPs of the last update / forecast
+        self.plans: dict = {}  # prepared kernel calls by layout; the runtime shares one dict per feature
 
     @property
     def n(self) -> int:
@@ -62,6 +65,10 @@ class FeatureCache:
 
     def nbytes(self) -> int:
         raise NotImplementedError
+
+    def state_tensors(self) -> list:
+        """Derived states a forecast reads (checked for finiteness at full steps on a GPU)."""
+        return []
 
 
 def _nbytes(*ts) -> int:
@@ -106,7 +113,7 @@ class SubspaceCache(FeatureCache):
         order = min(cfg.order, self.n) if cfg.predictor == "taylor" else 0
         proj = 2 * (F.numel() // F.shape[-1]) * F.shape[-1] * self.V.shape[1]  # one F V
         if self.keep_C:
-            K.split(
+            self._split(
                 F, self.V, C=self.C,
                 D1=self.D1 if order >= 1 else None, D2=self.D2 if order >= 2 else None, E=self.E,
                 R=None if self.anchor_form else self.R,
@@ -115,14 +122,46 @@ class SubspaceCache(FeatureCache):
             )
             self.update_flops = proj * (1 if self.anchor_form else 2)
         elif order >= 1:  # D1 = (F - F_prev) V / h1: one projection, no coefficients kept
-            K.split(F, self.V, D1=self.D1, D2=self.D2 if order >= 2 else None, order=order, h1=h1, h2=h2,
-                    F_prev=self.R, backend=cfg.backend)
+            self._split(F, self.V, D1=self.D1, D2=self.D2 if order >= 2 else None, order=order, h1=h1, h2=h2,
+                        F_prev=self.R, backend=cfg.backend)
             self.update_flops = proj
         else:
             self.update_flops = 0  # reuse, or a first full step: F itself is the whole state
         if self.anchor_form:
             self.R = F  # held, not copied: R + C V^T is F itself
         self._push_time(F, t)
+        # what a reconstruct plan depends on besides x / gate / out: read once per full step
+        self._state_key = tuple(plan_layout(u) for u in (self.V, self.R, self.C, self.D1, self.D2, self.E, self.dR))
+
+    def _split(self, F, V, *, backend=None, **kw) -> None:
+        """K.split through a plan: arguments validated once per layout (a few per feature: the first
+        full steps have less history), not on every full step."""
+        key = K.SplitPlan.key_of(F, V, kw.get("C"), kw.get("D1"), kw.get("D2"), kw.get("E"), kw.get("R"),
+                                 kw.get("dR"), kw.get("F_prev"), kw.get("order", 0), kw.get("ema_init", False))
+        plans = self.plans  # shared by this feature's caches across generations (see hooks)
+        plan = plans.get(key)
+        if plan is None:
+            if len(plans) > 8:
+                plans.clear()
+            plan = plans[key] = K.SplitPlan(F, V, backend=backend, **kw)
+        kw.pop("order", None)
+        plan(F, V, **kw)
+
+    def _reconstruct(self, terms, weights, dR, dr_scale, x, gate, out) -> torch.Tensor:
+        """K.reconstruct through a plan: validated once per layout of x / gate / out and of the state."""
+        key = (getattr(self, "_state_key", None), len(terms), dR is not None, plan_layout(x), plan_layout(gate),
+               plan_layout(out))
+        plan = getattr(self, "_rplan", None)
+        if plan is None or self._rkey != key:
+            plan = self.plans.get(key)
+            if plan is None:
+                if len(self.plans) > 8:
+                    self.plans.clear()
+                plan = self.plans[key] = K.ReconstructPlan(
+                    self.V, self.R, terms=terms, weights=weights, dR=dR, dr_scale=dr_scale, x=x, gate=gate, out=out,
+                    backend=self.cfg.backend)
+            self._rplan, self._rkey = plan, key
+        return plan(self.V, self.R, terms, weights, dR, dr_scale, x, gate, out)
 
     def forecast(self, t, *, x=None, gate=None, out=None) -> torch.Tensor:
         cfg = self.cfg
@@ -145,13 +184,18 @@ class SubspaceCache(FeatureCache):
         self.forecast_flops = 2 * rows * self.R.shape[-1] * self.V.shape[1] if terms else 0
         if not terms and dR is None and x is None:
             return self.R
-        return K.reconstruct(
-            self.V, self.R, terms=terms, weights=weights, dR=dR, dr_scale=dr_scale, x=x, gate=gate, out=out,
-            backend=cfg.backend,
-        )
+        return self._reconstruct(terms, weights, dR, dr_scale, x, gate, out)
 
     def nbytes(self) -> int:
         return _nbytes(self.C, self.D1, self.D2, self.E, self.R, self.dR if not self.anchor_form else None)
+
+    def state_tensors(self) -> list:
+        """The k-dim states (and an explicit dR) a forecast reads besides the anchor: a non-finite
+        feature makes them non-finite, so checking them at a full step guards the next cached steps."""
+        if self.n < 2:  # D1 (and dR) hold no value yet; the forecast reads none of them
+            return [u for u in (self.C, self.E) if u is not None and self.n >= 1]
+        return [u for u in (self.C, self.D1, self.D2 if self.n >= 3 else None, self.E,
+                            None if self.anchor_form else self.dR) if u is not None]
 
 
 class FullSpaceCache(FeatureCache):
@@ -205,6 +249,9 @@ class FullSpaceCache(FeatureCache):
 
     def nbytes(self) -> int:
         return _nbytes(self.F, self.D1, self.D2, self.E)
+
+    def state_tensors(self) -> list:
+        return [u for u in (self.D1, self.D2, self.E) if u is not None]
 
 
 def make_feature_cache(name: str, cfg: SVDCacheConfig, V: torch.Tensor | None, gain: float | None = None) -> FeatureCache:

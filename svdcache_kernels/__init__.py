@@ -5,11 +5,14 @@ Ops (each ``op(...)`` dispatches; ``op_reference`` and ``op_triton`` share its s
 - :func:`split`: full-compute step, coefficients C = F V, residual, predictor-state updates.
 - :func:`reconstruct`: cached step, F_hat = P V^T + R (+ s dR), optional fused ``x + gate * F_hat``.
 - :func:`gram_update`: calibration, G += F^T F (fp32); :func:`basis_from_gram`: eigh -> V, sigma, k.
+- :class:`SplitPlan`, :class:`ReconstructPlan`: the same ops for a fixed layout, validated once
+  (the runtime's per-feature hot path).
 """
 from .dispatch import resolve_backend
 from .ops.gram import basis_from_gram, gram_update, gram_update_reference, rank_for_energy
 from .ops.reconstruct import reconstruct, reconstruct_reference
 from .ops.split import split, split_reference
+from .plan import ReconstructPlan, SplitPlan
 
 __all__ = [
     "split",
@@ -21,4 +24,6 @@ __all__ = [
     "basis_from_gram",
     "rank_for_energy",
     "resolve_backend",
+    "ReconstructPlan",
+    "SplitPlan",
 ]

@@ -19,6 +19,108 @@ def _clip_fp16(x: torch.Tensor) -> torch.Tensor:
     return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
 
 
+class _SiluOnce:
+    """silu(temb) once per transformer call (every block's AdaLN gets the same temb tensor), and its
+    batch-of-2 expansion for the double blocks' batched gate GEMM."""
+
+    __slots__ = ("temb", "version", "out", "out2")
+
+    def __init__(self):
+        self.temb = self.version = self.out = self.out2 = None
+
+    def __call__(self, temb: torch.Tensor) -> torch.Tensor:
+        if temb is not self.temb or temb._version != self.version:
+            self.temb, self.version = temb, temb._version
+            self.out = torch.nn.functional.silu(temb)
+            self.out2 = None
+        return self.out
+
+    def twice(self, temb: torch.Tensor) -> torch.Tensor:
+        s = self(temb)
+        if self.out2 is None:
+            self.out2 = s.expand(2, *s.shape)
+        return self.out2
+
+
+_SILU = _SiluOnce()
+
+
+def _gate_weights(block: torch.nn.Module, lin: torch.nn.Linear, n_chunks: int, pairs: bool):
+    """Views (no copies) of the gate rows of an AdaLN linear, transposed for a GEMM, and its bias:
+    the gate chunk of AdaLayerNormZeroSingle (chunk 2 of 3) as (dim, D) and (D,); gate_msa and
+    gate_mlp of AdaLayerNormZero (chunks 2 and 5 of 6: one strided view) as (2, dim, D) and
+    (2, 1, D). Made once per module and re-made when the weight is replaced or changed in place
+    (a LoRA fuse), so a cached step reads only the gate rows (1/3 of the modulation weights)."""
+    w, bias = lin.weight, lin.bias
+    key = (w.data_ptr(), w._version, w.dtype, w.device, None if bias is None else (bias.data_ptr(), bias._version))
+    cache = block.__dict__.setdefault("_svdcache_gates", {})
+    ent = cache.get(id(lin))
+    if ent is not None and ent[0] == key:
+        return ent[1], ent[2]
+    W = w.detach()
+    D, dim = W.shape[0] // n_chunks, W.shape[1]
+    b = None if bias is None else bias.detach()
+    if pairs:  # chunks 2 and 5 of 6 = chunk 2 of each half: a (2, D, dim) view
+        Wt = W.view(2, 3, D, dim)[:, 2].transpose(1, 2)
+        b = None if b is None else b.view(2, 3, D)[:, 2].unsqueeze(1)
+    else:
+        Wt = W[2 * D:3 * D].t()
+        b = None if b is None else b[2 * D:3 * D]
+    cache[id(lin)] = (key, Wt, b)
+    return Wt, b
+
+
+def _double_gates(block, temb, buffer):
+    """gate_msa, gate_mlp, c_gate_msa, c_gate_mlp of a cached step, each (B, 1, D): two batched
+    GEMMs on the gate rows only, written into one runtime buffer (no allocation per block)."""
+    s2 = _SILU.twice(temb)
+    Wt, b = _gate_weights(block, block.norm1.linear, 6, True)
+    Wc, bc = _gate_weights(block, block.norm1_context.linear, 6, True)
+    B, D = temb.shape[0], Wt.shape[-1]
+    if s2.dtype != Wt.dtype:
+        s2 = s2.to(Wt.dtype)
+    if buffer is None:
+        g = torch.baddbmm(b, s2, Wt) if b is not None else torch.bmm(s2, Wt)
+        gc = torch.baddbmm(bc, s2, Wc) if bc is not None else torch.bmm(s2, Wc)
+        return g[0].unsqueeze(1), g[1].unsqueeze(1), gc[0].unsqueeze(1), gc[1].unsqueeze(1)
+    gb = buffer("flux.gates.double", (4, B, 1, D), Wt.dtype, temb.device)
+    views = _VIEWS.get(("d", id(gb)))
+    if views is None or views[0] is not gb:
+        views = (gb, gb[0:2].view(2, B, D), gb[2:4].view(2, B, D), gb.unbind(0))
+        _VIEWS[("d", id(gb))] = views
+    _, out1, out2, gates = views
+    torch.baddbmm(b, s2, Wt, out=out1) if b is not None else torch.bmm(s2, Wt, out=out1)
+    torch.baddbmm(bc, s2, Wc, out=out2) if bc is not None else torch.bmm(s2, Wc, out=out2)
+    return gates
+
+
+def _single_gate(block, temb, buffer):
+    """The single block's gate of a cached step, (B, 1, D): one GEMM on its gate rows."""
+    s = _SILU(temb)
+    Wt, b = _gate_weights(block, block.norm.linear, 3, False)
+    if s.dtype != Wt.dtype:
+        s = s.to(Wt.dtype)
+    if buffer is None:
+        return (torch.addmm(b, s, Wt) if b is not None else torch.mm(s, Wt)).unsqueeze(1)
+    B, D = temb.shape[0], Wt.shape[-1]
+    gb = buffer("flux.gates.single", (B, 1, D), Wt.dtype, temb.device)
+    views = _VIEWS.get(("s", id(gb)))
+    if views is None or views[0] is not gb:
+        views = (gb, gb.view(B, D))
+        _VIEWS[("s", id(gb))] = views
+    torch.addmm(b, s, Wt, out=views[1]) if b is not None else torch.mm(s, Wt, out=views[1])
+    return gb
+
+
+# views of the runtime's buffers, made once per buffer (keyed by id, checked by identity)
+_VIEWS: dict = {}
+
+
+def _owned(x: torch.Tensor, buf: torch.Tensor) -> bool:
+    """x is exactly the runtime's buffer (the previous cached block's output in this call)."""
+    return x is buf
+
+
 class FluxDoubleBlockAdapter(BlockAdapter):
     granularity = "module"
 
@@ -41,14 +143,27 @@ class FluxDoubleBlockAdapter(BlockAdapter):
 
     def cached_forward(self, block, args, kwargs, forecast):
         a = bind_arguments(block, args, kwargs)
-        temb = a["temb"]
-        _, _, gate_msa, _, _, gate_mlp = _gates(block.norm1, temb, 6)
-        _, _, c_gate_msa, _, _, c_gate_mlp = _gates(block.norm1_context, temb, 6)
-        h = forecast("attn.img", x=a["hidden_states"], gate=gate_msa)
-        h = forecast("ff", x=h, gate=gate_mlp, out=h)
-        e = forecast("attn.txt", x=a["encoder_hidden_states"], gate=c_gate_msa)
-        e = forecast("ff_context", x=e, gate=c_gate_mlp, out=e)
-        return _clip_fp16(e), h
+        hs, ehs = a["hidden_states"], a["encoder_hidden_states"]
+        buffer = getattr(forecast, "buffer", None)
+        with torch.no_grad():  # a cached step is not differentiated (the forecast ops run without grad too)
+            gate_msa, gate_mlp, c_gate_msa, c_gate_mlp = _double_gates(block, a["temb"], buffer)
+        if buffer is None or ehs is None:  # a forecast callable without buffers (or no text stream)
+            h = forecast("attn.img", x=hs, gate=gate_msa)
+            h = forecast("ff", x=h, gate=gate_mlp, out=h)
+            e = forecast("attn.txt", x=ehs, gate=c_gate_msa)
+            e = forecast("ff_context", x=e, gate=c_gate_mlp, out=e)
+            return _clip_fp16(e), h
+        # Outputs into two runtime buffers reused by every double block of the call: the first block
+        # reads the model's streams and writes the buffers, each next one updates them in place.
+        hb = buffer("flux.double.img", hs.shape, hs.dtype, hs.device)
+        eb = buffer("flux.double.txt", (hs.shape[0], *ehs.shape[1:]), ehs.dtype, ehs.device)
+        forecast("attn.img", x=hs, gate=gate_msa, out=hb)
+        forecast("ff", x=hb, gate=gate_mlp, out=hb)
+        forecast("attn.txt", x=ehs, gate=c_gate_msa, out=eb)
+        forecast("ff_context", x=eb, gate=c_gate_mlp, out=eb)
+        if eb.dtype == torch.float16:
+            eb.clamp_(-65504, 65504)
+        return eb, hb
 
 
 class FluxSingleBlockAdapter(BlockAdapter):
@@ -65,12 +180,37 @@ class FluxSingleBlockAdapter(BlockAdapter):
 
     def cached_forward(self, block, args, kwargs, forecast):
         a = bind_arguments(block, args, kwargs)
-        enc = a["encoder_hidden_states"]
-        x = torch.cat([enc, a["hidden_states"]], dim=1)
-        gate = _gates(block.norm, a["temb"], 3)[2]
-        x = _clip_fp16(forecast("proj_out", x=x, gate=gate, out=x))
+        enc, hs = a["encoder_hidden_states"], a["hidden_states"]
+        buffer = getattr(forecast, "buffer", None)
+        with torch.no_grad():
+            gate = _single_gate(block, a["temb"], buffer)
         L = enc.shape[1]
-        return x[:, :L], x[:, L:]
+        if buffer is None:
+            x = torch.cat([enc, hs], dim=1)
+            x = _clip_fp16(forecast("proj_out", x=x, gate=gate, out=x))
+            return x[:, :L], x[:, L:]
+        # The joined stream lives in one runtime buffer for the whole call: the first single block
+        # copies the two streams into it, every block forecasts into it in place and returns views
+        # of it, which the next block recognises (no torch.cat per block).
+        B, D = hs.shape[0], hs.shape[-1]
+        shape = (B, L + hs.shape[1], D)
+        x = buffer("flux.single", shape, hs.dtype, hs.device)
+        views = self._views.get(id(x))
+        if views is None or views[0] is not x or views[1].shape[1] != L:
+            views = (x, x[:, :L], x[:, L:])
+            self._views = {id(x): views}
+        _, ev, hv = views
+        if not (_owned(enc, ev) and _owned(hs, hv)):
+            ev.copy_(enc)  # broadcasts a batch-1 text stream
+            hv.copy_(hs)
+        forecast("proj_out", x=x, gate=gate, out=x)
+        if x.dtype == torch.float16:
+            x.clamp_(-65504, 65504)
+        return ev, hv
+
+    def __init__(self):
+        super().__init__()
+        self._views: dict[int, tuple] = {}
 
 
 ADAPTERS = {

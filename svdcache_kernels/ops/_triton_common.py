@@ -12,9 +12,11 @@ import torch
 
 from ..dispatch import interpreter_on
 
-# Coefficient dims the fused kernels keep in registers (BLOCK_K = next pow2 >= 16). Above this the
-# wrappers fall back to the reference op: the (BLOCK_M, BLOCK_K) fp32 accumulator would spill.
+# Coefficient dims the fused kernels keep in registers as one tile (BLOCK_K = next pow2 >= 16). Above
+# this the kernels tile over k in K_TILE-wide slices (any k up to D): a (BLOCK_M, > 256) fp32 tile
+# would spill.
 MAX_KERNEL_K = 256
+K_TILE = 128
 
 # Tests set this to False to run the 16-bit tensor-core code path (operands cast to F's dtype,
 # fp32 accumulate) under the interpreter with fp16 (the interpreter's fp16 dot is right, its bf16
@@ -63,6 +65,21 @@ def basis_for_dot(V: torch.Tensor, dtype: torch.dtype, fp32_dot: bool) -> torch.
 def block_k(k: int) -> int:
     """Register width of the coefficient dim: next power of two, at least 16 (GPU tl.dot minimum)."""
     return max(16, triton_next_pow2(k))
+
+
+def k_tile(k: int) -> int:
+    """BLOCK_K of the kernels: all of k in one register tile up to MAX_KERNEL_K, else K_TILE slices."""
+    bk = block_k(k)
+    return bk if bk <= MAX_KERNEL_K else K_TILE
+
+
+def d_splits(M: int, D: int, block_m: int, block_d: int, device: torch.device) -> int:
+    """Programs per row block along D, so that the grid holds about two programs per SM when rows are
+    few (each split keeps at least two D chunks, so the loads one chunk ahead still overlap)."""
+    row_blocks = -(-M // block_m)
+    chunks = -(-D // block_d)
+    want = -(-2 * num_sms(device) // max(row_blocks, 1))
+    return max(1, min(want, chunks // 2 if chunks >= 2 else 1))
 
 
 def triton_next_pow2(n: int) -> int:

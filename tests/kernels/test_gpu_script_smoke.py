@@ -19,5 +19,8 @@ def test_gpu_script_cpu_smoke(tmp_path):
     assert "## Parity" in text and "FAIL" not in text and "ERROR" not in text
     for op in ("split C,R", "split order2+E+dR", "reconstruct taylor2+dR", "reconstruct reuse", "gram"):
         assert op in text
+    # the runtime's exact variants at the shapes production selects (smoke: small, k tiles forced)
+    for op in ("split F_prev M=", "split C,R M=", "reconstruct 1 term+gate M="):
+        assert op in text, op
     assert "Launch-config sweep" in text
     assert "| float16 |" in text and "| float32 |" in text

@@ -141,7 +141,7 @@ def test_reconstruct_small_blocks_many_chunks(dtype):
     assert_close(out, ref, TOL[dtype], "out")
 
 
-def test_reconstruct_large_k_falls_back_to_reference():
+def test_reconstruct_large_k_tiled():
     g = gen(25)
     V, R, terms, dR, x = inputs((), 30, 320, 300, torch.float32, 1, g)
     kw = dict(terms=terms, weights=(1.0,), x=x)

@@ -187,7 +187,7 @@ def test_split_residual_in_place_over_F():
     assert_close(F2, R_ref, TOL[torch.float32], "R (in place)", scale=F.abs().max())
 
 
-def test_split_large_k_falls_back_to_reference():
+def test_split_large_k_tiled():
     g = gen(13)
     F, V = randn((30, 320), g=g), basis(320, 300, g=g)
     st = {"C": poison((30, 300), torch.float32), "R": poison((30, 320), torch.float32)}

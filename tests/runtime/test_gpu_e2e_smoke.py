@@ -25,8 +25,8 @@ def test_gpu_e2e_tiny(tmp_path):
     assert "ERROR" not in text and "not finite" not in text and "skipped" not in text, text
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| method")]
     methods = [r.split("|")[1].strip() for r in rows]
-    assert methods == (["uncached"] + ["SVD-Cache"] * 2 + ["TaylorSeer (diffusers)"] * 2
-                       + ["SVD-Cache sync-free"] * 2), methods
+    assert methods == (["uncached"] + ["SVD-Cache sync-free"] * 2 + ["SVD-Cache"] * 2
+                       + ["TaylorSeer (diffusers)"] * 2), methods  # sync-free first: kept if the budget runs out
     for r in rows[1:]:
         cells = [c.strip() for c in r.split("|")[1:-1]]
         full, cached = (int(x) for x in re.match(r"(\d+) \+ (\d+)", cells[2]).groups())
@@ -34,4 +34,7 @@ def test_gpu_e2e_tiny(tmp_path):
         assert float(cells[5]) > 1.0, r  # FLOPs ratio counted, above 1
         assert cells[11] not in ("-", "0"), r  # cache bytes measured
         assert cells[12] not in ("-", "nan"), r  # latent PSNR vs uncached
-    assert "calibrate:" in out and "rank k over" in text
+    assert "calibrate:" in out and "float32 eigh" in out
+    # ranks from svdcache.stats (the runtime's change subspace at its tau), not from the feature subspace
+    assert "ranks (svdcache.stats)" in out and "ranks as the runtime uses them" in text
+    assert "change subspace, tau = 0.85" in text and "Taylor order 1" in text

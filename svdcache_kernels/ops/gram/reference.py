@@ -1,6 +1,8 @@
 """Calibration, PyTorch reference: streaming Gram accumulation and the basis from the Gram matrix."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..._checks import check_activation, check_like, check_rows
@@ -57,7 +59,13 @@ def basis_from_gram(G: torch.Tensor, *, tau: float | None = None, k: int | None 
         raise ValueError(f"G must be square (D, D), got {tuple(G.shape)}")
     if not torch.isfinite(G).all():
         raise ValueError("G holds NaN or Inf: a calibration feature was not finite")
-    Gd = 0.5 * (G.double() + G.double().T)
+    # float64 by default; SVDCACHE_EIGH_DTYPE=float32 for a time-budgeted GPU calibration (FLUX.1-dev:
+    # 228 Grams of 3072^2; fp32 eigh loses only the tail of the spectrum, below what tau ever selects)
+    eig_dtype = {"float64": torch.float64, "float32": torch.float32}.get(
+        os.environ.get("SVDCACHE_EIGH_DTYPE", "float64").strip() or "float64")
+    if eig_dtype is None:
+        raise ValueError(f"SVDCACHE_EIGH_DTYPE must be float64 or float32, got {os.environ['SVDCACHE_EIGH_DTYPE']!r}")
+    Gd = 0.5 * (G.to(eig_dtype) + G.to(eig_dtype).T)
     evals, evecs = torch.linalg.eigh(Gd)
     evals, evecs = evals.flip(0), evecs.flip(1)
     sigma = evals.clamp_min(0).sqrt()

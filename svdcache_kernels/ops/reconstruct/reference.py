@@ -73,6 +73,11 @@ def reconstruct_reference(
     new tensor; ``None`` allocates one. Returns the result (dtype of x, else of R).
     """
     check_reconstruct_args(V, R, terms=terms, weights=weights, dR=dR, x=x, gate=gate, out=out)
+    return reconstruct_compute(V, R, terms, weights, dR, dr_scale, x, gate, out)
+
+
+def reconstruct_compute(V, R, terms, weights, dR, dr_scale, x, gate, out) -> torch.Tensor:
+    """The body of :func:`reconstruct_reference` for arguments already checked (plans call it)."""
     # fp32 throughout; fused torch calls (addmm, in-place adds on fresh tensors) keep the CPU path,
     # which the runtime uses off-GPU, at a few passes over the feature
     D = R.shape[-1]

@@ -75,6 +75,11 @@ def split_reference(
     applied here.
     """
     check_split_args(F, V, C=C, D1=D1, D2=D2, E=E, R=R, dR=dR, order=order, h1=h1, h2=h2, beta=beta, F_prev=F_prev)
+    split_compute(F, V, C, D1, D2, E, R, dR, order, h1, h2, beta, ema_init, F_prev)
+
+
+def split_compute(F, V, C, D1, D2, E, R, dR, order, h1, h2, beta, ema_init, F_prev) -> None:
+    """The body of :func:`split_reference` for arguments already checked (plans call it)."""
     Vf = V.float()
     need_c = C is not None or E is not None or R is not None
     Cn = F.float() @ Vf if need_c or F_prev is None else None

@@ -1,0 +1,183 @@
+"""Prepared calls for the runtime's hot path: arguments validated once per layout, not per call.
+
+A cached step calls ``reconstruct`` once per cached feature (114 times per FLUX step) and a full
+step calls ``split`` as often, always with tensors of the same shapes, dtypes, devices and strides.
+A plan checks the arguments of its first call exactly as the ops do (same one-line errors), resolves
+the backend and, for the Triton kernels, the launch configuration; later calls with the same
+layout (:func:`layout`, a few attribute reads) only pass the new pointers and scalars.
+
+On the reference (PyTorch) backend the common runtime variants take fused paths of the same math:
+
+- reconstruct, 1 term, with gate (anchor-form Taylor order 1, FLUX's cached step):
+  ``out = x + gate * (R + w T V^T)`` as ``baddbmm`` into a shared scratch + ``addcmul`` (2 ops);
+- split with F_prev, order 1 (its full step): ``D1 = (F - F_prev) V / h1`` as sub + mm + div (3 ops).
+
+Everything else runs the reference body without its checks. The fused reference path rounds like
+the unfused one up to the order of the fp32 operations (one baddbmm with alpha instead of a scaled
+copy and an addmm; one addcmul instead of mul and add).
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from .dispatch import resolve_backend
+
+_scratch = threading.local()
+
+
+def layout(t):
+    """What a plan depends on: shape, strides, dtype and device (None for an absent tensor)."""
+    if t is None:
+        return None
+    return (t.shape, t.stride(), t.dtype, t.device)
+
+
+def _scratch3d(shape, dtype, device) -> torch.Tensor:
+    return _scratch2d(tuple(shape), None, dtype, device)
+
+
+def _scratch2d(M, D, dtype, device) -> torch.Tensor:
+    """One (M, D) work buffer (or of shape M when D is None) per thread, shape, dtype and device,
+    shared by all features: the runtime's ops run one after the other, and a buffer per feature
+    would cost a copy of each."""
+    bufs = getattr(_scratch, "bufs", None)
+    if bufs is None:
+        bufs = _scratch.bufs = {}
+    key = (M, D, dtype, device)
+    buf = bufs.get(key)
+    if buf is None:
+        if len(bufs) > 8:  # shapes changed many times: drop the old buffers
+            bufs.clear()
+        buf = bufs[key] = torch.empty(M if D is None else (M, D), dtype=dtype, device=device)
+    return buf
+
+
+class ReconstructPlan:
+    """``reconstruct`` for a fixed layout of (V, R, terms, dR, x, gate, out); see :func:`reconstruct_reference`.
+
+    ``n_terms``, the presence of ``dR`` / ``x`` / ``gate`` / ``out`` and every tensor's layout are
+    fixed by the first call (``key``); ``weights`` and ``dr_scale`` may change per call.
+    """
+
+    def __init__(self, V, R, *, terms=(), weights=(), dR=None, dr_scale=0.0, x=None, gate=None, out=None,
+                 backend=None):
+        from .ops.reconstruct.reference import check_reconstruct_args, gate_rows_shape
+
+        terms = tuple(terms)
+        check_reconstruct_args(V, R, terms=terms, weights=tuple(weights), dR=dR, x=x, gate=gate, out=out)
+        self.key = self.key_of(V, R, terms, dR, x, gate, out)
+        self.backend = resolve_backend(backend, R)
+        self.n_terms = len(terms)
+        self._launch = None
+        self._fast = False
+        if self.backend == "triton":
+            from .ops.reconstruct.kernel import prepare_reconstruct
+
+            self._launch = prepare_reconstruct(V, R, terms, dR, x, gate, out)
+        else:
+            D, k = R.shape[-1], V.shape[1]
+            f32 = torch.float32
+            self._fast = (
+                self.n_terms == 1 and dR is None and x is not None and gate is not None and out is not None
+                and R.dim() == 3 and R.dtype == x.dtype == out.dtype == gate.dtype == V.dtype == torch.float32
+                and terms[0].dim() == 3
+            )
+            if self._fast:
+                self._gate3 = not gate_rows_shape(R, gate)  # (B, D): needs a (B, 1, D) view
+                self._V = V
+                self._Vtb = V.t().expand(R.shape[0], k, D)  # a view of the basis (held by its cache anyway)
+
+    @staticmethod
+    def key_of(V, R, terms, dR, x, gate, out) -> tuple:
+        return (layout(V), layout(R), tuple(layout(t) for t in terms), layout(dR), layout(x), layout(gate), layout(out))
+
+    def __call__(self, V, R, terms, weights, dR=None, dr_scale=0.0, x=None, gate=None, out=None):
+        if self._launch is not None:
+            return self._launch(V, R, terms, weights, dR, dr_scale, x, gate, out)
+        grad = torch.is_grad_enabled()
+        if grad:
+            torch.set_grad_enabled(False)
+        try:
+            if self._fast:
+                return self._fast_gated(V, R, terms[0], weights[0], x, gate, out)
+            from .ops.reconstruct.reference import reconstruct_compute
+
+            return reconstruct_compute(V, R, tuple(terms), tuple(weights), dR, dr_scale, x, gate, out)
+        finally:
+            if grad:
+                torch.set_grad_enabled(True)
+
+    def _fast_gated(self, V, R, T, w, x, gate, out):
+        # out = x + gate * (R + w T V^T): one batched GEMM with R as its input, one fused gated add;
+        # no view of R or T is kept (a plan never holds a generation's features alive)
+        if V is not self._V:
+            self._V, self._Vtb = V, V.t().expand(R.shape[0], V.shape[1], R.shape[-1])
+        tmp = _scratch3d(R.shape, R.dtype, R.device)
+        torch.baddbmm(R, T, self._Vtb, alpha=float(w), out=tmp)
+        return torch.addcmul(x, gate.unsqueeze(-2) if self._gate3 else gate, tmp, out=out)
+
+
+class SplitPlan:
+    """``split`` for a fixed layout of its tensors and fixed ``order`` / ``ema_init``; see :func:`split_reference`.
+
+    The step distances ``h1``, ``h2`` and ``beta`` may change per call (they are checked each call:
+    a zero distance is an error, not a division by zero).
+    """
+
+    def __init__(self, F, V, *, C=None, D1=None, D2=None, E=None, R=None, dR=None, order=0, h1=1.0, h2=1.0,
+                 beta=0.9, ema_init=False, F_prev=None, backend=None):
+        from .ops.split.reference import check_split_args
+
+        check_split_args(F, V, C=C, D1=D1, D2=D2, E=E, R=R, dR=dR, order=order, h1=h1, h2=h2, beta=beta,
+                         F_prev=F_prev)
+        self.key = self.key_of(F, V, C, D1, D2, E, R, dR, F_prev, order, ema_init)
+        self.backend = resolve_backend(backend, F)
+        self.order = order
+        self._launch = None
+        self._fast = False
+        if self.backend == "triton":
+            from .ops.split.kernel import prepare_split
+
+            self._launch = prepare_split(F, V, C, D1, D2, E, R, dR, order, ema_init, F_prev)
+        else:
+            self._fast = (
+                order == 1 and F_prev is not None and C is None and E is None and R is None and dR is None
+                and F.dtype == F_prev.dtype == V.dtype == torch.float32 and F.is_contiguous()
+                and F_prev.is_contiguous() and D1.is_contiguous()
+            )
+            if self._fast:
+                self._M, self._D = F.numel() // F.shape[-1], F.shape[-1]
+
+    @staticmethod
+    def key_of(F, V, C, D1, D2, E, R, dR, F_prev, order, ema_init) -> tuple:
+        return (tuple(layout(t) for t in (F, V, C, D1, D2, E, R, dR, F_prev)), order, bool(ema_init))
+
+    def __call__(self, F, V, *, C=None, D1=None, D2=None, E=None, R=None, dR=None, h1=1.0, h2=1.0, beta=0.9,
+                 ema_init=False, F_prev=None):
+        order = self.order
+        if (order >= 1 or dR is not None) and not h1:
+            raise ValueError(f"h1 (step distance to the previous full step) must be non-zero, got {h1}")
+        if order >= 2 and not h2:
+            raise ValueError(f"h2 (step distance to the full step before the previous) must be non-zero, got {h2}")
+        if self._launch is not None:
+            return self._launch(F, V, C, D1, D2, E, R, dR, h1, h2, beta, F_prev)
+        grad = torch.is_grad_enabled()
+        if grad:
+            torch.set_grad_enabled(False)
+        try:
+            if self._fast:
+                diff = _scratch2d(self._M, self._D, F.dtype, F.device)
+                torch.sub(F.view(self._M, self._D), F_prev.view(self._M, self._D), out=diff)
+                d1 = D1.view(self._M, D1.shape[-1])
+                torch.mm(diff, V, out=d1)  # the reference's (F - F_prev) @ V / h1, into D1 itself
+                d1.div_(h1)
+                return None
+            from .ops.split.reference import split_compute
+
+            split_compute(F, V, C, D1, D2, E, R, dR, order, h1, h2, beta, ema_init, F_prev)
+            return None
+        finally:
+            if grad:
+                torch.set_grad_enabled(True)
