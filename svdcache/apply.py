@@ -125,7 +125,7 @@ def enable(target, basis: Basis | str | os.PathLike | None = None, config: SVDCa
             use_basis.validate(model, dims)
             if cfg.subspace == "change":
                 use_basis.subspace("change")  # a clear error if the basis holds none
-        resolved = last_plan(model).granularity  # "module", "submodule", "block" or a mix ("module+block")
+        resolved = last_plan(model).key  # granularity ("module", "submodule", "block", a mix) and plan
         check_parallel_model(model)
         hook = SVDCacheHook(cfg, use_basis, dims, type(model).__name__, resolved)
         if hook.online is not None:

@@ -48,6 +48,15 @@ class Plan:
     cached_lists: list = field(default_factory=list)
     uncached_lists: dict = field(default_factory=dict)
 
+    @property
+    def key(self) -> str:
+        """The granularity and which blocks get which adapter: keys the model's FLOP table, so two
+        plans of one granularity (``blocks=`` given or not) do not share counts."""
+        import hashlib
+
+        desc = ";".join(f"{n}={type(a).__name__}" for n, _, a in self.blocks)
+        return f"{self.granularity}:{hashlib.sha1(desc.encode()).hexdigest()[:10]}"
+
 
 def block_lists(model: torch.nn.Module) -> list[tuple[str, torch.nn.ModuleList]]:
     """Every ModuleList of blocks in ``model``, in registration order: a list whose every element holds
