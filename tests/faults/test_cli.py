@@ -162,3 +162,11 @@ def test_real_calibration_end_to_end(tmp_path, capsys):
     assert "at 32x32" in capsys.readouterr().out
     b = svdcache.load_basis(out)
     assert b.meta["model_class"] == "FluxTransformer2DModel" and len(b) == 18
+
+
+def test_shipped_folder_carries_its_call_settings():
+    """A copy of the embedded folder (elsewhere, not matched by path) still calibrates at 32 x 32."""
+    import json
+
+    with open(os.path.join(PIPELINE_DIR, "svdcache_call.json")) as f:
+        assert json.load(f) == CALL_KWARGS
