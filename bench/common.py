@@ -22,6 +22,16 @@ def prompt_set(n_seeds: int = 4):
     return prompts, seeds
 
 
+def dev_prompt_set(n_seeds: int = 2):
+    """A development set for design choices, disjoint from the evaluated set and from the calibration
+    set: non-canonical phrasings (not the calibration's) and seeds 50000 + 10 * digit + s."""
+    from svdcache.embedded import prompts_for
+
+    prompts = [prompts_for(d)[1 + (d + 2) % 4] for d in range(10) for _ in range(n_seeds)]
+    seeds = [50000 + 10 * d + s for d in range(10) for s in range(n_seeds)]
+    return prompts, seeds
+
+
 def generate(pipe, prompts, seeds, steps=50, **kw):
     """Images (B, 3, 32, 32) in [0, 1] and wall-clock seconds of the pipeline call (with the embedded
     model's guidance: cond and uncond transformer calls per step)."""

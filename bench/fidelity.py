@@ -60,51 +60,44 @@ def method_list(quick: bool = False) -> list[dict]:
     for s in ([17, 10, 7] if quick else [25, 17, 13, 10, 8, 6]):
         add(f"fewer steps {s}", "fewer steps", kind="steps", steps=s, setting=s)
     for n in I:
-        add(f"FORA N={n}", "FORA (full reuse)", setting=n, **svd_cfg(interval=n, space="full", predictor="reuse"))
-        for o in (1, 2):
-            add(f"TaylorSeer-o{o} N={n}", f"TaylorSeer o{o} (full space)", setting=n,
-                **svd_cfg(interval=n, space="full", predictor="taylor", order=o))
+        # -- peers in this runtime (full space), with the warm-up each does best with
+        for w in (3, 1):
+            add(f"FORA w{w} N={n}", f"FORA (full reuse), warmup {w}", setting=n,
+                **svd_cfg(interval=n, space="full", predictor="reuse", warmup=w))
+            add(f"TaylorSeer-o1 w{w} N={n}", f"TaylorSeer o1 (full space), warmup {w}", setting=n,
+                **svd_cfg(interval=n, space="full", predictor="taylor", order=1, warmup=w))
+        add(f"TaylorSeer-o2 N={n}", "TaylorSeer o2 (full space), warmup 3", setting=n,
+            **svd_cfg(interval=n, space="full", predictor="taylor", order=2))
+        add(f"TaylorSeer-o1 cal N={n}", "TaylorSeer o1 (full space), calibrated schedule", setting=n,
+            **svd_cfg(interval=n, space="full", predictor="taylor", order=1, warmup=1, schedule="calibrated"))
+        add(f"FORA cal N={n}", "FORA, calibrated schedule", setting=n,
+            **svd_cfg(interval=n, space="full", predictor="reuse", warmup=1, schedule="calibrated"))
+        # -- SVD-Cache
         add(f"SVD paper EMA tau.85 N={n}", "SVD-Cache paper (EMA, tau .85)", setting=n,
             **svd_cfg(interval=n, predictor="ema", tau=0.85))
+        add(f"SVD taylor1 k=8 N={n}", "SVD-Cache taylor1, paper's feature subspace k=8", setting=n,
+            **svd_cfg(interval=n, predictor="taylor", order=1, tau=None, rank=8))
+        for w in (3, 1):
+            add(f"SVD taylor1 change tau.85 w{w} N={n}", f"SVD-Cache taylor1, change tau.85, warmup {w}", setting=n,
+                **svd_cfg(interval=n, predictor="taylor", order=1, subspace="change", tau=0.85, warmup=w))
+        add(f"SVD taylor1 change tau.85 cal N={n}", "SVD-Cache taylor1, change tau.85, calibrated schedule",
+            setting=n, **svd_cfg(interval=n, predictor="taylor", order=1, subspace="change", tau=0.85, warmup=1,
+                                 schedule="calibrated"))
+        for w in (3, 1):
+            add(f"SVD int8 change tau.85 w{w} N={n}", f"SVD-Cache taylor1 + int8 residual, change tau.85, warmup {w}",
+                setting=n, **svd_cfg(interval=n, predictor="taylor", order=1, subspace="change", tau=0.85,
+                                     residual="int8", warmup=w))
+        add(f"SVD int8 change tau.85 cal N={n}", "SVD-Cache taylor1 + int8 residual, change tau.85, calibrated schedule",
+            setting=n, **svd_cfg(interval=n, predictor="taylor", order=1, subspace="change", tau=0.85,
+                                 residual="int8", warmup=1, schedule="calibrated"))
+        # -- diffusers' TaylorSeerCache: its defaults (attention only, 3 warm-up steps) and at its best
+        # (attention and MLPs hooked, caching from step 1), orders 1 and 2
         for o in (1, 2):
-            add(f"SVD taylor{o} tau.99 N={n}", f"SVD-Cache taylor{o}, R reuse", setting=n,
-                **svd_cfg(interval=n, predictor="taylor", order=o, tau=0.99))
-        for o, k in ((1, 8), (2, 4), (2, 8)):  # candidates at about one copy of memory (1 + o k / D)
-            add(f"SVD taylor{o} k={k} N={n}", f"SVD-Cache taylor{o}, k={k}", setting=n,
-                **svd_cfg(interval=n, predictor="taylor", order=o, tau=None, rank=k))
-        for tag, kw in (("tau.85", dict(tau=0.85)), ("tau.9", dict(tau=0.9)), ("k=12", dict(tau=None, rank=12))):
-            add(f"SVD taylor1 change {tag} N={n}", f"SVD-Cache taylor1, change subspace {tag}", setting=n,
-                **svd_cfg(interval=n, predictor="taylor", order=1, subspace="change", **kw))
-        for o in (1, 2):
-            add(f"SVD taylor{o} fitted gains N={n}", f"SVD-Cache taylor{o}, fitted gains", setting=n,
-                **svd_cfg(interval=n, predictor="taylor", order=o, tau=0.99, fitted_gains=True))
-        add(f"SVD taylor2 R-damped tau.99 N={n}", "SVD-Cache taylor2, R damped .5", setting=n,
-            **svd_cfg(interval=n, predictor="taylor", order=2, residual="damped", tau=0.99))
-        add(f"SVD taylor2 R-taylor tau.99 N={n}", "SVD-Cache taylor2, R taylor", setting=n,
-            **svd_cfg(interval=n, predictor="taylor", order=2, residual="taylor", tau=0.99))
-        add(f"SVD taylor2 online N={n}", "SVD-Cache taylor2, zero-setup basis", setting=n, online=True,
-            **svd_cfg(interval=n, predictor="taylor", order=2, tau=0.99))
-        add(f"SVD taylor2 block-level N={n}", "SVD-Cache taylor2, block level", setting=n,
-            **svd_cfg(interval=n, predictor="taylor", order=2, tau=0.99, granularity="block"))
-        for o in (1, 2):
-            add(f"diffusers TaylorSeer o{o} N={n}", f"diffusers TaylorSeerCache o{o}", kind="diffusers_taylorseer",
-                setting=n, interval=n, order=o)
-        add(f"diffusers TaylorSeer o1 attn+mlp N={n}", "diffusers TaylorSeerCache o1, attn + MLPs hooked",
-            kind="diffusers_taylorseer", setting=n, interval=n, order=1, identifiers=DIFFUSERS_TS_MODULES)
-    # ablations at interval 5: energy threshold per predictor, time axis
-    for tau in (0.85, 0.95, 0.99):
-        for pred, o in (("ema", 2), ("taylor", 1), ("taylor", 2)):
-            tag = "ema" if pred == "ema" else f"taylor{o}"
-            add(f"ablation {tag} tau{tau:g} N=5", "ablation (N=5)", setting=tau,
-                **svd_cfg(interval=5, predictor=pred, order=o, tau=tau))
-    for tau in (0.85, 0.95, 0.99):
-        for o in (1, 2):
-            add(f"ablation change taylor{o} tau{tau:g} N=5", "ablation (N=5)", setting=tau,
-                **svd_cfg(interval=5, predictor="taylor", order=o, tau=tau, subspace="change"))
-    add("ablation taylor2 time=timestep N=5", "ablation (N=5)", setting="timestep",
-        **svd_cfg(interval=5, predictor="taylor", order=2, tau=0.99, time_axis="timestep"))
-    add("ablation taylor2 fixed k=8 N=5", "ablation (N=5)", setting="k8",
-        **svd_cfg(interval=5, predictor="taylor", order=2, tau=None, rank=8))
+            add(f"diffusers TaylorSeer o{o} N={n}", f"diffusers TaylorSeerCache o{o} (defaults)",
+                kind="diffusers_taylorseer", setting=n, interval=n, order=o)
+            add(f"diffusers TaylorSeer o{o} best N={n}", f"diffusers TaylorSeerCache o{o}, attn + MLPs, from step 1",
+                kind="diffusers_taylorseer", setting=n, interval=n, order=o, identifiers=DIFFUSERS_TS_MODULES,
+                before=1)
     for th in ([0.1, 0.3] if quick else [0.03, 0.06, 0.1, 0.15, 0.2, 0.3, 0.5]):
         add(f"diffusers FBCache th={th:g}", "diffusers FirstBlockCache", kind="fbcache", setting=th, threshold=th)
     for th, K in ([(0.1, 4)] if quick else [(0.02, 2), (0.06, 3), (0.12, 4), (0.24, 6), (0.5, 8), (1.0, 12)]):
@@ -191,7 +184,8 @@ class Bench:
 
             if m["kind"] == "diffusers_taylorseer":
                 c = TaylorSeerCacheConfig(cache_interval=m["interval"], max_order=m["order"],
-                                          disable_cache_before_step=WARMUP, taylor_factors_dtype=torch.float32,
+                                          disable_cache_before_step=m.get("before", WARMUP),
+                                          taylor_factors_dtype=torch.float32,
                                           cache_identifiers=m.get("identifiers"))
             elif m["kind"] == "fbcache":
                 c = FirstBlockCacheConfig(threshold=m["threshold"])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 from diffusers.hooks import HookRegistry
@@ -12,6 +13,7 @@ from .config import GRANULARITIES, SVDCacheConfig
 from .distributed import check_parallel_model, gather_stats, parallel_of
 from .guards import refuse_foreign_cache
 from .hooks import BLOCK_HOOK, CAPTURE_HOOK, ROOT_HOOK, BlockHook, CaptureHook, SVDCacheHook
+from .schedule import Schedule
 from .stats import CacheStats
 
 _TRANSFORMER_COMPONENTS = ("transformer", "transformer_2")
@@ -128,8 +130,13 @@ def enable(target, basis: Basis | str | os.PathLike | None = None, config: SVDCa
         resolved = last_plan(model).key  # granularity ("module", "submodule", "block", a mix) and plan
         check_parallel_model(model)
         hook = SVDCacheHook(cfg, use_basis, dims, type(model).__name__, resolved)
+        if use_basis is None and basis is not None:  # full space: the basis file still holds its schedules
+            hook.schedule = Schedule(cfg, basis)
         if hook.online is not None:
             hook.online.parallel = parallel_of(model)  # zero-setup basis: all-reduce over the model's ranks
+        sched = None if isinstance(target, torch.nn.Module) else getattr(target, "scheduler", None)
+        if sched is not None:
+            hook.scheduler = weakref.ref(sched)  # the step count of each run (tail, calibrated schedules)
         _install(model, hook, granularity, blocks=planned)
     return cfg
 

@@ -45,6 +45,7 @@ class CalibrationHook(ModelHook):
         self._prev: dict[tuple[str, str], tuple[int, torch.Tensor]] = {}
         self.shapes: dict[str, list[int]] = {}
         self.used_steps: set[int] = set()
+        self.timesteps: dict[str, dict[int, float]] = {}  # per context: the timestep of each step
         self._active = False
         self._record_now = False
 
@@ -60,6 +61,11 @@ class CalibrationHook(ModelHook):
         step = counter.step
         counter.step += 1
         self._where = (self.state_manager.context.name, step)
+        t = kwargs.get("timestep")
+        if isinstance(t, torch.Tensor) and t.numel():
+            self.timesteps.setdefault(self._where[0], {})[step] = float(t.reshape(-1)[0])
+        elif isinstance(t, (int, float)):
+            self.timesteps.setdefault(self._where[0], {})[step] = float(t)
         self._record_now = self.steps is None or step in self.steps
         if self._record_now:
             self.used_steps.add(step)
@@ -191,6 +197,8 @@ def calibrate(
     gain_warmup: int = 3,
     blocks=None,
     streams=None,
+    schedule_tau: float = 0.85,
+    sample_bytes: int = 2 << 30,
     **pipe_kwargs,
 ) -> Basis:
     """Run one reference generation and compute the SVD basis of every cached feature.
@@ -201,6 +209,9 @@ def calibrate(
     basis keeps enough columns for any tau up to ``store_tau``, so k can be changed at ``enable``.
     With ``fit_gain_rows`` > 0, that many rows per step and feature are kept on the CPU to fit the
     forecast gains of ``enable(fitted_gains=True)`` (see :func:`fit_gains`), for warm-up ``gain_warmup``.
+    The same rows price the calibrated schedules (``enable(schedule="calibrated")``, see
+    :mod:`svdcache.schedule_search`; the SVD family with the change subspace at ``schedule_tau``).
+    The rows kept are capped so that they take at most ``sample_bytes`` of host memory.
     """
     from .apply import _install, _is_enabled, _transformers, _uninstall
 
@@ -226,6 +237,10 @@ def calibrate(
 
         planned = find_blocks(model, granularity, blocks=blocks, streams=streams)
     feature_dims = _install(model, hook, granularity, root_name="svdcache_calibration", blocks=planned)
+    if fit_gain_rows and feature_dims:
+        # rows x D x 4 bytes per feature, step and context (cond / uncond): stay within sample_bytes
+        per_row = 4 * sum(feature_dims.values()) * 2 * max(1, num_inference_steps if steps is None else len(set(steps)))
+        hook.sample_rows = max(1, min(fit_gain_rows, sample_bytes // per_row))
     from .distributed import all_gather_object, all_reduce_dict_, merge_samples, parallel_info
 
     parallel = parallel_info(model)
@@ -273,6 +288,13 @@ def calibrate(
         for name, g in fit_gains(hook.samples, changes, warmup=gain_warmup, prefix=CHANGE_PREFIX).items():
             gains.setdefault(name, {}).update(g)
         meta["gains"] = gains
+        from .schedule_search import calibrated_schedules
+
+        ts = next(iter(hook.timesteps.values()), {})
+        timesteps = [ts[i] for i in sorted(ts)] if sorted(ts) == list(range(len(ts))) else None
+        sched = calibrated_schedules(hook.samples, changes, schedule_tau, timesteps)
+        if sched:
+            meta["schedules"] = sched
     return Basis(features=feats, meta=meta, changes=changes)
 
 

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, replace
 SPACES = ("svd", "full")
 SUBSPACES = ("feature", "change")
 PREDICTORS = ("taylor", "ema", "reuse")
-RESIDUALS = ("reuse", "taylor", "damped")
+RESIDUALS = ("reuse", "taylor", "damped", "int8", "int4")
 GRANULARITIES = ("auto", "module", "submodule", "block")
 TIME_AXES = ("step", "timestep")
 
@@ -23,7 +23,13 @@ class SVDCacheConfig:
         warmup: the first ``warmup`` steps of a generation are computed in full (>= 1; TaylorSeer's 3).
         tail: the last ``tail`` steps are computed in full (needs the number of steps: from the
             pipeline's cache context or ``num_inference_steps``).
-        num_inference_steps: number of steps per generation, when the pipeline does not say.
+        num_inference_steps: number of steps per generation, when the pipeline does not say (inside a
+            pipeline the step count is read from its scheduler; a different value here is warned about).
+        schedule: "uniform" (the rule above), "calibrated" (the full-step positions the basis's
+            calibration chose for this predictor, as many full steps as the uniform rule would compute
+            or ``num_full_steps``; uniform with a warning where the basis has none or the step count
+            differs from the calibrated one), or a list of the full-step indices.
+        num_full_steps: with a calibrated schedule, the number of full steps per generation.
 
     What is cached
         granularity: "module" (FLUX: pre-gate attention / MLP / proj_out outputs, gates recomputed on
@@ -43,7 +49,9 @@ class SVDCacheConfig:
         fitted_gains: use the per-feature gains the basis fitted during calibration for this order,
             interval and warm-up (least squares on the reference trajectory), times ``gain``.
         residual: "reuse" (the paper), "taylor" (order 1 on the residual), "damped" (order 1 times
-            ``residual_gain`` < 1).
+            ``residual_gain`` < 1), "int8" / "int4" (order 1 on the residual with its difference held
+            at 8 / 4 bits, per-token scaled: the change outside the subspace is kept for 1/4 / 1/8 copy
+            of fp32 features; see svdcache.residual_cache).
         time_axis: the variable the divided differences are taken over: the "step" index, or the
             "timestep" the model is called with (the ODE time; uneven with shifted schedules).
 
@@ -53,6 +61,10 @@ class SVDCacheConfig:
             carry; the residual then holds what barely moves). Both come from the same calibration.
         tau: energy threshold choosing k per feature (eq. 6, on the energy of that subspace's data);
             ``rank`` fixes k instead.
+        memory_budget: cache memory per feature in copies of that feature (space="svd", taylor): the
+            rank (k by ``tau`` / ``rank``, capped to fit) and the bits of the kept residual difference
+            (8, 4 or none) are chosen per feature to fit; ``residual`` is then ignored. The last
+            full feature is the one copy every budget includes; ``stats`` reports what is held.
         online_steps: with no basis given, the number of first full steps whose features build one
             (randomized SVD), at most ``warmup``.
         online_rank: the randomized SVD's rank (k is then chosen by ``tau`` within it).
@@ -73,6 +85,8 @@ class SVDCacheConfig:
     warmup: int = 3
     tail: int = 0
     num_inference_steps: int | None = None
+    schedule: str | tuple = "uniform"
+    num_full_steps: int | None = None
     granularity: str = "auto"
     space: str = "svd"
     predictor: str = "taylor"
@@ -85,6 +99,7 @@ class SVDCacheConfig:
     time_axis: str = "step"
     subspace: str = "change"
     tau: float | None = 0.85
+    memory_budget: float | None = None
     rank: int | None = None
     online_steps: int = 3
     online_rank: int = 64
@@ -112,16 +127,37 @@ class SVDCacheConfig:
             raise ValueError(f"SVDCacheConfig.interval must be an integer >= 1, got {self.interval!r}")
         if self.warmup < 1:
             raise ValueError(f"SVDCacheConfig.warmup must be >= 1 (a cached step needs a computed one), got {self.warmup}")
+        if isinstance(self.schedule, str):
+            one_of("schedule", self.schedule, ("uniform", "calibrated"))
+        else:
+            try:
+                steps = [int(x) for x in self.schedule]
+            except (TypeError, ValueError):
+                raise ValueError(f"SVDCacheConfig.schedule must be 'uniform', 'calibrated' or a list of step indices, "
+                                 f"got {self.schedule!r}") from None
+            if not steps or min(steps) < 0 or any(int(x) != x for x in self.schedule):
+                raise ValueError(f"SVDCacheConfig.schedule: full-step indices must be integers >= 0, got {self.schedule!r}")
+            self.schedule = tuple(sorted(set(steps)))
+        if self.num_full_steps is not None and (int(self.num_full_steps) != self.num_full_steps or self.num_full_steps < 1):
+            raise ValueError(f"SVDCacheConfig.num_full_steps must be an integer >= 1, got {self.num_full_steps!r}")
         if self.tail < 0:
             raise ValueError(f"SVDCacheConfig.tail must be >= 0, got {self.tail}")
         if self.order not in (1, 2):
             raise ValueError(f"SVDCacheConfig.order must be 1 or 2, got {self.order}")
         if not 0.0 <= self.beta < 1.0:
             raise ValueError(f"SVDCacheConfig.beta must lie in [0, 1), got {self.beta}")
+        if self.residual in ("int8", "int4") and (self.space != "svd" or self.predictor != "taylor"):
+            raise ValueError(f"residual={self.residual!r} needs space='svd' and predictor='taylor'")
         if self.residual == "damped" and not 0.0 <= self.residual_gain < 1.0:
             raise ValueError(f"a damped residual needs 0 <= residual_gain < 1, got {self.residual_gain}")
         if self.tau is not None and not 0.0 < self.tau <= 1.0:
             raise ValueError(f"SVDCacheConfig.tau must lie in (0, 1], got {self.tau}")
+        if self.memory_budget is not None:
+            if not (isinstance(self.memory_budget, (int, float)) and 1.0 < self.memory_budget < 16):
+                raise ValueError(f"SVDCacheConfig.memory_budget must be a number of copies in (1, 16), got "
+                                 f"{self.memory_budget!r} (the last full feature itself is one copy)")
+            if self.space != "svd" or self.predictor != "taylor":
+                raise ValueError("memory_budget needs space='svd' and predictor='taylor'")
         if self.rank is not None and self.rank < 1:
             raise ValueError(f"SVDCacheConfig.rank must be >= 1, got {self.rank}")
         if self.space == "svd" and self.tau is None and self.rank is None:
@@ -143,11 +179,12 @@ class SVDCacheConfig:
                 f"TaylorSeer-o{self.order}" if self.predictor == "taylor" else "full-EMA")
         else:
             p = {"taylor": f"taylor{self.order}", "ema": "ema", "reuse": "reuse"}[self.predictor]
-            r = {"reuse": "reuse", "taylor": "taylor", "damped": f"damped{self.residual_gain:g}"}[self.residual]
+            r = {"reuse": "reuse", "taylor": "taylor", "damped": f"damped{self.residual_gain:g}", "int8": "int8", "int4": "int4"}[self.residual]
             k = f"tau{self.tau:g}" if self.rank is None else f"k{self.rank}"
             sub = "|dF" if self.subspace == "change" else ""
             name = f"SVD[{p}|R:{r}|{k}{sub}]"
-        return f"{name} N={self.interval}"
+        sched = "" if self.schedule == "uniform" else (" cal" if self.schedule == "calibrated" else " explicit")
+        return f"{name} N={self.interval}{sched}"
 
 
 def fora(interval: int = 5, **kw) -> SVDCacheConfig:

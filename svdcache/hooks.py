@@ -17,7 +17,7 @@ from .distributed import plain_feature, reduce_partial, sees_shards
 from .flops import count_flops
 from .guards import CONTINUATION_TOL, concurrent_use_error, continuation_residual, refuse_foreign_cache
 from .predictors import SubspaceCache, make_feature_cache
-from .schedule import is_full_step
+from .schedule import Schedule
 from .state import ContextState, DefaultContextStateManager
 from .stats import CacheStats, RunStats
 
@@ -182,6 +182,9 @@ class SVDCacheHook(ModelHook):
         self._buffers: dict[str, torch.Tensor] = {}  # cached forwards' output buffers (see buffer)
         self._plans: dict[str, dict] = {}  # per feature: prepared split / reconstruct calls by layout
         self.online = None
+        self.schedule = Schedule(config, basis)
+        self._bits: dict[str, int] = {}  # residual bits per feature chosen by a memory budget
+        self.scheduler = None  # the pipeline's scheduler (set by enable): the step count of each run
         self._lock = threading.Lock()  # held for the length of a call: a second thread's call is refused
         self._deferred: list = []  # (block hook, feature, F) recorded inside a compiled graph, for _end
         self._owner = None  # the thread holding it
@@ -269,7 +272,7 @@ class SVDCacheHook(ModelHook):
             getattr(hs, "device", None),
         )
         timestep = next((kwargs[k] for k in _TIMESTEP_ARGS if kwargs.get(k) is not None), None)
-        num_steps = ctx.num_inference_steps or cfg.num_inference_steps
+        num_steps = ctx.num_inference_steps or self._scheduler_steps() or cfg.num_inference_steps
         skip_read = cfg.time_axis == "step" and self._skip_timestep_read(timestep, hs, ctx, num_steps)
         t_raw = None if skip_read else _timestep_value(timestep)
         bare = self.state_manager._context is None and isinstance(hs, torch.Tensor) and not skip_read
@@ -306,7 +309,7 @@ class SVDCacheHook(ModelHook):
             st.t = t_raw
         else:
             st.t = float(st.step)
-        full = is_full_step(st.step, interval=cfg.interval, warmup=cfg.warmup, tail=cfg.tail, num_steps=num_steps)
+        full = self.schedule.is_full(st.step, num_steps)
         st.mode = "full" if (full or not st.ready) else "cached"
         st.updated = set()
         st.call_cache_flops = 0
@@ -354,6 +357,19 @@ class SVDCacheHook(ModelHook):
         st.ready = False
         st.hist = 0
         st.mode = "full"
+
+    def _scheduler_steps(self) -> int | None:
+        """Transformer calls per context in this run, from the pipeline's scheduler (host-side, no sync)."""
+        sched = self.scheduler() if self.scheduler is not None else None
+        ts = getattr(sched, "timesteps", None)
+        if ts is None:
+            return None
+        n = len(ts) - int(getattr(sched, "begin_index", None) or 0)
+        want = self.cfg.num_inference_steps
+        if want is not None and n > 0 and want != n:
+            self._warn_once("steps", f"svdcache: num_inference_steps={want} in the config, but the pipeline runs "
+                            f"{n} steps; using {n} (warned once)")
+        return n if n > 0 else None
 
     def _input_is_shard(self) -> bool:
         """Context parallelism split the input before this hook (a value-based decision would then
@@ -420,7 +436,6 @@ class SVDCacheHook(ModelHook):
             o = _first_tensor(out)
             st.traj_out = (st.traj_out + [o.detach().clone()])[-2:] if isinstance(o, torch.Tensor) else []
 
-
     @torch.compiler.disable
     def _end(self, st: ContextState, out, args, kwargs):
         try:
@@ -465,7 +480,6 @@ class SVDCacheHook(ModelHook):
             self._state = None
             st.mode = None
             self._lock.release()
-
 
     def _measure_memory(self) -> None:
         cache = feats = 0
@@ -544,6 +558,11 @@ class SVDCacheHook(ModelHook):
         fb = self.bases[name]
         if fb.D != F.shape[-1]:
             raise ValueError(f"feature {name!r}: basis has D={fb.D} but the model produced D={F.shape[-1]}")
+        if self.cfg.memory_budget is not None:  # rank and residual bits from the budget (per row of F)
+            from .residual_cache import plan_for_budget
+
+            self.ranks[name], self._bits[name] = plan_for_budget(
+                self.cfg.memory_budget, fb.D, fb.rank(self.cfg.tau, self.cfg.rank), F.element_size())
         V = fb.V[:, : self.ranks[name]].to(device=F.device, dtype=F.dtype).contiguous()
         self._V[name] = V
         return V
@@ -576,7 +595,7 @@ class SVDCacheHook(ModelHook):
         fc = st.features.get(name)
         if fc is None:
             V = self._basis_V(name, F) if self.cfg.space == "svd" else None
-            fc = st.features[name] = make_feature_cache(name, self.cfg, V, self.gains.get(name))
+            fc = st.features[name] = make_feature_cache(name, self.cfg, V, self.gains.get(name), self._bits.get(name))
             fc.plans = self._plans.setdefault(name, {})  # validated kernel calls outlive a generation
         elif isinstance(fc, SubspaceCache) and (fc.V.dtype != F.dtype or fc.V.device != F.device):
             fc.V = self._basis_V(name, F)

@@ -254,9 +254,14 @@ class FullSpaceCache(FeatureCache):
         return [u for u in (self.D1, self.D2, self.E) if u is not None]
 
 
-def make_feature_cache(name: str, cfg: SVDCacheConfig, V: torch.Tensor | None, gain: float | None = None) -> FeatureCache:
+def make_feature_cache(name: str, cfg: SVDCacheConfig, V: torch.Tensor | None, gain: float | None = None,
+                       bits: int | None = None) -> FeatureCache:
     if cfg.space == "full":
         return FullSpaceCache(name, cfg, gain)
     if V is None:
         raise ValueError(f"feature {name!r} has no basis")
+    if cfg.residual in ("int8", "int4") or bits is not None:
+        from .residual_cache import QuantizedResidualCache
+
+        return QuantizedResidualCache(name, cfg, V, gain, bits)
     return SubspaceCache(name, cfg, V, gain)

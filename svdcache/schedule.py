@@ -1,6 +1,8 @@
 """Which steps are computed in full and which are forecast."""
 from __future__ import annotations
 
+import warnings
+
 
 def is_full_step(step: int, *, interval: int, warmup: int, tail: int = 0, num_steps: int | None = None) -> bool:
     """Full compute for the first ``warmup`` steps, then every ``interval``-th step counted from the
@@ -15,3 +17,76 @@ def is_full_step(step: int, *, interval: int, warmup: int, tail: int = 0, num_st
 
 def full_steps(num_steps: int, *, interval: int, warmup: int, tail: int = 0) -> list[int]:
     return [i for i in range(num_steps) if is_full_step(i, interval=interval, warmup=warmup, tail=tail, num_steps=num_steps)]
+
+
+class Schedule:
+    """The run-time schedule of one cache: uniform (``interval``, ``warmup``, ``tail``), explicit
+    (``cfg.schedule`` a list of full-step indices), or calibrated (``cfg.schedule="calibrated"``: the
+    positions the basis's calibration chose for this predictor and number of full steps, see
+    :mod:`svdcache.schedule_search`). A calibrated schedule needs the step count of the run to be the
+    one it was made for; otherwise (or when the step count is unknown, or the basis has none) the
+    uniform schedule is used, with one warning."""
+
+    def __init__(self, cfg, basis=None):
+        from .schedule_search import check_schedules, family_key
+
+        self.cfg = cfg
+        self.explicit = None if isinstance(cfg.schedule, str) else frozenset(int(s) for s in cfg.schedule)
+        self.plans: dict[str, list[int]] = {}
+        self.num_steps = None
+        self.family = family_key(cfg.space, cfg.predictor, cfg.order, cfg.residual)
+        self._warned: set[str] = set()
+        self._resolved: dict[int | None, frozenset | None] = {}
+        if cfg.schedule == "calibrated":
+            entry = (basis.meta.get("schedules") if basis is not None else None) or {}
+            check_schedules(entry or None)
+            plans = entry.get("plans", {})
+            self.plans = plans.get(self.family) or {}
+            self.num_steps = entry.get("num_steps")
+            if not self.plans:
+                why = "the cache has no basis file" if basis is None else (
+                    f"the basis holds no calibrated schedule for {self.family!r}" + (
+                        f" (it has {sorted(plans)})" if plans else " (calibrate with svdcache >= 0.2)"))
+                self._warn("none", f"svdcache: schedule='calibrated' but {why}; using the uniform schedule")
+
+    def _warn(self, key: str, msg: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(msg, stacklevel=5)
+
+    def uniform(self, num_steps: int) -> list[int]:
+        c = self.cfg
+        return full_steps(num_steps, interval=c.interval, warmup=c.warmup, tail=c.tail)
+
+    def full_set(self, num_steps: int | None) -> frozenset | None:
+        """The full steps of a run of ``num_steps`` steps, or None for the uniform rule."""
+        if num_steps in self._resolved:
+            return self._resolved[num_steps]
+        res = None
+        if self.explicit is not None:
+            res = self.explicit
+        elif self.plans:
+            if num_steps is None:
+                self._warn("unknown", "svdcache: schedule='calibrated' needs the number of steps of the run "
+                           "(pass num_inference_steps=... to enable for a bare transformer); using the uniform schedule")
+            elif num_steps != self.num_steps:
+                self._warn(f"steps{num_steps}", f"svdcache: the calibrated schedule was made for {self.num_steps} "
+                           f"steps, this run has {num_steps}; using the uniform schedule")
+            else:
+                m = self.cfg.num_full_steps or len(self.uniform(num_steps))
+                plan = self.plans.get(str(m))
+                if plan is None:
+                    have = sorted(int(k) for k in self.plans)
+                    m = min(have, key=lambda h: abs(h - m))
+                    self._warn(f"m{m}", f"svdcache: no calibrated schedule with that many full steps; using {m}")
+                    plan = self.plans[str(m)]
+                res = frozenset(int(s) for s in plan)
+        self._resolved[num_steps] = res
+        return res
+
+    def is_full(self, step: int, num_steps: int | None) -> bool:
+        fs = self.full_set(num_steps)
+        if fs is None:
+            c = self.cfg
+            return is_full_step(step, interval=c.interval, warmup=c.warmup, tail=c.tail, num_steps=num_steps)
+        return step in fs or step == 0

@@ -1,0 +1,104 @@
+"""Keep the change that leaves the subspace: the residual's first difference, stored as int8.
+
+With the residual reused (the default anchor form), the part of each interval's change outside the
+rank-k subspace is dropped: F_hat = F_last + s * D1 V^T. This cache also keeps that part,
+
+    r = (F - F_prev) / h - D1 V^T        (the residual's divided difference, (..., N, D)),
+
+quantized to int8 (or int4, two per byte) with one fp32 scale per token (symmetric absmax), so a
+cached step forecasts
+
+    F_hat = F_last + s * (D1 V^T + r_q)
+
+which is first-order Taylor in full space (TaylorSeer) with the principal part of the derivative held
+exactly in k dims and the rest at 8 (4) bits: 1 + k/D + 1/4 (1/8) copies of fp32 features, 1 + 2k/D +
+1/2 (1/4) of bf16 ones, where TaylorSeer holds 2. The residual is small where the subspace is good, so its
+quantization error is small against the forecast's own.
+"""
+from __future__ import annotations
+
+import torch
+
+import svdcache_kernels as K
+
+from .predictors import SubspaceCache, _nbytes, newton_weights
+
+
+def quantize_rows(r: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row quantization of the last dim: (q, scale fp32 (..., 1)), q * scale ~ r.
+    8 bits: q int8 in [-127, 127]; 4 bits: two values in [-7, 7] packed per uint8 (last dim halved,
+    padded to even)."""
+    L = 127.0 if bits == 8 else 7.0
+    scale = r.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-30) / L
+    q = torch.round(r.float() / scale).clamp_(-L, L).to(torch.int8)
+    if bits == 8:
+        return q, scale
+    if q.shape[-1] % 2:
+        q = torch.nn.functional.pad(q, (0, 1))
+    u = (q + 8).to(torch.uint8)
+    return u[..., 0::2] | (u[..., 1::2] << 4), scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, D: int, bits: int = 8) -> torch.Tensor:
+    """fp32 values of :func:`quantize_rows`' output, last dim ``D``."""
+    if bits == 8:
+        return q.float() * scale
+    lo = (q & 0xF).to(torch.int8) - 8
+    hi = (q >> 4).to(torch.int8) - 8
+    v = torch.stack([lo, hi], dim=-1).flatten(-2)[..., :D]
+    return v.float() * scale
+
+
+class QuantizedResidualCache(SubspaceCache):
+    """Anchor-form Taylor in the subspace plus the quantized residual difference (``residual="int8"`` or
+    ``"int4"``; ``bits`` may be set per feature by a memory budget)."""
+
+    def __init__(self, name, cfg, V, gain=None, bits: int | None = None):
+        super().__init__(name, cfg, V, gain)
+        self.bits = bits if bits is not None else (4 if cfg.residual == "int4" else 8)
+        self.anchor_form = True  # F_last is the anchor; no explicit R
+        self.keep_C = False
+        self.rq = self.rs = None
+
+    def update(self, F: torch.Tensor, t: float) -> None:
+        same = self.shape == tuple(F.shape) and self.device == F.device
+        F_prev = self.R if same else None
+        super().update(F, t)  # D1 = (F - F_prev) V / h (one projection), F held as the anchor
+        self.rq = self.rs = None
+        if not self.bits or F_prev is None or self.n < 2 or self.D1 is None:
+            return
+        with torch.no_grad():
+            h = self.times[-1] - self.times[-2]
+            D = F.shape[-1]
+            diff = (F.float() - F_prev.float()).div_(h)
+            r = torch.addmm(diff.reshape(-1, D), self.D1.reshape(-1, self.V.shape[1]), self.V.float().T, alpha=-1.0)
+            self.rq, self.rs = quantize_rows(r.view(F.shape), self.bits)
+        self.update_flops += 2 * (F.numel() // D) * D * self.V.shape[1]
+
+    def forecast(self, t, *, x=None, gate=None, out=None) -> torch.Tensor:
+        if self.rq is None:
+            return super().forecast(t, x=x, gate=gate, out=out)
+        s = t - self.times[-1]
+        w = newton_weights(s, self.times, self.n, self.cfg.order, self.gain)
+        terms = [self.D1, self.D2][: len(w)]
+        dR = dequantize_rows(self.rq, self.rs, self.R.shape[-1], self.bits).to(self.R.dtype)
+        rows = self.R.numel() // self.R.shape[-1]
+        self.forecast_flops = 2 * rows * self.R.shape[-1] * self.V.shape[1]
+        return K.reconstruct(self.V, self.R, terms=terms, weights=w, dR=dR, dr_scale=s * self.gain, x=x, gate=gate,
+                             out=out, backend=self.cfg.backend)
+
+    def nbytes(self) -> int:
+        return super().nbytes() + _nbytes(self.rq, self.rs)
+
+
+def plan_for_budget(budget: float, D: int, k: int, elem_bytes: int) -> tuple[int, int]:
+    """(rank, residual bits) of one feature under a cache-memory budget in copies of the feature.
+
+    Per token the cache holds the feature itself (1 copy: the anchor), k fp32 coefficients of its
+    difference, and, if they fit, the residual difference at 8 or 4 bits plus one fp32 scale. The
+    rank is capped first (down to 1), then the most residual bits that fit are taken (0: reused)."""
+    avail = (budget - 1.0) * D * elem_bytes
+    k = max(1, min(k, int(avail // 4)))
+    rest = avail - 4 * k - 4
+    bits = 8 if rest >= D else 4 if rest >= (D + 1) // 2 else 0
+    return k, bits
