@@ -90,6 +90,10 @@ class QuantizedResidualCache(SubspaceCache):
     def nbytes(self) -> int:
         return super().nbytes() + _nbytes(self.rq, self.rs)
 
+    def state_tensors(self) -> list:
+        # a non-finite residual difference shows in its per-row scales (the int codes are always finite)
+        return super().state_tensors() + ([self.rs] if self.rs is not None else [])
+
 
 def plan_for_budget(budget: float, D: int, k: int, elem_bytes: int) -> tuple[int, int]:
     """(rank, residual bits) of one feature under a cache-memory budget in copies of the feature.
