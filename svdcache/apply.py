@@ -7,9 +7,9 @@ import weakref
 import torch
 from diffusers.hooks import HookRegistry
 
-from .adapters import find_blocks, last_plan
+from .adapters import basis_granularity, find_blocks, last_plan
 from .basis import Basis, load_basis
-from .config import GRANULARITIES, SVDCacheConfig
+from .config import SVDCacheConfig
 from .distributed import check_parallel_model, gather_stats, parallel_of
 from .guards import refuse_foreign_cache
 from .hooks import BLOCK_HOOK, CAPTURE_HOOK, ROOT_HOOK, BlockHook, CaptureHook, SVDCacheHook
@@ -119,8 +119,8 @@ def enable(target, basis: Basis | str | os.PathLike | None = None, config: SVDCa
             raise ValueError("this model is being calibrated")
         _uninstall(model)
         granularity = cfg.granularity
-        if granularity == "auto" and basis is not None and basis.meta.get("granularity") in GRANULARITIES[1:]:
-            granularity = basis.meta["granularity"]  # the granularity it was calibrated at
+        if granularity == "auto" and basis is not None and basis_granularity(basis) is not None:
+            granularity = basis_granularity(basis)  # the granularity it was calibrated at
         planned, dims = _plan(model, granularity, blocks, streams)
         use_basis = basis if cfg.space == "svd" else None
         if use_basis is not None:

@@ -161,10 +161,22 @@ def find_blocks(model: torch.nn.Module, granularity: str = "auto", blocks=None, 
     return plan.blocks
 
 
+def basis_granularity(basis) -> str | None:
+    """The granularity a basis was calibrated at: recorded since svdcache 0.1's submodule level;
+    older files said "auto", which meant block level for every model but FLUX (its features end
+    in ``.hidden`` / ``.encoder`` there)."""
+    g = basis.meta.get("granularity")
+    if g in ("module", "submodule", "block"):
+        return g
+    if any(n.endswith((".hidden", ".encoder")) for n in basis.features):
+        return "block"
+    return None
+
+
 def last_plan(model: torch.nn.Module) -> Plan | None:
     """The plan of the last :func:`find_blocks` on ``model`` (enable / calibrate)."""
     return getattr(model, "_svdcache_plan", None)
 
 
-__all__ = ["BlockAdapter", "GenericBlockAdapter", "MODULE_ADAPTERS", "Plan", "SubmoduleAdapter", "block_lists",
-           "find_blocks", "last_plan", "model_dim"]
+__all__ = ["BlockAdapter", "GenericBlockAdapter", "MODULE_ADAPTERS", "Plan", "SubmoduleAdapter", "basis_granularity",
+           "block_lists", "find_blocks", "last_plan", "model_dim"]

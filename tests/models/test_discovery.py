@@ -153,3 +153,19 @@ def test_calibrate_with_user_blocks():
     C.denoise(name, model, C.STEPS)
     assert svdcache.stats(model).last_generation.cached_steps == 3
     svdcache.disable(model)
+
+
+def test_an_old_auto_basis_of_block_features_keeps_block_level():
+    """Basis files written before the submodule level said granularity "auto" for block-level
+    features: enable(granularity="auto") with one stays at block level."""
+    name = "WanTransformer3DModel"
+    model = Z.build(name)
+    basis = svdcache.calibrate(model, run=lambda: C.denoise(name, model, C.STEPS, seed=7), progress=False,
+                               granularity="block", fit_gain_rows=0)
+    assert all(n.endswith((".hidden", ".encoder")) for n in basis.features)
+    basis.meta["granularity"] = "auto"  # as older files recorded it
+    svdcache.enable(model, basis=basis, interval=3, warmup=2, num_inference_steps=C.STEPS)
+    assert svdcache.adapters.last_plan(model).granularity == "block"
+    C.denoise(name, model, C.STEPS)
+    assert svdcache.stats(model).last_generation.cached_steps == 3
+    svdcache.disable(model)
