@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """End-to-end latency of SVD-Cache vs diffusers' TaylorSeer on a FLUX.1-dev-sized transformer, one GPU.
 
-    python bench/gpu_e2e.py            # one CUDA GPU (H100: at most 6 minutes), no network, no weights
+    python bench/gpu_e2e.py            # one CUDA GPU (default budget 270 s incl. calibration), no network, no weights
     python bench/gpu_e2e.py --tiny     # the same code path at a tiny config on CPU (reference ops), seconds
 
 A FluxTransformer2DModel with FLUX.1-dev's config (19 double + 38 single blocks, 24 heads x 128, D = 3072)
@@ -606,7 +606,7 @@ def main(argv=None) -> int:
                     help="tiny config on CPU (reference ops): the same code path in seconds")
     ap.add_argument("--out-dir", default=os.path.join(REPO, "bench", "results"))
     ap.add_argument("--copy-dir", default=None, help="also write the table here (e.g. $OUT), after every row")
-    ap.add_argument("--budget-s", type=float, default=None, help="wall-clock budget from process start (GPU: 330)")
+    ap.add_argument("--budget-s", type=float, default=None, help="wall-clock budget from process start (GPU: 270)")
     ap.add_argument("--reserve-s", type=float, default=None, help="kept free for the report (GPU: 8)")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--resolution", type=int, default=1024, help="image side in pixels (GPU run)")
@@ -624,7 +624,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-svd", action="store_true")
     args = ap.parse_args(argv)
     if args.budget_s is None:
-        args.budget_s = 600.0 if args.tiny else 330.0
+        args.budget_s = 600.0 if args.tiny else 270.0
     if args.reserve_s is None:
         args.reserve_s = 1.0 if args.tiny else 8.0
     if args.repeats is None:

@@ -20,6 +20,7 @@ uncached host time and <= 4 ops per cached feature (<= 460 per call); full <= 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import platform
@@ -86,6 +87,13 @@ def inputs(model, dtype, seed=0):
     )
 
 
+CONTEXT = None  # --pipeline-context: every call under model.cache_context("cond"), as FluxPipeline does
+
+
+def _ctx(model):
+    return model.cache_context(CONTEXT) if CONTEXT else contextlib.nullcontext()
+
+
 def run_generation(model, kw, steps, root=None, times=None, ref=None):
     """One Euler generation; with ``ref`` (the uncached model) each step also times an uncached call
     of the same inputs right before, so a busy shared machine slows both sides alike."""
@@ -96,14 +104,14 @@ def run_generation(model, kw, steps, root=None, times=None, ref=None):
         tu = None
         if ref is not None:
             t0 = time.perf_counter()
-            with torch.no_grad():
+            with torch.no_grad(), _ctx(ref):
                 ref(**args, timestep=t)
             tu = time.perf_counter() - t0
             if times is not None:
                 times.setdefault("uncached", []).append(tu)
         before = root.cur.cached_steps if root is not None else 0
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), _ctx(model):
             out = model(**args, timestep=t)[0]
         dt = time.perf_counter() - t0
         kind = "uncached" if root is None else ("cached" if root.cur.cached_steps > before else "full")
@@ -122,7 +130,7 @@ def count_ops(model, kw, steps, root=None):
     for i in range(steps):
         t = torch.full((1,), 1.0 - i / steps, dtype=h.dtype)
         before = root.cur.cached_steps if root is not None else 0
-        with torch.no_grad(), OpCounter() as c:
+        with torch.no_grad(), _ctx(model), OpCounter() as c:
             out = model(**{**kw, "hidden_states": h}, timestep=t)[0]
         kind = "uncached" if root is None else ("cached" if root.cur.cached_steps > before else "full")
         res[kind] = (c.ops, c.ops - c.views)  # the last call of each kind: steady state
@@ -140,7 +148,12 @@ def main(argv=None) -> int:
     ap.add_argument("--label", default="", help="a name for this measurement (e.g. before / after)")
     ap.add_argument("--out", default=os.path.join(REPO, "bench", "results", "host_overhead.md"))
     ap.add_argument("--append", action="store_true", help="append a section to --out instead of replacing it")
+    ap.add_argument("--residual", default=None, help="SVDCacheConfig.residual (default: the config's default)")
+    ap.add_argument("--pipeline-context", action="store_true",
+                    help='call under model.cache_context("cond") as FluxPipeline does (a bare loop otherwise)')
     args = ap.parse_args(argv)
+    global CONTEXT
+    CONTEXT = "cond" if args.pipeline_context else None
     torch.set_num_threads(1)
     dtype = getattr(torch, args.dtype)
     model = build_model(dtype=dtype)
@@ -151,7 +164,8 @@ def main(argv=None) -> int:
     ref = copy.deepcopy(model)  # the same weights, never cached
     times: dict[str, list[float]] = {}
     ops = count_ops(ref, kw, 2)
-    svdcache.enable(model, basis=basis, interval=args.interval, rank=args.rank)
+    extra = {"residual": args.residual} if args.residual else {}
+    cfg = svdcache.enable(model, basis=basis, interval=args.interval, rank=args.rank, **extra)
     root = model._diffusers_hook.get_hook("svdcache")
     run_generation(model, kw, args.steps, root, ref=ref)  # warm-up (FLOP table, plans, buffers)
     svdcache.reset(model)
@@ -161,15 +175,28 @@ def main(argv=None) -> int:
     ops.update(count_ops(model, kw, args.steps, root))
     st = svdcache.stats(model)
     svdcache.disable(model)
+    # breakdown of the full step: the same hooks and recording with predictor="reuse" (no projection)
+    svdcache.enable(model, basis=basis, interval=args.interval, rank=args.rank, predictor="reuse", residual="reuse")
+    root = model._diffusers_hook.get_hook("svdcache")
+    run_generation(model, kw, args.steps, root, ref=ref)
+    svdcache.reset(model)
+    reuse: dict[str, list[float]] = {}
+    for _ in range(max(1, args.generations // 2)):
+        run_generation(model, kw, args.steps, root, times=reuse, ref=ref)
+        svdcache.reset(model)
+    svdcache.disable(model)
 
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     lines = [
         f"## {args.label or 'measurement'}: FLUX.1-dev blocks (19 double + 38 single, {n_feat} cached features), "
-        f"{N_IMG} image + {N_TXT} text tokens, D = {HEADS * HEAD_DIM}, {args.dtype}, k = {args.rank}, interval {args.interval}",
+        f"{N_IMG} image + {N_TXT} text tokens, D = {HEADS * HEAD_DIM}, {args.dtype}, k = {args.rank}, interval {args.interval}, "
+        + (" calls under cache_context('cond') (as FluxPipeline)" if CONTEXT else " bare loop (no cache context)")
+        + f", config `{cfg.label}` (residual={cfg.residual})",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"1 thread; median of {args.generations} generations x {args.steps} steps, each cached-model call timed right after an uncached call of the same inputs; `python bench/host_overhead.py"
-        f"{' --label ' + args.label if args.label else ''}`.",
+        f"{' --pipeline-context' if CONTEXT else ''}{' --residual ' + args.residual if args.residual else ''}"
+        f"{' --label ' + repr(args.label) if args.label else ''}`.",
         "",
         "| call | host time (ms) | x uncached (median of paired ratios) | torch ops | non-view ops | ops per cached feature | target |",
         "|---|---|---|---|---|---|---|",
@@ -179,6 +206,9 @@ def main(argv=None) -> int:
         o, nv = ops.get(kind, (0, 0))
         per = f"{o / n_feat:.1f}" if kind == "cached" else ""
         lines.append(f"| {name} | {med[kind]:.2f} | {(med[kind + '/ratio'] / 1e3 if kind != 'uncached' else 1.0):.3f} | {o} | {nv} | {per} | {targets[kind]} |")
+    r = statistics.median(reuse["full/ratio"]) if reuse.get("full/ratio") else float("nan")
+    lines.append(f"| full, predictor=reuse (hooks + recording, no projection) | {statistics.median(reuse['full']) * 1e3:.2f} "
+                 f"| {r:.3f} | | | | |")
     lines += ["", f"stats: {st.last_generation.full_steps} full / {st.last_generation.cached_steps} cached steps per "
               f"generation, FLOPs ratio {st.last_generation.flops_uncached / max(st.last_generation.flops, 1):.2f}x", ""]
     text = "\n".join(lines)
