@@ -36,10 +36,12 @@ from svdcache.metrics import psnr, ssim
 from svdcache.schedule import full_steps
 
 RESULTS = os.path.join(common.ROOT, "bench", "results")
-INTERVALS = [2, 3, 4, 5, 6, 8, 10, 12]
+INTERVALS = [3, 4, 5, 6, 8, 10]  # FLOPs ratios from below 3x to above 7x
 # diffusers' TaylorSeerCacheConfig hooks only attention modules by default (the MLPs still run every
 # step); this set also hooks the double blocks' MLPs and the single blocks' MLP input projection
 DIFFUSERS_TS_MODULES = [r"^transformer_blocks\.\d+\.(attn|ff|ff_context)$", r"^single_transformer_blocks\.\d+\.(attn|proj_mlp)$"]
+# diffusers' TaylorSeerCacheConfig at its best: whole blocks cached (their outputs forecast), from step 1
+DIFFUSERS_TS_BLOCKS = [r"^transformer_blocks\.\d+$", r"^single_transformer_blocks\.\d+$"]
 WARMUP = 3
 
 
@@ -47,7 +49,9 @@ WARMUP = 3
 # methods
 def svd_cfg(**kw) -> dict:
     # the families name their subspace: the paper's feature subspace unless they say "change"
-    return dict(kind="svdcache", cfg={"warmup": WARMUP, "subspace": "feature", **kw})
+    # and the paper's residual reuse and uniform schedule unless they say otherwise
+    return dict(kind="svdcache", cfg={"warmup": WARMUP, "subspace": "feature", "residual": "reuse",
+                                      "schedule": "uniform", **kw})
 
 
 def method_list(quick: bool = False) -> list[dict]:
@@ -66,37 +70,33 @@ def method_list(quick: bool = False) -> list[dict]:
                 **svd_cfg(interval=n, space="full", predictor="reuse", warmup=w))
             add(f"TaylorSeer-o1 w{w} N={n}", f"TaylorSeer o1 (full space), warmup {w}", setting=n,
                 **svd_cfg(interval=n, space="full", predictor="taylor", order=1, warmup=w))
-        add(f"TaylorSeer-o2 N={n}", "TaylorSeer o2 (full space), warmup 3", setting=n,
-            **svd_cfg(interval=n, space="full", predictor="taylor", order=2))
         add(f"TaylorSeer-o1 cal N={n}", "TaylorSeer o1 (full space), calibrated schedule", setting=n,
             **svd_cfg(interval=n, space="full", predictor="taylor", order=1, warmup=1, schedule="calibrated"))
-        add(f"FORA cal N={n}", "FORA, calibrated schedule", setting=n,
-            **svd_cfg(interval=n, space="full", predictor="reuse", warmup=1, schedule="calibrated"))
-        # -- SVD-Cache
+        # -- SVD-Cache: the default (no settings but the interval), then the pieces it is made of
+        add(f"SVD default N={n}", "SVD-Cache default (taylor1 + int4 residual, change tau.85, calibrated schedule)",
+            setting=n, kind="svdcache", cfg={"interval": n})
         add(f"SVD paper EMA tau.85 N={n}", "SVD-Cache paper (EMA, tau .85)", setting=n,
             **svd_cfg(interval=n, predictor="ema", tau=0.85))
         add(f"SVD taylor1 k=8 N={n}", "SVD-Cache taylor1, paper's feature subspace k=8", setting=n,
             **svd_cfg(interval=n, predictor="taylor", order=1, tau=None, rank=8))
-        for w in (3, 1):
-            add(f"SVD taylor1 change tau.85 w{w} N={n}", f"SVD-Cache taylor1, change tau.85, warmup {w}", setting=n,
-                **svd_cfg(interval=n, predictor="taylor", order=1, subspace="change", tau=0.85, warmup=w))
+        add(f"SVD taylor1 change tau.85 w3 N={n}", "SVD-Cache taylor1, change tau.85, warmup 3 (previous default)",
+            setting=n, **svd_cfg(interval=n, predictor="taylor", order=1, subspace="change", tau=0.85, warmup=3))
         add(f"SVD taylor1 change tau.85 cal N={n}", "SVD-Cache taylor1, change tau.85, calibrated schedule",
             setting=n, **svd_cfg(interval=n, predictor="taylor", order=1, subspace="change", tau=0.85, warmup=1,
                                  schedule="calibrated"))
-        for w in (3, 1):
-            add(f"SVD int8 change tau.85 w{w} N={n}", f"SVD-Cache taylor1 + int8 residual, change tau.85, warmup {w}",
-                setting=n, **svd_cfg(interval=n, predictor="taylor", order=1, subspace="change", tau=0.85,
-                                     residual="int8", warmup=w))
-        add(f"SVD int8 change tau.85 cal N={n}", "SVD-Cache taylor1 + int8 residual, change tau.85, calibrated schedule",
+        add(f"SVD int8 change tau.85 w1 N={n}", "SVD-Cache taylor1 + int8 residual, change tau.85, warmup 1",
             setting=n, **svd_cfg(interval=n, predictor="taylor", order=1, subspace="change", tau=0.85,
-                                 residual="int8", warmup=1, schedule="calibrated"))
+                                 residual="int8", warmup=1))
+        add(f"SVD int4 change tau.85 w1 N={n}", "SVD-Cache taylor1 + int4 residual, change tau.85, warmup 1 (uniform)",
+            setting=n, **svd_cfg(interval=n, predictor="taylor", order=1, subspace="change", tau=0.85,
+                                 residual="int4", warmup=1))
         # -- diffusers' TaylorSeerCache: its defaults (attention only, 3 warm-up steps) and at its best
         # (attention and MLPs hooked, caching from step 1), orders 1 and 2
+        add(f"diffusers TaylorSeer o1 N={n}", "diffusers TaylorSeerCache o1 (defaults)",
+            kind="diffusers_taylorseer", setting=n, interval=n, order=1)
         for o in (1, 2):
-            add(f"diffusers TaylorSeer o{o} N={n}", f"diffusers TaylorSeerCache o{o} (defaults)",
-                kind="diffusers_taylorseer", setting=n, interval=n, order=o)
-            add(f"diffusers TaylorSeer o{o} best N={n}", f"diffusers TaylorSeerCache o{o}, attn + MLPs, from step 1",
-                kind="diffusers_taylorseer", setting=n, interval=n, order=o, identifiers=DIFFUSERS_TS_MODULES,
+            add(f"diffusers TaylorSeer o{o} best N={n}", f"diffusers TaylorSeerCache o{o}, whole blocks, from step 1",
+                kind="diffusers_taylorseer", setting=n, interval=n, order=o, identifiers=DIFFUSERS_TS_BLOCKS,
                 before=1)
     for th in ([0.1, 0.3] if quick else [0.03, 0.06, 0.1, 0.15, 0.2, 0.3, 0.5]):
         add(f"diffusers FBCache th={th:g}", "diffusers FirstBlockCache", kind="fbcache", setting=th, threshold=th)
@@ -118,9 +118,7 @@ class Bench:
         self.basis = load_basis()
         # block-level caching has other features (block output minus input): its own one-time SVD,
         # calibrated the way the embedded basis was
-        from calibrate_embedded import calibrate_reference
-
-        self.block_basis = calibrate_reference(self.pipe, steps=args.steps, granularity="block", progress=False)
+        self._block_basis = None
         self.prompts, self.seeds = common.prompt_set(args.seeds)
         self.steps = args.steps
         common.self_check(self.pipe)
@@ -135,6 +133,14 @@ class Bench:
         ks = [self.basis.features[n].rank(0.99) for n in self.basis.features]
         self.D = D
         self.k_frac = statistics.median(ks) / D
+
+    @property
+    def block_basis(self):
+        if self._block_basis is None:
+            from calibrate_embedded import calibrate_reference
+
+            self._block_basis = calibrate_reference(self.pipe, steps=self.steps, granularity="block", progress=False)
+        return self._block_basis
 
     # -- runs ----------------------------------------------------------------------------------
     def generate(self, steps=None, mem_probe=None):
@@ -275,7 +281,10 @@ def teacher_forced(feats_by_ctx, cfg: SVDCacheConfig, basis, steps: int, ref_bas
     of ``ref_basis`` (the tau=0.99 basis): principal = error projected on V_k, residual = the rest."""
     from svdcache.predictors import make_feature_cache
 
-    fs = set(full_steps(steps, interval=cfg.interval, warmup=cfg.warmup, tail=cfg.tail))
+    from svdcache.schedule import Schedule
+
+    sch = Schedule(cfg, basis)
+    fs = {i for i in range(steps) if sch.is_full(i, steps)}
     sums: dict[str, list[float]] = {}
     for feats in feats_by_ctx.values():
         for name, F in feats.items():
@@ -434,6 +443,7 @@ def main(argv=None):
     ap.add_argument("--fresh", action="store_true", help="ignore earlier results in the JSON")
     ap.add_argument("--only", default=None, help="run only methods whose name contains this")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--no-tf", action="store_true", help="skip the teacher-forced forecast errors")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "fidelity.json")
@@ -449,11 +459,12 @@ def main(argv=None):
     done = {r["name"] for r in data["rows"]}
     methods = [m for m in method_list(args.quick) if m["name"] not in done and (not args.only or args.only in m["name"])]
     n_tf = 8
-    feats = record_features(b.pipe, b.prompts[:: len(b.prompts) // n_tf][:n_tf], b.seeds[:: len(b.seeds) // n_tf][:n_tf],
-                            b.steps)
+    feats = None if args.no_tf else record_features(
+        b.pipe, b.prompts[:: len(b.prompts) // n_tf][:n_tf], b.seeds[:: len(b.seeds) // n_tf][:n_tf], b.steps)
     for m in tqdm(methods, desc="fidelity sweep", unit="config"):
         row = b.run(m)
-        if m["kind"] == "svdcache" and m["cfg"].get("granularity", "auto") != "block" and not m.get("online"):
+        if (m["kind"] == "svdcache" and not args.no_tf and m["cfg"].get("granularity", "auto") != "block"
+                and not m.get("online")):
             errs = teacher_forced(feats, SVDCacheConfig(**m["cfg"]), b.basis, b.steps)
             row["tf_error"] = [statistics.mean(e[i] for e in errs.values()) for i in range(3)]
             row["tf_worst_feature"] = max(errs, key=lambda n: errs[n][0])

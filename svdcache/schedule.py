@@ -21,7 +21,8 @@ def full_steps(num_steps: int, *, interval: int, warmup: int, tail: int = 0) -> 
 
 class Schedule:
     """The run-time schedule of one cache: uniform (``interval``, ``warmup``, ``tail``), explicit
-    (``cfg.schedule`` a list of full-step indices), or calibrated (``cfg.schedule="calibrated"``: the
+    (``cfg.schedule`` a list of full-step indices), or calibrated (``cfg.schedule="calibrated"``, or
+    "auto" which is the same where the basis has a plan and silently uniform elsewhere: the
     positions the basis's calibration chose for this predictor and number of full steps, see
     :mod:`svdcache.schedule_search`). A calibrated schedule needs the step count of the run to be the
     one it was made for; otherwise (or when the step count is unknown, or the basis has none) the
@@ -37,13 +38,13 @@ class Schedule:
         self.family = family_key(cfg.space, cfg.predictor, cfg.order, cfg.residual)
         self._warned: set[str] = set()
         self._resolved: dict[int | None, frozenset | None] = {}
-        if cfg.schedule == "calibrated":
+        if cfg.schedule in ("calibrated", "auto"):
             entry = (basis.meta.get("schedules") if basis is not None else None) or {}
             check_schedules(entry or None)
             plans = entry.get("plans", {})
             self.plans = plans.get(self.family) or {}
             self.num_steps = entry.get("num_steps")
-            if not self.plans:
+            if not self.plans and cfg.schedule == "calibrated":
                 why = "the cache has no basis file" if basis is None else (
                     f"the basis holds no calibrated schedule for {self.family!r}" + (
                         f" (it has {sorted(plans)})" if plans else " (calibrate with svdcache >= 0.2)"))
@@ -66,12 +67,15 @@ class Schedule:
         if self.explicit is not None:
             res = self.explicit
         elif self.plans:
+            strict = self.cfg.schedule == "calibrated"  # "auto" falls back to uniform without a word
             if num_steps is None:
-                self._warn("unknown", "svdcache: schedule='calibrated' needs the number of steps of the run "
-                           "(pass num_inference_steps=... to enable for a bare transformer); using the uniform schedule")
+                if strict:
+                    self._warn("unknown", "svdcache: schedule='calibrated' needs the number of steps of the run "
+                               "(pass num_inference_steps=... to enable for a bare transformer); using the uniform schedule")
             elif num_steps != self.num_steps:
-                self._warn(f"steps{num_steps}", f"svdcache: the calibrated schedule was made for {self.num_steps} "
-                           f"steps, this run has {num_steps}; using the uniform schedule")
+                if strict:
+                    self._warn(f"steps{num_steps}", f"svdcache: the calibrated schedule was made for {self.num_steps} "
+                               f"steps, this run has {num_steps}; using the uniform schedule")
             else:
                 m = self.cfg.num_full_steps or len(self.uniform(num_steps))
                 plan = self.plans.get(str(m))
