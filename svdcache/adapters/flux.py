@@ -70,9 +70,18 @@ def _gate_weights(block: torch.nn.Module, lin: torch.nn.Linear, n_chunks: int, p
     return Wt, b
 
 
+def _plain_weights(*lins) -> bool:
+    """Linears whose weight is a plain tensor (a dynamic-quantized Linear's ``weight`` is a method)."""
+    return all(isinstance(getattr(lin, "weight", None), torch.Tensor) for lin in lins)
+
+
 def _double_gates(block, temb, buffer):
     """gate_msa, gate_mlp, c_gate_msa, c_gate_mlp of a cached step, each (B, 1, D): two batched
     GEMMs on the gate rows only, written into one runtime buffer (no allocation per block)."""
+    if not _plain_weights(block.norm1.linear, block.norm1_context.linear):  # e.g. int8 Linears: whole modulation
+        _, _, g1, _, _, g2 = _gates(block.norm1, temb, 6)
+        _, _, c1, _, _, c2 = _gates(block.norm1_context, temb, 6)
+        return g1.unsqueeze(1), g2.unsqueeze(1), c1.unsqueeze(1), c2.unsqueeze(1)
     s2 = _SILU.twice(temb)
     Wt, b = _gate_weights(block, block.norm1.linear, 6, True)
     Wc, bc = _gate_weights(block, block.norm1_context.linear, 6, True)
@@ -96,6 +105,8 @@ def _double_gates(block, temb, buffer):
 
 def _single_gate(block, temb, buffer):
     """The single block's gate of a cached step, (B, 1, D): one GEMM on its gate rows."""
+    if not _plain_weights(block.norm.linear):
+        return _gates(block.norm, temb, 3)[2].unsqueeze(1)
     s = _SILU(temb)
     Wt, b = _gate_weights(block, block.norm.linear, 3, False)
     if s.dtype != Wt.dtype:
