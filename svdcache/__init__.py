@@ -15,6 +15,7 @@ from .basis import Basis, FeatureBasis, load_basis  # noqa: E402
 from .calibration import calibrate  # noqa: E402
 from .config import SVDCacheConfig, fora, taylorseer  # noqa: E402
 from .hub import push_to_hub  # noqa: E402
+from .generation import generation  # noqa: E402
 from .stats import CacheStats, RunStats  # noqa: E402
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "disable",
     "is_enabled",
     "reset",
+    "generation",
     "stats",
     "calibrate",
     "current_basis",

@@ -121,8 +121,17 @@ def enable(target, basis: Basis | str | os.PathLike | None = None, config: SVDCa
         granularity = cfg.granularity
         if granularity == "auto" and basis is not None and basis_granularity(basis) is not None:
             granularity = basis_granularity(basis)  # the granularity it was calibrated at
-        planned, dims = _plan(model, granularity, blocks, streams)
         use_basis = basis if cfg.space == "svd" else None
+        if use_basis is not None and cfg.granularity != "auto":
+            # block-level features are learned at the first full step: refuse a mismatch here, before any call
+            bg = basis_granularity(use_basis)
+            is_block = bg == "block"
+            if (cfg.granularity == "block") != is_block:
+                raise ValueError(
+                    f"the basis was calibrated at {bg or 'module/submodule'} level (features like "
+                    f"{next(iter(use_basis.features), None)!r}) but enable asked for granularity={cfg.granularity!r}: "
+                    f"calibrate with granularity={cfg.granularity!r} or leave granularity='auto'")
+        planned, dims = _plan(model, granularity, blocks, streams)
         if use_basis is not None:
             use_basis.validate(model, dims)
             if cfg.subspace == "change":

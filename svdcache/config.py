@@ -56,7 +56,8 @@ class SVDCacheConfig:
         residual: "reuse" (the paper), "taylor" (order 1 on the residual), "damped" (order 1 times
             ``residual_gain`` < 1), "int8" / "int4" (order 1 on the residual with its difference held
             at 8 / 4 bits, per-token scaled: the change outside the subspace is kept for 1/4 / 1/8 copy
-            of fp32 features; see svdcache.residual_cache).
+            of fp32 features; see svdcache.residual_cache). Only with space="svd" and predictor="taylor":
+            elsewhere (FORA, TaylorSeer, EMA) it is taken as "reuse".
         time_axis: the variable the divided differences are taken over: the "step" index, or the
             "timestep" the model is called with (the ODE time; uneven with shifted schedules).
 
@@ -152,7 +153,7 @@ class SVDCacheConfig:
         if not 0.0 <= self.beta < 1.0:
             raise ValueError(f"SVDCacheConfig.beta must lie in [0, 1), got {self.beta}")
         if self.residual in ("int8", "int4") and (self.space != "svd" or self.predictor != "taylor"):
-            raise ValueError(f"residual={self.residual!r} needs space='svd' and predictor='taylor'")
+            self.residual = "reuse"  # the kept difference is a Taylor term: other forecasts reuse the residual
         if self.residual == "damped" and not 0.0 <= self.residual_gain < 1.0:
             raise ValueError(f"a damped residual needs 0 <= residual_gain < 1, got {self.residual_gain}")
         if self.tau is not None and not 0.0 < self.tau <= 1.0:

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import torch
 
-import svdcache_kernels as K
-
 from .predictors import SubspaceCache, _nbytes, newton_weights
 
 
@@ -84,8 +82,7 @@ class QuantizedResidualCache(SubspaceCache):
         dR = dequantize_rows(self.rq, self.rs, self.R.shape[-1], self.bits).to(self.R.dtype)
         rows = self.R.numel() // self.R.shape[-1]
         self.forecast_flops = 2 * rows * self.R.shape[-1] * self.V.shape[1]
-        return K.reconstruct(self.V, self.R, terms=terms, weights=w, dR=dR, dr_scale=s * self.gain, x=x, gate=gate,
-                             out=out, backend=self.cfg.backend)
+        return self._reconstruct(terms, w, dR, s * self.gain, x, gate, out)  # the plan: checked once per layout
 
     def nbytes(self) -> int:
         return super().nbytes() + _nbytes(self.rq, self.rs)

@@ -76,15 +76,15 @@ class Schedule:
                 if strict:
                     self._warn(f"steps{num_steps}", f"svdcache: the calibrated schedule was made for {self.num_steps} "
                                f"steps, this run has {num_steps}; using the uniform schedule")
-            else:
+            elif self.cfg.interval > 1 or self.cfg.num_full_steps:
                 m = self.cfg.num_full_steps or len(self.uniform(num_steps))
                 plan = self.plans.get(str(m))
-                if plan is None:
-                    have = sorted(int(k) for k in self.plans)
-                    m = min(have, key=lambda h: abs(h - m))
-                    self._warn(f"m{m}", f"svdcache: no calibrated schedule with that many full steps; using {m}")
-                    plan = self.plans[str(m)]
-                res = frozenset(int(s) for s in plan)
+                if plan is None:  # another M would change the compute asked for: keep the uniform rule
+                    if strict:
+                        self._warn(f"m{m}", f"svdcache: the basis has no calibrated schedule with {m} full steps "
+                                   f"(it has {sorted(int(k) for k in self.plans)}); using the uniform schedule")
+                else:
+                    res = frozenset(int(s) for s in plan)
         self._resolved[num_steps] = res
         return res
 

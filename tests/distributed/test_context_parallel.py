@@ -128,7 +128,7 @@ def test_no_collective_added_on_any_step(launched, mode):
             theirs = _theirs(call)
             assert theirs in (full, outside_attention), f"{run} call {i}: {theirs}"
             kinds.append("full" if theirs == full else "cached")
-        stats = res0["cp_offline_stats"].last_generation
+        stats = res0[f"cp_{run}_stats"].last_generation
         assert kinds.count("cached") == stats.cached_steps > 0
         ours = [_ours(c) for c in calls]
         if run == "offline":

@@ -131,7 +131,8 @@ def test_calibrated_submodule_basis_and_its_fitted_gains():
     assert basis.meta["granularity"] == "submodule"
     key = "change/o1_N3_w3"  # calibrate fits gains for its gain_warmup (3)
     assert all(key in g for g in basis.meta["gains"].values()), list(next(iter(basis.meta["gains"].values())))
-    svdcache.enable(model, basis=basis, interval=3, warmup=3, fitted_gains=True, num_inference_steps=C.STEPS)
+    svdcache.enable(model, basis=basis, interval=3, warmup=3, fitted_gains=True, num_inference_steps=C.STEPS,
+                    schedule="uniform")
     C.denoise(name, model, C.STEPS)
     hook = svdcache.apply._root(model)
     assert set(hook.feature_dims) == set(basis.features)

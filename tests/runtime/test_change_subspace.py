@@ -16,7 +16,7 @@ def test_change_subspace_carries_the_motion_a_feature_subspace_misses():
     speed = torch.randn(rows, 1, generator=g)
     e0, e1 = torch.eye(D)[:, :1], torch.eye(D)[:, 1:2]
     traj = [static @ e0.T + t * speed @ e1.T for t in range(12)]
-    cfg = SVDCacheConfig(interval=4, warmup=2, order=1, rank=1, tau=None)
+    cfg = SVDCacheConfig(interval=4, warmup=2, order=1, rank=1, tau=None, residual="reuse")
     errs = {}
     for name, V in (("feature", e0), ("change", e1)):
         fc = make_feature_cache("f", cfg, V)

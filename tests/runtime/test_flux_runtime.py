@@ -270,11 +270,12 @@ def test_stats_flops_and_memory(tiny_pipe, basis):
     s = svdcache.stats(tiny_pipe)
     g = s.last_generation
     assert g.cache_op_flops > 0
-    # Taylor 2 in the principal subspace: the held feature plus D1, D2 (fp32, k per token)
+    # Taylor 2 in the principal subspace: the held feature plus D1, D2 (fp32, k per token), plus the
+    # default's kept residual difference (int4: D / 2 bytes and one fp32 scale per token)
     tokens = {"attn.img": 64, "ff": 64, "attn.txt": 16, "ff_context": 16, "proj_out": 80}  # batch 1
     N = {n: next(v for k, v in tokens.items() if n.endswith("." + k)) for n in basis.features}
-    want = sum(N[n] * (128 + 2 * s.ranks[n]) for n in basis.features)
-    one = sum(N[n] * 128 for n in basis.features)
+    want = sum(N[n] * (4 * 128 + 4 * 2 * s.ranks[n] + 64 + 4) for n in basis.features)
+    one = sum(N[n] * 4 * 128 for n in basis.features)
     assert math.isclose(g.memory_ratio, want / one, rel_tol=1e-6)
     assert "FLOPs ratio" in str(s)
     svdcache.enable(tiny_pipe, space="full", predictor="taylor", order=2, interval=5)

@@ -150,8 +150,8 @@ def test_explicit_schedule_and_config_errors():
             SVDCacheConfig(schedule=bad)
     with pytest.raises(ValueError, match="num_full_steps"):
         SVDCacheConfig(num_full_steps=0)
-    with pytest.raises(ValueError, match="int4"):
-        SVDCacheConfig(residual="int4", space="full")
+    assert SVDCacheConfig(residual="int4", space="full").residual == "reuse"  # a Taylor term only
+    assert SVDCacheConfig(predictor="ema").residual == "reuse"
     with pytest.raises(ValueError, match="memory_budget"):
         SVDCacheConfig(memory_budget=0.9)
 
