@@ -13,7 +13,6 @@ from .config import SVDCacheConfig
 from .distributed import check_parallel_model, gather_stats, parallel_of
 from .guards import refuse_foreign_cache
 from .hooks import BLOCK_HOOK, CAPTURE_HOOK, ROOT_HOOK, BlockHook, CaptureHook, SVDCacheHook
-from .schedule import Schedule
 from .stats import CacheStats
 
 _TRANSFORMER_COMPONENTS = ("transformer", "transformer_2")
@@ -138,9 +137,7 @@ def enable(target, basis: Basis | str | os.PathLike | None = None, config: SVDCa
                 use_basis.subspace("change")  # a clear error if the basis holds none
         resolved = last_plan(model).key  # granularity ("module", "submodule", "block", a mix) and plan
         check_parallel_model(model)
-        hook = SVDCacheHook(cfg, use_basis, dims, type(model).__name__, resolved)
-        if use_basis is None and basis is not None:  # full space: the basis file still holds its schedules
-            hook.schedule = Schedule(cfg, basis)
+        hook = SVDCacheHook(cfg, use_basis, dims, type(model).__name__, resolved, schedule_basis=basis)
         if hook.online is not None:
             hook.online.parallel = parallel_of(model)  # zero-setup basis: all-reduce over the model's ranks
         sched = None if isinstance(target, torch.nn.Module) else getattr(target, "scheduler", None)

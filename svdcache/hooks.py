@@ -158,7 +158,7 @@ class SVDCacheHook(ModelHook):
     _is_stateful = True
 
     def __init__(self, config: SVDCacheConfig, basis, feature_dims: dict[str, int], model_class: str,
-                 granularity: str = "auto"):
+                 granularity: str = "auto", schedule_basis=None):
         super().__init__()
         self.cfg = config
         self.granularity = granularity
@@ -182,7 +182,7 @@ class SVDCacheHook(ModelHook):
         self._buffers: dict[str, torch.Tensor] = {}  # cached forwards' output buffers (see buffer)
         self._plans: dict[str, dict] = {}  # per feature: prepared split / reconstruct calls by layout
         self.online = None
-        self.schedule = Schedule(config, basis)
+        self.schedule = Schedule(config, basis if schedule_basis is None else schedule_basis)  # full space: plans only
         self._bits: dict[str, int] = {}  # residual bits per feature chosen by a memory budget
         self.scheduler = None  # the pipeline's scheduler (set by enable): the step count of each run
         self._lock = threading.Lock()  # held for the length of a call: a second thread's call is refused

@@ -139,6 +139,13 @@ def test_calibrated_schedule_is_used_and_falls_back_with_one_warning(tiny_pipe, 
     run_pipe(tiny_pipe, steps=10, true_cfg_scale=1.0)
     g = svdcache.stats(tiny_pipe).last_generation
     assert g.full_steps == len(plan) and g.cached_steps == 10 - len(plan)
+    # full space (TaylorSeer) keeps no basis but takes its family's plan from the file, without a warning
+    full_plan = basis.meta["schedules"]["plans"]["full-taylor1"]["4"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        svdcache.enable(tiny_pipe, basis=basis, config=cfg.replace(space="full"))
+    hook = tiny_pipe.transformer._diffusers_hook.get_hook("svdcache")
+    assert [i for i in range(10) if hook.schedule.is_full(i, 10)] == full_plan
 
 
 def test_explicit_schedule_and_config_errors():
