@@ -239,6 +239,9 @@ class Basis:
                         raise ValueError(f"{path}: metadata field 'gains' is not valid JSON; "
                                          "recalibrate or delete the field") from None
         _check_gains(path, meta.get("gains"))
+        from .schedule_search import check_schedules
+
+        check_schedules(meta.get("schedules"), path)
         basis = cls(features=features, meta=meta, changes=changes)
         basis.check(where=path, dims={n: s["D"] for n, s in shapes.items()})
         for name, s in shapes.items():

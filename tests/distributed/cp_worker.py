@@ -214,6 +214,7 @@ def parity(mode, inp, basis, counter, rank):
     svdcache.enable(m, **cache_kw, residual="reuse")
     res["cp_online"] = run(m, inp, counter)
     res["counts_online"], counter.calls = counter.calls, []
+    res["cp_online_stats"] = svdcache.stats(m)
     res["cp_online_basis"] = basis_tensors(svdcache.current_basis(m))
     res["n_features"] = len(svdcache.stats(m).ranks)
 
@@ -273,7 +274,7 @@ def tensor_parity(inp, counter):
     m.enable_parallelism(config=TensorParallelConfig(tp_degree=2))
     res["cp_uncached"] = run(m, inp, counter)
     res["counts_uncached"], counter.calls = counter.calls, []
-    svdcache.enable(m, interval=INTERVAL)
+    svdcache.enable(m, interval=INTERVAL, residual="reuse")  # as the single-process reference (see above)
     res["cp_online"] = run(m, inp, counter)
     res["counts_online"], counter.calls = counter.calls, []
     res["cp_online_basis"] = basis_tensors(svdcache.current_basis(m))
