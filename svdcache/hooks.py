@@ -348,10 +348,12 @@ class SVDCacheHook(ModelHook):
     def _check_state_flag(self, st: ContextState) -> None:
         ok = bool(st.finite_flag)  # the one host read per full-step interval on a GPU
         st.finite_flag = None
-        if ok:
-            return
-        self._warn_once("fallback", "svdcache: a cached state is not finite; this step is computed in full "
-                        "(warned once)")
+        if not ok:
+            self._fall_back(st, "a cached state")
+
+    def _fall_back(self, st: ContextState, what: str) -> None:
+        """A non-finite forecast or state: drop the context's caches and compute this step in full."""
+        self._warn_once("fallback", f"svdcache: {what} is not finite; this step is computed in full (warned once)")
         self.cur.fallbacks += 1
         st.features = {}
         st.ready = False
@@ -454,13 +456,7 @@ class SVDCacheHook(ModelHook):
                     self._account(st)
                     self._track(st, out)
                     return out
-                self._warn_once("fallback", "svdcache: a forecast is not finite; this step is computed in full "
-                                "(warned once)")
-                self.cur.fallbacks += 1
-                st.features = {}
-                st.ready = False
-                st.hist = 0
-                st.mode = "full"
+                self._fall_back(st, "a forecast")
                 st.call_cache_flops = st.call_torch_flops = 0
                 out = self.fn_ref.original_forward(*args, **kwargs)
             self.cur.full_steps += 1
