@@ -25,6 +25,8 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
+        # optional peer of bench/fidelity.py --cache-dit (not installed by CI; no test needs it)
+        "cachedit": ["cache-dit==1.5.3"],
     },
     entry_points={"console_scripts": ["svdcache=svdcache.__main__:main"]},
 )

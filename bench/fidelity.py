@@ -54,7 +54,7 @@ def svd_cfg(**kw) -> dict:
                                       "schedule": "uniform", **kw})
 
 
-def method_list(quick: bool = False, with_threshold_caches: bool = False) -> list[dict]:
+def method_list(quick: bool = False, with_threshold_caches: bool = False, with_cache_dit: bool = False) -> list[dict]:
     I = [3, 5, 8] if quick else INTERVALS  # noqa: E741
     ms = []
 
@@ -93,6 +93,10 @@ def method_list(quick: bool = False, with_threshold_caches: bool = False) -> lis
             add(f"diffusers TaylorSeer o{o} best N={n}", f"diffusers TaylorSeerCache o{o}, whole blocks, from step 1",
                 kind="diffusers_taylorseer", setting=n, interval=n, order=o, identifiers=DIFFUSERS_TS_BLOCKS,
                 before=1)
+    if with_cache_dit:  # cache-dit from PyPI (optional): --cache-dit; its settings live in cachedit_peer.py
+        import cachedit_peer
+
+        ms += cachedit_peer.method_rows(quick)
     if not with_threshold_caches:  # FirstBlockCache / MagCache: --threshold-caches (about 5 more minutes)
         return ms
     for th in ([0.1, 0.3] if quick else [0.03, 0.06, 0.1, 0.15, 0.2, 0.3, 0.5]):
@@ -167,6 +171,7 @@ class Bench:
         extra_flops = 0
         mem = None
         st = None
+        cd = None
         if m["kind"] == "steps":
             steps = m["steps"]
             imgs, sec, flops, _ = self.generate(steps)
@@ -182,6 +187,16 @@ class Bench:
             extra_flops = g.cache_op_flops
             mem = g.cache_bytes
             svdcache.disable(pipe)
+        elif m["kind"] == "cachedit":  # cache-dit skips whole blocks: their Linear/attention hooks do not fire
+            import cachedit_peer
+
+            cachedit_peer.enable(pipe, cachedit_peer.CacheDiTSetting(**m["cachedit"]), steps)
+            try:  # memory: the tensors cache-dit holds (its buffers and Taylor states), peak over the steps
+                imgs, sec, flops, mem = self.generate(mem_probe=lambda: cachedit_peer.buffer_bytes(pipe))
+                cd = cachedit_peer.stats(pipe)
+            finally:
+                cachedit_peer.disable(pipe)
+            cachedit_peer.check_restored(pipe)
         else:
             from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
 
@@ -223,6 +238,11 @@ class Bench:
             row["config"] = c
         elif m["kind"] == "steps":
             row["fluxdev_ratio"] = self.steps / steps
+        if cd is not None:
+            import cachedit_peer
+
+            row.update(full=steps - cd["n_cached"], cached=cd["n_cached"], cfg_cached=cd["n_cfg_cached"],
+                       config=m["cachedit"], cachedit=dict(version=cachedit_peer.version(), **cd))
         return row
 
     def magcache_ratios(self):
@@ -378,6 +398,11 @@ def write_report(data, out_dir):
         lines.append(
             f"| {r['name']} | {r['flops_ratio']:.2f} | {fmt(r.get('fluxdev_ratio'))} | {r['time_ratio']:.2f} | "
             f"{r['psnr']:.2f} ({r['psnr_min']:.2f}) | {r['ssim']:.4f} | {fmt(r.get('mem_copies'))} | {tfs} |")
+    cd_rows = [r for r in rows if r.get("cachedit")]
+    if cd_rows:
+        import cachedit_peer
+
+        lines += ["", cachedit_peer.report_note(cd_rows)]
     with open(os.path.join(out_dir, "fidelity.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     plots(rows, out_dir)
@@ -442,7 +467,13 @@ def main(argv=None):
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--no-tf", action="store_true", help="skip the teacher-forced forecast errors")
     ap.add_argument("--threshold-caches", action="store_true", help="also diffusers' FirstBlockCache and MagCache")
+    ap.add_argument("--cache-dit", action="store_true", help="also cache-dit's DBCache (+ TaylorSeer) from PyPI "
+                    "(optional: pip install -e '.[cachedit]'); --only cache-dit runs just those rows")
     args = ap.parse_args(argv)
+    if args.cache_dit and not args.report_only:
+        import cachedit_peer
+
+        cachedit_peer.require()  # a one-line error before any work when cache-dit is not installed
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "fidelity.json")
     data = json.load(open(path)) if os.path.exists(path) and not args.fresh else {"rows": [], "meta": {}}
@@ -455,7 +486,7 @@ def main(argv=None):
     b = Bench(args)
     b.reference()
     done = {r["name"] for r in data["rows"]}
-    methods = [m for m in method_list(args.quick, args.threshold_caches) if m["name"] not in done and (not args.only or args.only in m["name"])]
+    methods = [m for m in method_list(args.quick, args.threshold_caches, args.cache_dit) if m["name"] not in done and (not args.only or args.only in m["name"])]
     n_tf = 8
     feats = None if args.no_tf else record_features(
         b.pipe, b.prompts[:: len(b.prompts) // n_tf][:n_tf], b.seeds[:: len(b.seeds) // n_tf][:n_tf], b.steps)

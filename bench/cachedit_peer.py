@@ -1,0 +1,228 @@
+"""cache-dit (PyPI ``cache-dit``, an optional benchmark dependency) as a peer on the embedded FLUX pipeline.
+
+``enable(pipe, CacheDiTSetting(...))`` puts cache-dit's DBCache (optionally with its TaylorSeer
+calibrator) on a diffusers ``FluxPipeline`` through cache-dit's own registered FLUX adapter
+(``cache_dit.enable_cache``); ``disable(pipe)`` takes it off again; ``stats(pipe)`` returns
+cache-dit's own record of the last call (cached steps per CFG branch, residual diffs);
+``buffer_bytes(pipe)`` the bytes of every tensor cache-dit holds (its context buffers and its
+calibrators' Taylor states, deduplicated).
+
+What DBCache does here: the embedded model's 3 double + 6 single blocks become one list of 9
+blocks (cache-dit's default FLUX adapter, the single blocks as "dummy" blocks). Every transformer
+call runs the first ``Fn`` blocks; if the relative L1 change of their output residual against the
+last fully computed step is below ``residual_diff_threshold`` (after ``max_warmup_steps`` full
+steps, within ``max_cached_steps`` / ``max_continuous_cached_steps``) the middle blocks are skipped
+and their cached residual (or its Taylor forecast) is added; the last ``Bn`` blocks always run. The
+decision is one per transformer call, i.e. per batch, not per image.
+
+Nothing in site-packages is patched. Two things are done here and why:
+- ``enable_separate_cfg=True``: the embedded pipeline runs true CFG (``true_cfg_scale=2``) as two
+  transformer calls per step (cond, then uncond). cache-dit's FLUX adapter assumes FLUX.1-dev's
+  distilled guidance (one call per step) and would otherwise compare the cond call's residual with
+  the uncond call's and count every call as a step. With it, cache-dit keeps separate buffers,
+  decisions and calibrators for the two branches (its Wan / Qwen-Image mode).
+- ``disable`` also restores the transformer's own ``forward``: cache-dit's FLUX patch functor
+  replaces it with cache-dit's copy of the FLUX forward before wrapping it, and
+  ``cache_dit.disable_cache`` unwraps only its wrapper, leaving the copy in place (checked by
+  ``check_restored``, which the benchmark runs).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+
+import torch
+
+PINNED = "1.5.3"
+INSTALL_HINT = f"pip install 'cache-dit=={PINNED}' (or pip install -e '.[cachedit]')"
+
+
+def version() -> str | None:
+    """Installed cache-dit version, or None when it is not installed (without importing it)."""
+    if importlib.util.find_spec("cache_dit") is None:
+        return None
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as _v
+
+    try:
+        return _v("cache-dit")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def require() -> str:
+    """The installed version; a one-line error naming the fix when cache-dit is missing."""
+    v = version()
+    if v is None:
+        raise SystemExit(f"--cache-dit needs the optional package cache-dit, which is not installed: {INSTALL_HINT}")
+    return v
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheDiTSetting:
+    """One cache-dit configuration (the fields map 1:1 onto ``DBCacheConfig`` /
+    ``TaylorSeerCalibratorConfig``; ``taylorseer_order=0`` means no calibrator)."""
+
+    Fn: int = 1
+    Bn: int = 0
+    threshold: float = 0.08
+    warmup: int = 8
+    max_cached: int = -1
+    max_continuous: int = -1
+    taylorseer_order: int = 0
+
+    def tag(self) -> str:
+        """cache-dit's own naming (``strify``): F1B0_W4I1M0MC3_R0.12, + _T1O1 with TaylorSeer o1."""
+        s = (f"F{self.Fn}B{self.Bn}_W{self.warmup}I1M{max(0, self.max_cached)}"
+             f"MC{max(0, self.max_continuous)}_R{self.threshold:g}")
+        return s + (f"_T1O{self.taylorseer_order}" if self.taylorseer_order else "")
+
+    def configs(self, steps: int):
+        import cache_dit
+
+        cc = cache_dit.DBCacheConfig(
+            Fn_compute_blocks=self.Fn, Bn_compute_blocks=self.Bn, residual_diff_threshold=self.threshold,
+            max_warmup_steps=self.warmup, max_cached_steps=self.max_cached,
+            max_continuous_cached_steps=self.max_continuous, num_inference_steps=steps,
+            enable_separate_cfg=True,  # true CFG: cond and uncond calls per step (see module docstring)
+        )
+        cal = (cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=self.taylorseer_order)
+               if self.taylorseer_order else None)
+        return cc, cal
+
+
+def _quiet():
+    # cache-dit logs several INFO/WARNING lines per enable/disable; keep the benchmark's output readable
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("cache_dit"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def enable(pipe, setting: CacheDiTSetting, steps: int) -> None:
+    """cache-dit's DBCache (+ TaylorSeer) on ``pipe`` (a diffusers FluxPipeline), for ``steps`` steps."""
+    require()
+    import cache_dit
+
+    _quiet()
+    tr = pipe.transformer
+    # what disable() must put back: instance-level forwards (normally none) of the transformer
+    pipe._svdbench_cachedit_saved = {"forward": tr.__dict__.get("forward"), "call": type(pipe).__call__}
+    cc, cal = setting.configs(steps)
+    cache_dit.enable_cache(pipe, cache_config=cc, calibrator_config=cal)
+    _quiet()
+
+
+def disable(pipe) -> None:
+    """Removes cache-dit from ``pipe`` and restores the transformer's own forward."""
+    import cache_dit
+
+    cache_dit.disable_cache(pipe)
+    tr = pipe.transformer
+    saved = getattr(pipe, "_svdbench_cachedit_saved", {"forward": None})
+    if saved["forward"] is None:
+        tr.__dict__.pop("forward", None)  # back to FluxTransformer2DModel.forward
+    else:
+        tr.forward = saved["forward"]
+    if "_is_patched" in tr.__dict__:
+        del tr._is_patched
+    pipe.__dict__.pop("_svdbench_cachedit_saved", None)
+    pipe._svdbench_cachedit_call = saved.get("call")
+
+
+def check_restored(pipe) -> None:
+    """Raises if anything of cache-dit is left on the pipeline (a one-line error)."""
+    tr = pipe.transformer
+    left = [n for n in ("forward", "_is_cached", "_context_manager", "_original_forward", "_is_patched")
+            if n in tr.__dict__]
+    call = pipe.__dict__.get("_svdbench_cachedit_call")
+    if (call is not None and type(pipe).__call__ is not call) or "_original_call" in vars(type(pipe)):
+        left.append("pipeline __call__")
+    if left:
+        raise RuntimeError(f"cache-dit left {left} on the pipeline after disable")
+
+
+def stats(pipe) -> dict:
+    """cache-dit's own stats of the last pipeline call (set on the transformer by cache-dit)."""
+    tr = pipe.transformer
+    cached = list(getattr(tr, "_cached_steps", []) or [])
+    cfg_cached = list(getattr(tr, "_cfg_cached_steps", []) or [])
+    diffs = dict(getattr(tr, "_residual_diffs", {}) or {})
+    return dict(cached_steps=cached, cfg_cached_steps=cfg_cached,
+                n_cached=len(cached), n_cfg_cached=len(cfg_cached),
+                residual_diffs={k: round(float(v), 5) for k, v in diffs.items()})
+
+
+def buffer_bytes(pipe) -> int:
+    """Bytes of every tensor in cache-dit's state on ``pipe``: the contexts' buffers (Fn residual,
+    Bn hidden / encoder residuals, per CFG branch) and the calibrators' Taylor states."""
+    cm = getattr(pipe, "_context_manager", None) or getattr(pipe.transformer, "_context_manager", None)
+    if cm is None:
+        return 0
+    seen, total = set(), 0
+
+    def walk(obj, depth=0):
+        nonlocal total
+        if depth > 8 or obj is None:
+            return
+        if isinstance(obj, torch.Tensor):
+            key = (obj.untyped_storage().data_ptr(), obj.storage_offset(), tuple(obj.shape))
+            if key not in seen:
+                seen.add(key)
+                total += obj.numel() * obj.element_size()
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                walk(v, depth + 1)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v, depth + 1)
+
+    for ctx in getattr(cm, "_cached_context_manager", {}).values():
+        walk(ctx.buffers)
+        for cal in (ctx.calibrator, ctx.encoder_calibrator, ctx.cfg_calibrator, ctx.cfg_encoder_calibrator):
+            for st in (getattr(cal, "states", None) or {}).values():
+                walk(st.state)
+    return total
+
+
+# ----------------------------------------------------------------------------------------------
+# the rows of bench/fidelity.py --cache-dit. Warm-up and max_continuous_cached_steps of each family were
+# chosen on the development set (bench/common.py: dev_prompt_set, 10 prompts x 1 seed, 50 steps), never on
+# the evaluated images; the thresholds of each family span its FLOPs ratios (F1B0 on 9 blocks: a cached
+# call still runs block 0, so about 7x is the ceiling).
+FAMILIES = [
+    # (label, base setting, thresholds)
+    ("DBCache F1B0", CacheDiTSetting(Fn=1, Bn=0, warmup=1), (0.08, 0.1, 0.15, 0.2, 0.3, 0.45)),
+    ("DBCache F1B0 + TaylorSeer o1", CacheDiTSetting(Fn=1, Bn=0, warmup=1, taylorseer_order=1),
+     (0.08, 0.1, 0.15, 0.2, 0.3, 0.45)),
+    ("DBCache F1B0 + TaylorSeer o2", CacheDiTSetting(Fn=1, Bn=0, warmup=1, taylorseer_order=2),
+     (0.08, 0.1, 0.15, 0.2, 0.3, 0.45)),
+]
+
+
+def method_rows(quick: bool = False) -> list[dict]:
+    """bench/fidelity.py methods (kind "cachedit"): one family per setting, one row per threshold."""
+    v = version() or PINNED
+    rows = []
+    for label, base, ths in FAMILIES:
+        mc = base.max_continuous if base.max_continuous >= 0 else "unlimited"
+        fam = f"cache-dit {v} {label}, warmup {base.warmup}, max continuous cached {mc} (threshold sweep)"
+        for th in (ths[1], ths[-2]) if quick else ths:
+            s = dataclasses.replace(base, threshold=th)
+            rows.append(dict(name=f"cache-dit {s.tag()}", family=fam, kind="cachedit", setting=th,
+                             cachedit=dataclasses.asdict(s)))
+    return rows
+
+
+def report_note(rows: list[dict]) -> str:
+    """One paragraph for fidelity.md on the cache-dit rows: version, how they were configured and measured."""
+    vs = sorted({r["cachedit"]["version"] for r in rows})
+    return (f"cache-dit rows: cache-dit {', '.join(vs)} from PyPI (`--cache-dit`), its DBCache on the embedded "
+            "FluxPipeline through cache-dit's own FLUX adapter (3 double + 6 single blocks as one list of 9), "
+            "`enable_separate_cfg=True` (true CFG: separate buffers and decisions for the cond and uncond "
+            "calls); names are cache-dit's own tags (F<Fn>B<Bn>_W<max_warmup_steps>I1M<max_cached_steps>"
+            "MC<max_continuous_cached_steps>_R<residual_diff_threshold>[_T1O<TaylorSeer order>], 0 = unlimited); "
+            "warm-up and MC chosen on the development prompts (bench/common.py dev_prompt_set), thresholds "
+            "span the ratios. FLOPs counted by the same hooks (a block cache-dit skips fires none); memory: "
+            "every tensor cache-dit holds (its Fn/Bn residual buffers and TaylorSeer states, both CFG "
+            "branches), peak over the steps.")
