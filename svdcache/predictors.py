@@ -149,16 +149,20 @@ class SubspaceCache(FeatureCache):
         kw.pop("order", None)
         plan(F, V, **kw)
 
-    def _reconstruct(self, terms, weights, dR, dr_scale, x, gate, out) -> torch.Tensor:
-        """K.reconstruct through a plan: validated once per layout of x / gate / out and of the state."""
+    def _reconstruct(self, terms, weights, dR, dr_scale, x, gate, out, dRq=None) -> torch.Tensor:
+        """K.reconstruct through a plan: validated once per layout of x / gate / out and of the state.
+        ``dRq``: ``(codes, scales, bits)`` of a quantized dR, read by the op itself (one launch on a GPU);
+        the cache's own state, replaced only at a full step (which renews the state key)."""
         sk = getattr(self, "_state_key", None)
         fast = getattr(self, "_rfast", None)
-        if (fast is not None and x is out and fast[0] is sk and fast[1] == len(terms) and fast[2] == (dR is not None)
+        dk = (dR is not None) if dRq is None else dRq[2]  # kind of dR term: none / fp / 8 / 4 bits
+        qc, qs = (None, None) if dRq is None else dRq[:2]
+        if (fast is not None and x is out and fast[0] is sk and fast[1] == len(terms) and fast[2] == dk
                 and fast[3]() is gate and fast[4]() is out):
             # the same state, gate and output tensors as the last call (the runtime's buffers), in place:
             # their layouts cannot have changed, so the plan needs no layout check
-            return self._rplan(self.V, self.R, terms, weights, dR, dr_scale, x, gate, out)
-        key = (sk, len(terms), dR is not None, plan_layout(x), plan_layout(gate), plan_layout(out))
+            return self._rplan(self.V, self.R, terms, weights, dR, dr_scale, x, gate, out, qc, qs)
+        key = (sk, len(terms), dk, plan_layout(x), plan_layout(gate), plan_layout(out), plan_layout(qc), plan_layout(qs))
         plan = getattr(self, "_rplan", None)
         if plan is None or self._rkey != key:
             plan = self.plans.get(key)
@@ -167,12 +171,12 @@ class SubspaceCache(FeatureCache):
                     self.plans.clear()
                 plan = self.plans[key] = K.ReconstructPlan(
                     self.V, self.R, terms=terms, weights=weights, dR=dR, dr_scale=dr_scale, x=x, gate=gate, out=out,
-                    backend=self.cfg.backend)
+                    backend=self.cfg.backend, dR_codes=qc, dR_scales=qs, dR_bits=dk if dRq is not None else 8)
             self._rplan, self._rkey = plan, key
         self._rfast = None
         if x is out and gate is not None and out is not None:  # weak: a plan keeps no call's tensors alive
-            self._rfast = (sk, len(terms), dR is not None, weakref.ref(gate), weakref.ref(out))
-        return plan(self.V, self.R, terms, weights, dR, dr_scale, x, gate, out)
+            self._rfast = (sk, len(terms), dk, weakref.ref(gate), weakref.ref(out))
+        return plan(self.V, self.R, terms, weights, dR, dr_scale, x, gate, out, qc, qs)
 
     def forecast(self, t, *, x=None, gate=None, out=None) -> torch.Tensor:
         cfg = self.cfg

@@ -38,7 +38,8 @@ def quantize_rows(r: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.T
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, D: int, bits: int = 8) -> torch.Tensor:
-    """fp32 values of :func:`quantize_rows`' output, last dim ``D``."""
+    """fp32 values of :func:`quantize_rows`' output, last dim ``D``. (A cached step does not call this:
+    ``reconstruct`` reads the codes and scales itself, ``dR_codes`` / ``dR_scales``.)"""
     if bits == 8:
         return q.float() * scale
     # one gather through a 256 x 2 table of the byte's two values: a few ops per cached step, not ten
@@ -89,10 +90,11 @@ class QuantizedResidualCache(SubspaceCache):
         s = t - self.times[-1]
         w = newton_weights(s, self.times, self.n, self.cfg.order, self.gain)
         terms = [self.D1, self.D2][: len(w)]
-        dR = dequantize_rows(self.rq, self.rs, self.R.shape[-1], self.bits).to(self.R.dtype)
         rows = self.R.numel() // self.R.shape[-1]
         self.forecast_flops = 2 * rows * self.R.shape[-1] * self.V.shape[1]
-        return self._reconstruct(terms, w, dR, s * self.gain, x, gate, out)  # the plan: checked once per layout
+        # the codes and scales go to the op as they are: it dequantizes them itself (one kernel launch
+        # per feature on a GPU, no full-size fp dR); the plan is checked once per layout
+        return self._reconstruct(terms, w, None, s * self.gain, x, gate, out, dRq=(self.rq, self.rs, self.bits))
 
     def nbytes(self) -> int:
         return super().nbytes() + _nbytes(self.rq, self.rs)

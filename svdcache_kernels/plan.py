@@ -10,6 +10,8 @@ On the reference (PyTorch) backend the common runtime variants take fused paths 
 
 - reconstruct, 1 term, with gate (anchor-form Taylor order 1, FLUX's cached step):
   ``out = x + gate * (R + w T V^T)`` as ``baddbmm`` into a shared scratch + ``addcmul`` (2 ops);
+  with a quantized dR (``residual="int8"/"int4"``) one ``addcmul_`` of the codes and per-row scales
+  in between (int4: after one gather of the nibble values, 2 ops more);
 - split with F_prev, order 1 (its full step): ``D1 = (F - F_prev) V / h1`` as sub + mm + div (3 ops).
 
 Everything else runs the reference body without its checks. The fused reference path rounds like
@@ -57,17 +59,20 @@ def _scratch2d(M, D, dtype, device) -> torch.Tensor:
 class ReconstructPlan:
     """``reconstruct`` for a fixed layout of (V, R, terms, dR, x, gate, out); see :func:`reconstruct_reference`.
 
-    ``n_terms``, the presence of ``dR`` / ``x`` / ``gate`` / ``out`` and every tensor's layout are
-    fixed by the first call (``key``); ``weights`` and ``dr_scale`` may change per call.
+    ``n_terms``, the presence of ``dR`` (or of its quantized form ``dR_codes`` / ``dR_scales`` and
+    ``dR_bits``) / ``x`` / ``gate`` / ``out`` and every tensor's layout are fixed by the first call
+    (``key``); ``weights`` and ``dr_scale`` may change per call.
     """
 
     def __init__(self, V, R, *, terms=(), weights=(), dR=None, dr_scale=0.0, x=None, gate=None, out=None,
-                 backend=None):
+                 backend=None, dR_codes=None, dR_scales=None, dR_bits=8):
         from .ops.reconstruct.reference import check_reconstruct_args, gate_rows_shape
 
         terms = tuple(terms)
-        check_reconstruct_args(V, R, terms=terms, weights=tuple(weights), dR=dR, x=x, gate=gate, out=out)
-        self.key = self.key_of(V, R, terms, dR, x, gate, out)
+        check_reconstruct_args(V, R, terms=terms, weights=tuple(weights), dR=dR, x=x, gate=gate, out=out,
+                               dR_codes=dR_codes, dR_scales=dR_scales, dR_bits=dR_bits)
+        self.key = self.key_of(V, R, terms, dR, x, gate, out, dR_codes, dR_scales, dR_bits)
+        self.bits = dR_bits if dR_codes is not None else 0
         self.backend = resolve_backend(backend, R)
         self.n_terms = len(terms)
         self._launch = None
@@ -75,7 +80,7 @@ class ReconstructPlan:
         if self.backend == "triton":
             from .ops.reconstruct.kernel import prepare_reconstruct
 
-            self._launch = prepare_reconstruct(V, R, terms, dR, x, gate, out)
+            self._launch = prepare_reconstruct(V, R, terms, dR, x, gate, out, dR_codes, dR_scales, dR_bits)
         else:
             D, k = R.shape[-1], V.shape[1]
             f32 = torch.float32
@@ -90,32 +95,42 @@ class ReconstructPlan:
                 self._Vtb = V.t().expand(R.shape[0], k, D)  # a view of the basis (held by its cache anyway)
 
     @staticmethod
-    def key_of(V, R, terms, dR, x, gate, out) -> tuple:
-        return (layout(V), layout(R), tuple(layout(t) for t in terms), layout(dR), layout(x), layout(gate), layout(out))
+    def key_of(V, R, terms, dR, x, gate, out, dR_codes=None, dR_scales=None, dR_bits=8) -> tuple:
+        key = (layout(V), layout(R), tuple(layout(t) for t in terms), layout(dR), layout(x), layout(gate), layout(out))
+        if dR_codes is None:
+            return key
+        return (*key, layout(dR_codes), layout(dR_scales), dR_bits)
 
-    def __call__(self, V, R, terms, weights, dR=None, dr_scale=0.0, x=None, gate=None, out=None):
+    def __call__(self, V, R, terms, weights, dR=None, dr_scale=0.0, x=None, gate=None, out=None, dR_codes=None,
+                 dR_scales=None):
         if self._launch is not None:
-            return self._launch(V, R, terms, weights, dR, dr_scale, x, gate, out)
+            return self._launch(V, R, terms, weights, dR, dr_scale, x, gate, out, dR_codes, dR_scales)
         grad = torch.is_grad_enabled()
         if grad:
             torch.set_grad_enabled(False)
         try:
             if self._fast:
-                return self._fast_gated(V, R, terms[0], weights[0], x, gate, out)
+                return self._fast_gated(V, R, terms[0], weights[0], x, gate, out, dR_codes, dR_scales, dr_scale)
             from .ops.reconstruct.reference import reconstruct_compute
 
-            return reconstruct_compute(V, R, tuple(terms), tuple(weights), dR, dr_scale, x, gate, out)
+            dRq = (dR_codes, dR_scales, self.bits) if self.bits else None
+            return reconstruct_compute(V, R, tuple(terms), tuple(weights), dR, dr_scale, x, gate, out, dRq)
         finally:
             if grad:
                 torch.set_grad_enabled(True)
 
-    def _fast_gated(self, V, R, T, w, x, gate, out):
-        # out = x + gate * (R + w T V^T): one batched GEMM with R as its input, one fused gated add;
+    def _fast_gated(self, V, R, T, w, x, gate, out, codes=None, scales=None, dr_scale=0.0):
+        # out = x + gate * (R + w T V^T [+ dr_scale * codes * scales]): one batched GEMM with R as its
+        # input, the quantized dR added in place from its codes (no fp dR tensor), one fused gated add;
         # no view of R or T is kept (a plan never holds a generation's features alive)
         if V is not self._V:
             self._V, self._Vtb = V, V.t().expand(R.shape[0], V.shape[1], R.shape[-1])
         tmp = _scratch3d(R.shape, R.dtype, R.device)
         torch.baddbmm(R, T, self._Vtb, alpha=float(w), out=tmp)
+        if self.bits and dr_scale:
+            from .ops.reconstruct.reference import code_values
+
+            tmp.addcmul_(code_values(codes, R.shape[-1], self.bits), scales, value=float(dr_scale))
         return torch.addcmul(x, gate.unsqueeze(-2) if self._gate3 else gate, tmp, out=out)
 
 

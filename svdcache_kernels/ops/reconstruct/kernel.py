@@ -11,6 +11,12 @@ with ``x``, ``out = x + gate * F_hat`` (the gate row of the program's batch item
 no copy). The streaming loads of R and x are issued one chunk ahead (register double buffering):
 Triton's pipeliner only stages the loads that feed the dot (V), and R and x are most of the bytes.
 
+A quantized dR (``dR_codes`` int8, or 4-bit codes packed two per uint8, plus one fp32 scale per row)
+is dequantized in registers: the per-row factor ``dr_scale * scale`` is loaded once per program, the
+codes stream one chunk ahead like R and x (1 byte, or half a byte, per element instead of a
+full-size fp dR written and read again), and packed bytes are split into their two nibbles and
+interleaved back into element order.
+
 Every element of ``out`` is written by the program that read the same element of ``x`` (and R, dR)
 just before, so ``out`` may be ``x`` (in place) or even ``R``.
 
@@ -44,12 +50,13 @@ from .reference import MAX_TERMS, check_reconstruct_args, gate_rows_shape
 
 @triton.jit
 def _reconstruct_kernel(
-    V_ptr, R_ptr, T0_ptr, T1_ptr, T2_ptr, dR_ptr, X_ptr, G_ptr, O_ptr,
+    V_ptr, R_ptr, T0_ptr, T1_ptr, T2_ptr, dR_ptr, S_ptr, X_ptr, G_ptr, O_ptr,
     M, D, K, N_TOK, D_PER, K_TILES,
     stride_vd, stride_vk, stride_rm, stride_t0, stride_t1, stride_t2,
-    stride_drm, stride_xm, stride_gb, stride_om,
+    stride_drm, stride_sm, stride_xm, stride_gb, stride_om,
     w0, w1, w2, dr_scale,
-    N_TERMS: tl.constexpr, HAS_DR: tl.constexpr, HAS_X: tl.constexpr, HAS_GATE: tl.constexpr,
+    N_TERMS: tl.constexpr, HAS_DR: tl.constexpr, DR_BITS: tl.constexpr, HAS_X: tl.constexpr,
+    HAS_GATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, ONE_K_TILE: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
@@ -77,6 +84,11 @@ def _reconstruct_kernel(
                 p_op = p.to(R_ptr.dtype.element_ty)
     if HAS_GATE:
         g_rows = G_ptr + (offs_m // N_TOK).to(tl.int64) * stride_gb
+    if DR_BITS > 0:  # (only with HAS_DR) per-row factor of the quantized dR: dr_scale * its row's scale
+        q_row = dr_scale * tl.load(S_ptr + rows * stride_sm, mask=mask_m, other=0.0)
+        q_ptrs = dR_ptr + rows[:, None] * stride_drm
+        if DR_BITS == 4:
+            offs_b0 = tl.arange(0, BLOCK_D // 2)  # the packed bytes of one chunk (chunks start at even d)
 
     # R, x (and dR, out) stream through once: evict_first keeps the V tiles (re-read by every program)
     # in L2. The first chunk's R and x are loaded before the loop, each next one inside it.
@@ -87,6 +99,13 @@ def _reconstruct_kernel(
     if HAS_X:
         x_nxt = tl.load(X_ptr + rows[:, None] * stride_xm + offs_d[None, :], mask=mask, other=0.0,
                         eviction_policy="evict_first")
+    if DR_BITS > 0:
+        if DR_BITS == 8:
+            q_nxt = tl.load(q_ptrs + offs_d[None, :], mask=mask, other=0, eviction_policy="evict_first")
+        else:
+            offs_b = d_lo // 2 + offs_b0
+            q_nxt = tl.load(q_ptrs + offs_b[None, :], mask=mask_m[:, None] & (offs_b < (d_hi + 1) // 2)[None, :],
+                            other=0, eviction_policy="evict_first")
     for d0 in range(d_lo, d_hi, BLOCK_D):
         offs_d = d0 + offs_d0
         mask_d = offs_d < d_hi
@@ -101,6 +120,15 @@ def _reconstruct_kernel(
         if HAS_X:
             x_nxt = tl.load(X_ptr + rows[:, None] * stride_xm + offs_n[None, :], mask=mask_n, other=0.0,
                             eviction_policy="evict_first")
+        if DR_BITS > 0:
+            q_cur = q_nxt
+            if DR_BITS == 8:
+                q_nxt = tl.load(q_ptrs + offs_n[None, :], mask=mask_n, other=0, eviction_policy="evict_first")
+            else:
+                offs_b = (d0 + BLOCK_D) // 2 + offs_b0
+                q_nxt = tl.load(q_ptrs + offs_b[None, :],
+                                mask=mask_m[:, None] & (offs_b < (d_hi + 1) // 2)[None, :], other=0,
+                                eviction_policy="evict_first")
         if N_TERMS > 0:
             if ONE_K_TILE:
                 v = tl.load(
@@ -130,7 +158,14 @@ def _reconstruct_kernel(
                     else:
                         pt_op = pt.to(R_ptr.dtype.element_ty)
                         fh += tl.dot(pt_op, tl.trans(v.to(pt_op.dtype)))
-        if HAS_DR:
+        if DR_BITS > 0:
+            if DR_BITS == 8:
+                qv = q_cur.to(tl.float32)
+            else:  # byte j holds elements 2j (low nibble) and 2j+1 (high), each stored as value + 8
+                b = q_cur.to(tl.int32)
+                qv = tl.interleave((b & 15) - 8, (b >> 4) - 8).to(tl.float32)
+            fh += q_row[:, None] * qv
+        elif HAS_DR:
             dr = tl.load(
                 dR_ptr + rows[:, None] * stride_drm + offs_d[None, :], mask=mask, other=0.0, eviction_policy="evict_first",
             )
@@ -179,9 +214,11 @@ def _gate_rows(R: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     return g.reshape(-1, R.shape[-1])  # copies only a gate whose batch dims do not flatten (tiny)
 
 
-def prepare_reconstruct(V, R, terms, dR, x, gate, out):
+def prepare_reconstruct(V, R, terms, dR, x, gate, out, dR_codes=None, dR_scales=None, dR_bits=8):
     """A launcher for arguments of this layout (already checked): returns ``run(V, R, terms, weights,
-    dR, dr_scale, x, gate, out) -> out``. Computes the launch configuration, grid and strides once."""
+    dR, dr_scale, x, gate, out, dR_codes=None, dR_scales=None) -> out``. Computes the launch
+    configuration, grid and strides once. With ``dR_codes`` (a quantized dR of ``dR_bits``) the
+    launcher reads codes and scales instead of ``dR``."""
     require_launchable(R, "reconstruct")
     D, K = R.shape[-1], V.shape[1]
     M = rows_of(R)
@@ -199,17 +236,19 @@ def prepare_reconstruct(V, R, terms, dR, x, gate, out):
     g_stride = _gate_rows(R, gate).stride(0) if gate is not None else 0
     t_strides = [row_stride(terms[i]) if i < n_terms else 0 for i in range(MAX_TERMS)]
     has_x = x is not None
+    quant = dR_codes is not None
     strides = (0, 0, row_stride(R), *t_strides,  # V's strides are read per call: basis_for_dot may copy it
-               row_stride(dR) if dR is not None else 0, row_stride(x) if has_x else 0, g_stride)
+               row_stride(dR_codes if quant else dR) if quant or dR is not None else 0,
+               row_stride(dR_scales) if quant else 0, row_stride(x) if has_x else 0, g_stride)
     out_stride = row_stride(out) if out is not None else None
     meta_base = dict(HAS_X=has_x, HAS_GATE=gate is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"],
                      BLOCK_K=bk, ONE_K_TILE=k_tiles == 1, N_TERMS=n_terms, DOT_FP32=fp32_dot)
-    meta_dr = {**meta_base, "HAS_DR": True}
-    meta_nodr = {**meta_base, "HAS_DR": False}
+    meta_dr = {**meta_base, "HAS_DR": True, "DR_BITS": dR_bits if quant else 0}
+    meta_nodr = {**meta_base, "HAS_DR": False, "DR_BITS": 0}
     out_dtype = x.dtype if has_x else R.dtype
     N_tok = R.shape[-2]
 
-    def run(V, R, terms, weights, dR, dr_scale, x, gate, out):
+    def run(V, R, terms, weights, dR, dr_scale, x, gate, out, dR_codes=None, dR_scales=None):
         if out is None:
             out = torch.empty(R.shape, dtype=out_dtype, device=R.device)
             o_stride = row_stride(out)
@@ -219,14 +258,16 @@ def prepare_reconstruct(V, R, terms, dR, x, gate, out):
             return out
         if n_terms:
             V = basis_for_dot(V, R.dtype, fp32_dot)
-        has_dr = dR is not None and bool(dr_scale)
+        src = dR_codes if quant else dR
+        has_dr = src is not None and bool(dr_scale)
         g = (_gate_rows(R, gate) if g_copy else gate) if gate is not None else R
         t = list(terms) + [R] * (MAX_TERMS - n_terms)
         w = [float(ww) for ww in weights] + [0.0] * (MAX_TERMS - n_terms)
         args = (
-            V, R, *t, dR if has_dr else R, x if x is not None else R, g, out,
+            V, R, *t, src if has_dr else R, dR_scales if has_dr and quant else R, x if x is not None else R, g, out,
             M, D, K, N_tok, d_per, k_tiles,
-            V.stride(0), V.stride(1), *strides[2:6], strides[6] if has_dr else 0, strides[7], strides[8], o_stride,
+            V.stride(0), V.stride(1), *strides[2:6], strides[6] if has_dr else 0, strides[7] if has_dr else 0,
+            strides[8], strides[9], o_stride,
             *w, float(dr_scale),
         )
         launch(_reconstruct_kernel, grid, args, meta_dr if has_dr else meta_nodr, cfg)
@@ -247,11 +288,16 @@ def reconstruct_triton(
     x: torch.Tensor | None = None,
     gate: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    dR_codes: torch.Tensor | None = None,
+    dR_scales: torch.Tensor | None = None,
+    dR_bits: int = 8,
 ) -> torch.Tensor:
     """Triton version of :func:`reconstruct_reference` (same arguments, same result), for every k <= D."""
     terms, weights = tuple(terms), tuple(weights)
-    check_reconstruct_args(V, R, terms=terms, weights=weights, dR=dR, x=x, gate=gate, out=out)
+    check_reconstruct_args(V, R, terms=terms, weights=weights, dR=dR, x=x, gate=gate, out=out,
+                           dR_codes=dR_codes, dR_scales=dR_scales, dR_bits=dR_bits)
     if rows_of(R) == 0 or R.shape[-1] == 0:
         return out if out is not None else torch.empty(R.shape, dtype=x.dtype if x is not None else R.dtype,
                                                        device=R.device)
-    return prepare_reconstruct(V, R, terms, dR, x, gate, out)(V, R, terms, weights, dR, dr_scale, x, gate, out)
+    run = prepare_reconstruct(V, R, terms, dR, x, gate, out, dR_codes, dR_scales, dR_bits)
+    return run(V, R, terms, weights, dR, dr_scale, x, gate, out, dR_codes, dR_scales)

@@ -1,4 +1,11 @@
-"""Cached-step reconstruction, PyTorch reference: F_hat = P V^T + R (+ s dR), optional gated add."""
+"""Cached-step reconstruction, PyTorch reference: F_hat = P V^T + R (+ s dR), optional gated add.
+
+``dR`` may also come quantized (``dR_codes`` + ``dR_scales``, the layout of
+``svdcache.residual_cache.quantize_rows``): int8 codes, or 4-bit codes packed two per uint8 (element
+2j in the low nibble, 2j+1 in the high one, each stored as value + 8; an odd D is padded by one
+code), with one fp32 scale per row. The term is then ``dr_scale * codes * scale``, dequantized in
+fp32 inside the op, so no full-size fp dR is formed.
+"""
 from __future__ import annotations
 
 from typing import Sequence
@@ -20,7 +27,29 @@ def gate_rows_shape(R: torch.Tensor, gate: torch.Tensor) -> bool:
     raise ValueError(f"gate must have shape {(*batch, 1, D)} or {(*batch, D)} to broadcast over tokens, got {tuple(gate.shape)}")
 
 
-def check_reconstruct_args(V, R, *, terms, weights, dR, x, gate, out) -> None:
+def check_quantized_dR(R, dR, dR_codes, dR_scales, dR_bits) -> None:
+    """A quantized residual difference: int codes of R's row shape (4 bits: packed, last dim ceil(D/2))
+    and one fp32 scale per row, (..., N, 1)."""
+    if dR_codes is None and dR_scales is None:
+        return
+    if dR is not None:
+        raise ValueError("pass either dR or its quantized form (dR_codes, dR_scales), not both")
+    if dR_codes is None or dR_scales is None:
+        raise ValueError("dR_codes and dR_scales go together: int codes and their per-row fp32 scales "
+                         "(as svdcache.residual_cache.quantize_rows returns them)")
+    if dR_bits not in (4, 8):
+        raise ValueError(f"dR_bits must be 8 (int8 codes) or 4 (two 4-bit codes per uint8), got {dR_bits!r}")
+    D = R.shape[-1]
+    want, cols = (torch.int8, D) if dR_bits == 8 else (torch.uint8, (D + 1) // 2)
+    if isinstance(dR_codes, torch.Tensor) and dR_codes.dtype != want:
+        raise TypeError(f"dR_codes with dR_bits={dR_bits} must be {str(want).replace('torch.', '')}, got "
+                        f"{str(dR_codes.dtype).replace('torch.', '')} (int8 codes: dR_bits=8; packed 4-bit: dR_bits=4)")
+    check_like("dR_codes", dR_codes, (*R.shape[:-1], cols), want, R.device)
+    check_like("dR_scales", dR_scales, (*R.shape[:-1], 1), torch.float32, R.device)
+
+
+def check_reconstruct_args(V, R, *, terms, weights, dR, x, gate, out, dR_codes=None, dR_scales=None,
+                           dR_bits=8) -> None:
     check_activation("R", R)
     check_rows("R", R)
     k = check_basis(V, R.shape[-1], "R")
@@ -33,6 +62,7 @@ def check_reconstruct_args(V, R, *, terms, weights, dR, x, gate, out) -> None:
     for i, t in enumerate(terms):
         check_like(f"terms[{i}]", t, (*R.shape[:-1], k), torch.float32, R.device)
     check_like("dR", dR, R.shape, R.dtype, R.device)
+    check_quantized_dR(R, dR, dR_codes, dR_scales, dR_bits)
     if x is not None:
         check_activation("x", x)
         check_like("x", x, R.shape, x.dtype, R.device)
@@ -63,6 +93,9 @@ def reconstruct_reference(
     x: torch.Tensor | None = None,
     gate: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    dR_codes: torch.Tensor | None = None,
+    dR_scales: torch.Tensor | None = None,
+    dR_bits: int = 8,
 ) -> torch.Tensor:
     """Forecast of a cached feature and, optionally, its gated residual add.
 
@@ -71,13 +104,47 @@ def reconstruct_reference(
     coefficients), ``R`` (..., N, D). With ``x``: ``out = x + gate * F_hat`` (``gate`` (..., 1, D) or
     (..., D), broadcast over tokens; no gate means 1). ``out`` may be ``x`` itself (in place) or a
     new tensor; ``None`` allocates one. Returns the result (dtype of x, else of R).
+
+    Instead of ``dR``, ``dR_codes`` and ``dR_scales`` give it quantized (``dR_bits`` 8 or 4, see the
+    module docstring): the term is ``dr_scale * dequant(codes) * scale``, formed in fp32 (the same
+    values as ``svdcache.residual_cache.dequantize_rows``, without rounding them to R's dtype).
     """
-    check_reconstruct_args(V, R, terms=terms, weights=weights, dR=dR, x=x, gate=gate, out=out)
-    return reconstruct_compute(V, R, terms, weights, dR, dr_scale, x, gate, out)
+    check_reconstruct_args(V, R, terms=terms, weights=weights, dR=dR, x=x, gate=gate, out=out,
+                           dR_codes=dR_codes, dR_scales=dR_scales, dR_bits=dR_bits)
+    dRq = (dR_codes, dR_scales, dR_bits) if dR_codes is not None else None
+    return reconstruct_compute(V, R, terms, weights, dR, dr_scale, x, gate, out, dRq)
 
 
-def reconstruct_compute(V, R, terms, weights, dR, dr_scale, x, gate, out) -> torch.Tensor:
-    """The body of :func:`reconstruct_reference` for arguments already checked (plans call it)."""
+_NIBBLES: dict = {}
+
+
+def nibble_table(device) -> torch.Tensor:
+    """(256, 2) fp32: the two 4-bit code values (low nibble, high nibble, each minus 8) of each byte."""
+    t = _NIBBLES.get(device)
+    if t is None:
+        b = torch.arange(256)
+        t = _NIBBLES[device] = torch.stack([(b & 0xF) - 8, (b >> 4) - 8], dim=1).float().to(device)
+    return t
+
+
+def code_values(codes: torch.Tensor, D: int, bits: int) -> torch.Tensor:
+    """The integer code values as fp32 (..., N, D) (for 4 bits a strided view when D is odd); int8
+    codes are returned as they are (torch promotes them in the fp32 ops that read them)."""
+    if bits == 8:
+        return codes
+    # one gather through the 256 x 2 table of a byte's two values
+    return nibble_table(codes.device).index_select(0, codes.reshape(-1).int()).view(*codes.shape[:-1], -1)[..., :D]
+
+
+def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, D: int, bits: int) -> torch.Tensor:
+    """fp32 dR of quantized codes (..., N, D): code value times its row's scale."""
+    v = code_values(codes, D, bits)
+    return (v.float() if bits == 8 else v) * scales
+
+
+def reconstruct_compute(V, R, terms, weights, dR, dr_scale, x, gate, out, dRq=None) -> torch.Tensor:
+    """The body of :func:`reconstruct_reference` for arguments already checked (plans call it);
+    ``dRq``: ``(codes, scales, bits)`` of a quantized dR, or None."""
     # fp32 throughout; fused torch calls (addmm, in-place adds on fresh tensors) keep the CPU path,
     # which the runtime uses off-GPU, at a few passes over the feature
     D = R.shape[-1]
@@ -92,6 +159,11 @@ def reconstruct_compute(V, R, terms, weights, dR, dr_scale, x, gate, out) -> tor
         fresh = True
     if dR is not None and dr_scale:
         fh = fh.add_(dR.float(), alpha=float(dr_scale)) if fresh else fh.add(dR.float(), alpha=float(dr_scale))
+        fresh = True
+    if dRq is not None and dr_scale:
+        # dequantize, then add: the same fp32 operations as the unfused dequantize_rows + dR path
+        dq = dequantize_codes(dRq[0], dRq[1], D, dRq[2])
+        fh = fh.add_(dq, alpha=float(dr_scale)) if fresh else fh.add(dq, alpha=float(dr_scale))
         fresh = True
     if x is not None:
         if gate is not None:
