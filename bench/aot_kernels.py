@@ -35,7 +35,8 @@ from svdcache_kernels.ops.gram import kernel as gram_mod  # noqa: E402
 from svdcache_kernels.ops.reconstruct import kernel as rec_mod  # noqa: E402
 from svdcache_kernels.ops.split import kernel as split_mod  # noqa: E402
 
-TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
+TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64", torch.int8: "i8",
+      torch.uint8: "u8"}
 
 
 class Recorder:
@@ -146,6 +147,15 @@ def variants(quick: bool):
                 out.append((f"reconstruct 1 term+gate {TY[dt]} k={k}", rec_mod, "_reconstruct_kernel",
                             lambda V=V, R=R, c=c, gate=gate: rec_mod.reconstruct_triton(
                                 V, R(), terms=[c()], weights=(2.0,), x=R(), gate=gate)))
+            if not quick or (k == 256 and dt == torch.bfloat16):
+                # residual="int4"/"int8": the cached step with the quantized dR read by the kernel
+                for bits in (4, 8) if not quick else (4,):
+                    qc = lambda bits=bits: torch.empty(B, N, D if bits == 8 else (D + 1) // 2,  # noqa: E731
+                                                       dtype=torch.int8 if bits == 8 else torch.uint8, device=m)
+                    out.append((f"reconstruct 1 term+gate+int{bits} dR {TY[dt]} k={k}", rec_mod, "_reconstruct_kernel",
+                                lambda V=V, R=R, c=c, gate=gate, qc=qc, bits=bits: rec_mod.reconstruct_triton(
+                                    V, R(), terms=[c()], weights=(2.0,), x=R(), gate=gate, dr_scale=2.0, dR_codes=qc(),
+                                    dR_scales=torch.empty(B, N, 1, device=m), dR_bits=bits)))
             out.append((f"reconstruct 3 terms+dR+gate {TY[dt]} k={k}", rec_mod, "_reconstruct_kernel",
                         lambda V=V, R=R, c=c, gate=gate: rec_mod.reconstruct_triton(
                             V, R(), terms=[c(), c(), c()], weights=(1.0, 0.5, 0.25), dR=R(), dr_scale=0.5,
@@ -189,6 +199,11 @@ def variants(quick: bool):
                         lambda V=V, R=R, c=c, gate=gate: rec_mod.reconstruct_triton(
                             V, R(), terms=[c(), c(), c()], weights=(1.0, 0.5, 0.25), dR=R(), dr_scale=0.5,
                             x=R(), gate=gate)))
+            out.append((f"reconstruct odd shape int4 dR {TY[dt]} k={k}", rec_mod, "_reconstruct_kernel",
+                        lambda V=V, R=R, c=c, gate=gate: rec_mod.reconstruct_triton(
+                            V, R(), terms=[c()], weights=(1.0,), dr_scale=0.5, x=R(), gate=gate,
+                            dR_codes=torch.empty(B2, N2, (D2 + 1) // 2, dtype=torch.uint8, device=m),
+                            dR_scales=torch.empty(B2, N2, 1, device=m), dR_bits=4)))
         out.append((f"gram odd shape {TY[dt]}", gram_mod, "_gram_kernel",
                     lambda dt=dt: gram_mod.gram_update_triton(torch.empty(D2, D2, device=m),
                                                               torch.empty(B2, N2, D2, dtype=dt, device=m))))

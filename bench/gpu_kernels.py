@@ -49,7 +49,7 @@ from svdcache_kernels import (  # noqa: E402
     gram_update, gram_update_reference, reconstruct, reconstruct_reference, split, split_reference,
 )
 from svdcache_kernels.ops import _triton_common as tc  # noqa: E402
-from svdcache_kernels.ops.reconstruct.reference import gate_rows_shape  # noqa: E402
+from svdcache_kernels.ops.reconstruct.reference import dequantize_codes, gate_rows_shape  # noqa: E402
 
 BITS = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}  # significant bits
 ULP = {dt: 2.0 ** (1 - b) for dt, b in BITS.items()}  # ulp(x) <= ULP * |x|
@@ -158,7 +158,10 @@ def split_emulated(F, V, *, dot_dtype, C=None, D1=None, D2=None, E=None, R=None,
         R.copy_(Rn)
 
 
-def reconstruct_emulated(V, R, *, dot_dtype, terms=(), weights=(), dR=None, dr_scale=0.0, x=None, gate=None, out=None):
+def reconstruct_emulated(V, R, *, dot_dtype, terms=(), weights=(), dR=None, dr_scale=0.0, x=None, gate=None, out=None,
+                         dR_codes=None, dR_scales=None, dR_bits=8):
+    if dR_codes is not None:  # the quantized dR is dequantized in fp32 by the kernel: no rounding to emulate
+        dR = dequantize_codes(dR_codes, dR_scales, R.shape[-1], dR_bits)
     fh = R.float()
     if terms:
         P = sum(float(w) * t for w, t in zip(weights, terms))
@@ -185,6 +188,13 @@ def _maxabs(t) -> float:
 
 def _err(a, b) -> float:
     return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
+
+
+def quantized(r):
+    """{bits: (codes, scales)} of a residual difference, as residual="int8"/"int4" stores it."""
+    from svdcache.residual_cache import quantize_rows
+
+    return {bits: quantize_rows(r, bits) for bits in (8, 4)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -288,6 +298,18 @@ def _parity(run: Run) -> None:
             exact = reconstruct_reference(V, R_, x=x, **rkw)
             if got is not None:
                 record("reconstruct", dtype, k, "out (gated, in place)", xk, emu, exact, t16, _maxabs(emu), loose)
+            # residual="int8"/"int4": 1 term, the quantized dR read by the kernel (codes + per-row scales)
+            for bits, (qc, qs) in quantized(rnd(*rs, scale=0.3)).items():
+                if bits == 8 and k != ks[-1]:  # int8 once per dtype (its load path has no k dependence)
+                    continue
+                qkw = dict(terms=terms[:1], weights=(2.0,), dr_scale=2.0, gate=gate, dR_codes=qc, dR_scales=qs, dR_bits=bits)
+                xk = x.clone()
+                got = run.guard(f"parity reconstruct int{bits} dR {dn(dtype)} k={k}",
+                                lambda: reconstruct(V, R_, backend="triton", x=xk, out=xk, **qkw))
+                if got is not None:
+                    emu = reconstruct_emulated(V, R_, dot_dtype=dot_dt, x=x, **qkw)
+                    record(f"reconstruct int{bits} dR", dtype, k, "out (gated, in place)", xk, emu,
+                           reconstruct_reference(V, R_, x=x, **qkw), t16, _maxabs(emu), loose)
         # one term, no epilogue, flat gate-less path into a new tensor; and the Gram update
         nk = dict(terms=terms[:1], weights=(1.0,))
         got = run.guard(f"parity reconstruct-reuse {dn(dtype)} k={k}", lambda: reconstruct(V, R_, backend="triton", **nk))
@@ -295,6 +317,17 @@ def _parity(run: Run) -> None:
             exact = reconstruct_reference(V, R_, **nk)
             record("reconstruct", dtype, k, "F_hat (1 term)", got, reconstruct_emulated(V, R_, dot_dtype=dot_dt, **nk),
                    exact, t16, _maxabs(exact), loose)
+        # int4 at an odd D (the packed last byte holds one code and the padding), ungated, new tensor
+        Do = D - 1
+        Vo, Ro = basis(Do, k), rnd(*B, N, Do, dtype=dtype)
+        qc, qs = quantized(rnd(*B, N, Do, scale=0.3))[4]
+        okw = dict(terms=[rnd(*B, N, k, scale=3.0)], weights=(1.5,), dr_scale=-1.0, x=rnd(*B, N, Do, dtype=dtype),
+                   dR_codes=qc, dR_scales=qs, dR_bits=4)
+        got = run.guard(f"parity reconstruct int4 dR odd D {dn(dtype)}", lambda: reconstruct(Vo, Ro, backend="triton", **okw))
+        if got is not None:
+            emu = reconstruct_emulated(Vo, Ro, dot_dtype=dot_dt, **okw)
+            record(f"reconstruct int4 dR D={Do}", dtype, k, "out (ungated, new)", got, emu,
+                   reconstruct_reference(Vo, Ro, **okw), t16, _maxabs(emu), loose)
         # gram: 16-bit products are exact in fp32 -> fp32 tolerance for every dtype
         F = rnd(*B, N, D, dtype=dtype)
         G0 = rnd(D, D)
@@ -367,6 +400,16 @@ def _parity(run: Run) -> None:
                     emu = reconstruct_emulated(V, F, dot_dtype=dot_dt, x=x, **rkw)
                     record(f"reconstruct 1 term+gate M={M2}", dtype, k, "out (in place)", xk, emu,
                            reconstruct_reference(V, F, x=x, **rkw), t16, _maxabs(emu), loose)
+                # the default cached step (residual="int4"): the same plus the 4-bit dR read by the kernel
+                qc, qs = quantized(rnd(*rs, scale=0.3))[4]
+                qkw = dict(rkw, dr_scale=2.0, dR_codes=qc, dR_scales=qs, dR_bits=4)
+                xk = x.clone()
+                got = run.guard(f"parity reconstruct 1 term+gate+int4 M={M2} k={k}",
+                                lambda: reconstruct(V, F, backend="triton", x=xk, out=xk, **qkw))
+                if got is not None:
+                    emu = reconstruct_emulated(V, F, dot_dtype=dot_dt, x=x, **qkw)
+                    record(f"reconstruct 1 term+gate+int4 M={M2}", dtype, k, "out (in place)", xk, emu,
+                           reconstruct_reference(V, F, x=x, **qkw), t16, _maxabs(emu), loose)
             del F, Fp, outs
             run.sync()
     tc.FORCE_DOT_FP32 = None
@@ -427,6 +470,16 @@ def make_cases(run: Run):
             kw=dict(terms=terms, weights=(1.0, 1.5, 1.125), dR=st["dR"], dr_scale=0.5, x=x, gate=gate, out=x),
             fn=reconstruct, ref=reconstruct_reference,
             bytes=3 * M * k * 4 + vb + 2 * M * D * s + M * D * s + Bn * D * s + M * D * s,
+            flops=2 * M * k * D, ideal=None))
+        # the default cached step (taylor1 + residual="int4"): codes (half a byte) + a scale per token
+        # instead of a full-size dR; eager = the reference op, which dequantizes with torch ops first
+        qc, qs = quantized(rnd(*rs, scale=0.3))[4]
+        cases.append(dict(
+            name="reconstruct taylor1+int4 dR, x+gate in place", k=k, args=(V, st["R"]),
+            kw=dict(terms=terms[:1], weights=(1.5,), dr_scale=1.5, x=x, gate=gate, out=x, dR_codes=qc, dR_scales=qs,
+                    dR_bits=4),
+            fn=reconstruct, ref=reconstruct_reference,
+            bytes=M * k * 4 + vb + M * D * s + M * (D + 1) // 2 + M * 4 + M * D * s + Bn * D * s + M * D * s,
             flops=2 * M * k * D, ideal=None))
         out = torch.empty(rs, dtype=dt, device=dev)
         cases.append(dict(

@@ -16,6 +16,10 @@ Reported per kind of call (median over calls of 4 generations x 25 steps, interv
 "torch ops" counts every aten op a call dispatches (TorchDispatchMode; each is a kernel launch on a
 GPU unless it is a view); "non-view ops" leaves the views out. Targets (issue 12): cached <= 0.10 x
 uncached host time and <= 4 ops per cached feature (<= 460 per call); full <= 1.05 x uncached.
+
+On a CPU the cache runs its PyTorch reference ops. ``--kernel-path`` counts instead what a GPU would
+launch: the cache on the Triton backend (kernels run by the interpreter, TRITON_INTERPRET=1, so no
+timing is reported), torch ops dispatched outside the kernels plus one launch per kernel call.
 """
 from __future__ import annotations
 
@@ -28,8 +32,12 @@ import statistics
 import sys
 import time
 
+if "--kernel-path" in sys.argv:  # before the kernel modules are imported: the interpreter is read then
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -51,6 +59,65 @@ class OpCounter(TorchDispatchMode):
         if getattr(func, "is_view", False):
             self.views += 1
         return func(*args, **(kwargs or {}))
+
+
+def count_launches():
+    """Count Triton launches (by kernel) and run them outside any dispatch mode: the interpreter's own
+    torch ops are not ops a GPU would dispatch."""
+    from svdcache_kernels.ops.reconstruct import kernel as rec_kernel
+    from svdcache_kernels.ops.split import kernel as split_kernel
+
+    seen: dict[str, int] = {}
+    for mod in (rec_kernel, split_kernel):
+        real = mod.launch
+
+        def counting(kernel, grid, args, meta, cfg, _real=real):
+            name = getattr(getattr(kernel, "fn", None), "__name__", str(kernel)).strip("_")
+            seen[name] = seen.get(name, 0) + 1
+            with _disable_current_modes():
+                return _real(kernel, grid, args, meta, cfg)
+
+        mod.launch = counting
+    return seen
+
+
+def kernel_path_rows(model, kw, basis, args, n_feat, extra) -> list[str]:
+    """Ops and launches per call with the cache on the Triton backend (what a GPU would run)."""
+    launches = count_launches()
+    cfg = svdcache.enable(model, basis=basis, interval=args.interval, rank=args.rank, backend="triton", **extra)
+    root = model._diffusers_hook.get_hook("svdcache")
+    run_generation(model, kw, args.steps, root)  # plans, buffers
+    svdcache.reset(model)
+    h = kw["hidden_states"]
+    res = {}
+    for i in range(args.steps):
+        t = torch.full((1,), 1.0 - i / args.steps, dtype=h.dtype)
+        before = root.cur.cached_steps
+        launches.clear()
+        with torch.no_grad(), _ctx(model), OpCounter() as c:
+            out = model(**{**kw, "hidden_states": h}, timestep=t)[0]
+        kind = "cached" if root.cur.cached_steps > before else "full"
+        res[kind] = (c.ops, c.ops - c.views, dict(launches))  # the last call of each kind
+        h = h - out / args.steps
+    svdcache.disable(model)
+    lines = [
+        f"## {args.label or 'measurement'}, kernel path: the same model with the cache on the Triton backend "
+        f"(interpreter; counts only), config `{cfg.label}` (residual={cfg.residual})"
+        + (", calls under cache_context('cond')" if CONTEXT else ", bare loop"),
+        "",
+        f"`python bench/host_overhead.py --kernel-path{' --pipeline-context' if CONTEXT else ''}"
+        f"{' --residual ' + args.residual if args.residual else ''}`. Torch ops dispatched outside the kernels "
+        "(each a launch on a GPU unless a view) and Triton kernel launches, per call.",
+        "",
+        "| call | torch ops | non-view ops | kernel launches | launches + non-view ops per cached feature |",
+        "|---|---|---|---|---|",
+    ]
+    for kind, name in (("full", "full (cache on)"), ("cached", "cached")):
+        o, nv, ln = res.get(kind, (0, 0, {}))
+        n_l = sum(ln.values())
+        per = f"{(n_l + nv) / n_feat:.1f}" if kind == "cached" else ""
+        lines.append(f"| {name} | {o} | {nv} | {n_l} ({', '.join(f'{k} {v}' for k, v in sorted(ln.items()))}) | {per} |")
+    return lines + [""]
 
 
 def build_model(seed: int = 0, dtype=torch.float32):
@@ -151,6 +218,9 @@ def main(argv=None) -> int:
     ap.add_argument("--residual", default=None, help="SVDCacheConfig.residual (default: the config's default)")
     ap.add_argument("--pipeline-context", action="store_true",
                     help='call under model.cache_context("cond") as FluxPipeline does (a bare loop otherwise)')
+    ap.add_argument("--kernel-path", action="store_true",
+                    help="count ops and kernel launches with the cache on the Triton backend (interpreter) "
+                         "instead of timing the CPU reference path")
     args = ap.parse_args(argv)
     global CONTEXT
     CONTEXT = "cond" if args.pipeline_context else None
@@ -161,10 +231,15 @@ def main(argv=None) -> int:
     basis = random_basis(model, args.rank)
     n_feat = len(basis.features)
 
+    extra = {"residual": args.residual} if args.residual else {}
+    if args.kernel_path:
+        text = "\n".join(kernel_path_rows(model, kw, basis, args, n_feat, extra))
+        print(text)
+        _write(args, text)
+        return 0
     ref = copy.deepcopy(model)  # the same weights, never cached
     times: dict[str, list[float]] = {}
     ops = count_ops(ref, kw, 2)
-    extra = {"residual": args.residual} if args.residual else {}
     cfg = svdcache.enable(model, basis=basis, interval=args.interval, rank=args.rank, **extra)
     root = model._diffusers_hook.get_hook("svdcache")
     run_generation(model, kw, args.steps, root, ref=ref)  # warm-up (FLOP table, plans, buffers)
@@ -213,6 +288,11 @@ def main(argv=None) -> int:
               f"generation, FLOPs ratio {st.last_generation.flops_uncached / max(st.last_generation.flops, 1):.2f}x", ""]
     text = "\n".join(lines)
     print(text)
+    _write(args, text)
+    return 0
+
+
+def _write(args, text: str) -> None:
     if args.out:
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
         mode = "a" if args.append else "w"
@@ -221,7 +301,6 @@ def main(argv=None) -> int:
                 f.write("# Host overhead of the cache (CPU proxy for the cached step's launch cost)\n\n"
                         "Written by `bench/host_overhead.py` (see its docstring).\n\n")
             f.write(text + "\n")
-    return 0
 
 
 if __name__ == "__main__":

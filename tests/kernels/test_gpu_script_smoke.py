@@ -20,7 +20,8 @@ def test_gpu_script_cpu_smoke(tmp_path):
     for op in ("split C,R", "split order2+E+dR", "reconstruct taylor2+dR", "reconstruct reuse", "gram"):
         assert op in text
     # the runtime's exact variants at the shapes production selects (smoke: small, k tiles forced)
-    for op in ("split F_prev M=", "split C,R M=", "reconstruct 1 term+gate M="):
+    for op in ("split F_prev M=", "split C,R M=", "reconstruct 1 term+gate M=", "reconstruct 1 term+gate+int4 M=",
+               "reconstruct int4 dR", "reconstruct int8 dR", "reconstruct taylor1+int4 dR"):
         assert op in text, op
     assert "Launch-config sweep" in text
     assert "| float16 |" in text and "| float32 |" in text
