@@ -132,8 +132,9 @@ def code_values(codes: torch.Tensor, D: int, bits: int) -> torch.Tensor:
     codes are returned as they are (torch promotes them in the fp32 ops that read them)."""
     if bits == 8:
         return codes
-    # one gather through the 256 x 2 table of a byte's two values
-    return nibble_table(codes.device).index_select(0, codes.reshape(-1).int()).view(*codes.shape[:-1], -1)[..., :D]
+    # one gather through the 256 x 2 table of a byte's two values (embedding: any index shape, 3 ops)
+    v = torch.nn.functional.embedding(codes.int(), nibble_table(codes.device)).view(*codes.shape[:-1], -1)
+    return v if v.shape[-1] == D else v[..., :D]
 
 
 def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, D: int, bits: int) -> torch.Tensor:
