@@ -1,6 +1,6 @@
 """Calibrate the embedded model's shipped basis (the one-time SVD).
 
-    python bench/calibrate_embedded.py    # about 20 s on 2 CPU cores
+    python bench/calibrate_embedded.py    # about 20 s on 2 CPU cores, plus ~10 min of schedule selection
 
 Reference: ten images, one per digit, each with a phrasing the benchmarks never use (the benchmarks
 and tests use the canonical "a handwritten digit <word>"; this uses "the number 3", "handwritten 7",
@@ -9,6 +9,11 @@ calibrated on. 50 steps with the embedded model's guidance (cond and uncond call
 matrices), every step's features. The same run prices the calibrated schedules. The embedded model has only 64 image tokens per image, so one image is a thin
 sample of its feature space; FLUX.1-dev's 4096 tokens per image are not. tau 0.99 sets the default
 k; columns up to 0.999 energy are stored so that enable(tau=...) can lower or raise it.
+
+Schedule selection (``--no-select`` skips it): for the numbers of full steps of the uniform intervals
+2..10, the default configuration's and full-space TaylorSeer order 1's calibrated plans are chosen
+closed-loop among a few candidates (svdcache.schedule_tuning.tune_schedule, no local moves) on the same
+held-out calibration prompts and seeds: nothing evaluated is selected on.
 """
 import argparse
 import json
@@ -42,6 +47,26 @@ def calibrate_reference(pipe, prompt=None, images=10, steps=50, tau=0.99, **kw):
     return basis
 
 
+SELECT_INTERVALS = range(2, 11)
+
+
+def select_schedules(pipe, basis, steps=50, images=10, max_evals=8, progress=True):
+    """Closed-loop choice of the calibrated plans (default config and TaylorSeer o1) on the calibration set."""
+    from svdcache import SVDCacheConfig
+    from svdcache.schedule import full_steps
+    from svdcache.schedule_tuning import tune_schedule
+
+    prompts, seeds = calibration_prompts(images)
+    ms = sorted({len(full_steps(steps, interval=n, warmup=1)) for n in SELECT_INTERVALS})
+    out = {}
+    for cfg in (SVDCacheConfig(), SVDCacheConfig(space="full", predictor="taylor", order=1, warmup=1)):
+        out[cfg.space] = tune_schedule(
+            pipe, basis, cfg, num_full_steps=ms, prompt=prompts, generator_seeds=seeds, num_inference_steps=steps,
+            max_evals=max_evals, progress=progress, output_type="pt", **CALL_KWARGS, **GUIDANCE)
+    basis.meta["schedules"]["selected_on"] = f"calibration prompts, seeds {seeds[0]}..{seeds[-1]}"
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompt", default=None, help="one prompt for every image (default: the held-out set)")
@@ -49,9 +74,13 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--tau", type=float, default=0.99)
     ap.add_argument("--out", default=BASIS_PATH)
+    ap.add_argument("--no-select", action="store_true", help="keep the DP plans (no closed-loop selection)")
     args = ap.parse_args(argv)
     pipe = load_pipeline()
     basis = calibrate_reference(pipe, args.prompt, args.images, args.steps, args.tau)
+    if not args.no_select:
+        pipe.set_progress_bar_config(disable=True)
+        select_schedules(pipe, basis, args.steps, args.images)
     basis.save(args.out)
     print(basis, "->", args.out)
 

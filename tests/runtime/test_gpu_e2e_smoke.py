@@ -37,4 +37,6 @@ def test_gpu_e2e_tiny(tmp_path):
     assert "calibrate:" in out and "float32 eigh" in out
     # ranks from svdcache.stats (the runtime's change subspace at its tau), not from the feature subspace
     assert "ranks (svdcache.stats)" in out and "ranks as the runtime uses them" in text
-    assert "change subspace, tau = 0.85" in text and "Taylor order 1" in text
+    from svdcache import SVDCacheConfig
+
+    assert f"change subspace, tau = {SVDCacheConfig().tau}" in text and "Taylor order 1" in text
