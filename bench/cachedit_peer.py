@@ -186,29 +186,36 @@ def buffer_bytes(pipe) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# the rows of bench/fidelity.py --cache-dit. Warm-up and max_continuous_cached_steps of each family were
-# chosen on the development set (bench/common.py: dev_prompt_set, 10 prompts x 1 seed, 50 steps), never on
-# the evaluated images; the thresholds of each family span its FLOPs ratios (F1B0 on 9 blocks: a cached
-# call still runs block 0, so about 7x is the ceiling).
+# the rows of bench/fidelity.py --cache-dit, chosen on the development set (bench/common.py: dev_prompt_set,
+# 10 prompts x 1 seed, 50 steps; never on the evaluated images): a grid over warm-up (1, 3), Fn/Bn (F1B0,
+# F1B1), max_continuous_cached_steps (2..16, unlimited) and residual_diff_threshold (0.05..0.8), per
+# calibrator. Warm-up 1 beat 3 at every ratio, F1B1 was dominated by F1B0 (same cached steps, a block more
+# per cached call), and each family's dev Pareto front was the same list of (max continuous, threshold)
+# pairs below: the cap sets the ratio, the threshold decides within it. F1B0 on 9 blocks still runs block 0
+# on a cached call (11.9% of a full call), so 6.5x (48 of 50 steps cached) is the ceiling here.
+_FRONT = ((3, 0.15), (4, 0.3), (5, 0.4), (6, 0.3), (8, 0.4), (12, 0.8), (16, 0.8), (-1, 0.6))
 FAMILIES = [
-    # (label, base setting, thresholds)
-    ("DBCache F1B0", CacheDiTSetting(Fn=1, Bn=0, warmup=1), (0.08, 0.1, 0.15, 0.2, 0.3, 0.45)),
-    ("DBCache F1B0 + TaylorSeer o1", CacheDiTSetting(Fn=1, Bn=0, warmup=1, taylorseer_order=1),
-     (0.08, 0.1, 0.15, 0.2, 0.3, 0.45)),
-    ("DBCache F1B0 + TaylorSeer o2", CacheDiTSetting(Fn=1, Bn=0, warmup=1, taylorseer_order=2),
-     (0.08, 0.1, 0.15, 0.2, 0.3, 0.45)),
+    # (label, base setting, [(max_continuous_cached_steps, residual_diff_threshold), ...])
+    ("DBCache F1B0, warmup 1", CacheDiTSetting(Fn=1, Bn=0, warmup=1), _FRONT),
+    ("DBCache F1B0 + TaylorSeer o1, warmup 1", CacheDiTSetting(Fn=1, Bn=0, warmup=1, taylorseer_order=1), _FRONT),
+    ("DBCache F1B0 + TaylorSeer o2, warmup 1", CacheDiTSetting(Fn=1, Bn=0, warmup=1, taylorseer_order=2),
+     _FRONT[:-1] + ((-1, 0.7),)),
+    # a commonly published setting (sglang's cache-dit defaults: F1B0, warm-up 4, MC 3, threshold 0.24),
+    # one row each without and with TaylorSeer o1, for reference
+    ("DBCache F1B0 W4 MC3 R0.24 (sglang defaults)", CacheDiTSetting(Fn=1, Bn=0, warmup=4), ((3, 0.24),)),
+    ("DBCache F1B0 W4 MC3 R0.24 + TaylorSeer o1 (sglang defaults)",
+     CacheDiTSetting(Fn=1, Bn=0, warmup=4, taylorseer_order=1), ((3, 0.24),)),
 ]
 
 
 def method_rows(quick: bool = False) -> list[dict]:
-    """bench/fidelity.py methods (kind "cachedit"): one family per setting, one row per threshold."""
+    """bench/fidelity.py methods (kind "cachedit"): one family per calibrator, one row per setting."""
     v = version() or PINNED
     rows = []
-    for label, base, ths in FAMILIES:
-        mc = base.max_continuous if base.max_continuous >= 0 else "unlimited"
-        fam = f"cache-dit {v} {label}, warmup {base.warmup}, max continuous cached {mc} (threshold sweep)"
-        for th in (ths[1], ths[-2]) if quick else ths:
-            s = dataclasses.replace(base, threshold=th)
+    for label, base, pts in FAMILIES:
+        fam = f"cache-dit {v} {label}" + (", max continuous x threshold (dev-tuned)" if len(pts) > 1 else "")
+        for mc, th in (pts[1], pts[-2]) if quick and len(pts) > 2 else pts:
+            s = dataclasses.replace(base, threshold=th, max_continuous=mc)
             rows.append(dict(name=f"cache-dit {s.tag()}", family=fam, kind="cachedit", setting=th,
                              cachedit=dataclasses.asdict(s)))
     return rows
@@ -222,7 +229,8 @@ def report_note(rows: list[dict]) -> str:
             "`enable_separate_cfg=True` (true CFG: separate buffers and decisions for the cond and uncond "
             "calls); names are cache-dit's own tags (F<Fn>B<Bn>_W<max_warmup_steps>I1M<max_cached_steps>"
             "MC<max_continuous_cached_steps>_R<residual_diff_threshold>[_T1O<TaylorSeer order>], 0 = unlimited); "
-            "warm-up and MC chosen on the development prompts (bench/common.py dev_prompt_set), thresholds "
-            "span the ratios. FLOPs counted by the same hooks (a block cache-dit skips fires none); memory: "
+            "warm-up, Fn/Bn, MC and thresholds chosen on the development prompts (bench/common.py "
+            "dev_prompt_set; see cachedit_peer.py). FLOPs counted by the same hooks (a block cache-dit skips fires none; cache-dit's elementwise L1 diff and Taylor "
+            "arithmetic are not matmuls and, as for the other peers, not counted); memory: "
             "every tensor cache-dit holds (its Fn/Bn residual buffers and TaylorSeer states, both CFG "
             "branches), peak over the steps.")
