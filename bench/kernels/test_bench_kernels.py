@@ -77,13 +77,20 @@ def test_split(benchmark, impl, k, variant):
 
 @pytest.mark.parametrize("impl", ["reference", "kernel"])
 @pytest.mark.parametrize("k", KS)
-@pytest.mark.parametrize("variant", ["taylor2+dR gated in place", "reuse"])
+@pytest.mark.parametrize("variant", ["taylor2+dR gated in place", "reuse", "taylor1+int4 dR gated in place"])
 def test_reconstruct(benchmark, impl, k, variant):
     g = torch.Generator(device=DEV).manual_seed(1)
     V = torch.linalg.qr(torch.randn(D, k, generator=g, device=DEV))[0].to(DT)
     R = _rnd(B, N, D, dtype=DT, g=g)
     if variant == "reuse":
         kw = dict(terms=[_rnd(B, N, k, g=g)], weights=(1.0,), out=torch.empty_like(R))
+    elif "int4" in variant:  # the default cached step: 4-bit codes (two per byte) + one fp32 scale per token
+        x = _rnd(B, N, D, dtype=DT, g=g)
+        gate = _rnd(B, 6 * D, dtype=DT, g=g)[:, 2 * D:3 * D].unsqueeze(1)
+        codes = torch.randint(0, 256, (B, N, (D + 1) // 2), generator=g, device=DEV, dtype=torch.uint8)
+        scales = torch.rand(B, N, 1, generator=g, device=DEV) * 0.1
+        kw = dict(terms=[_rnd(B, N, k, g=g)], weights=(1.5,), dr_scale=1.5, dR_codes=codes, dR_scales=scales,
+                  dR_bits=4, x=x, gate=gate, out=x)
     else:
         x = _rnd(B, N, D, dtype=DT, g=g)
         gate = _rnd(B, 6 * D, dtype=DT, g=g)[:, 2 * D:3 * D].unsqueeze(1)
