@@ -7,7 +7,10 @@ each heavy submodule returns the forecast of its output instead of computing it;
 Heavy submodules are found by class: diffusers' ``Attention`` / ``AttentionModuleMixin`` and
 ``FeedForward``, and, for families with their own classes, a class name naming an attention, an MLP
 or a feed-forward (outermost such module that holds parameters; norms, embeddings and processors
-excluded). Features are named ``<block>.<submodule path>`` (``#n`` for the n-th call of a module
+excluded). An attention's output projection that the block calls itself, outside the attention's
+forward (LuminaNext mixes two attentions' outputs, then runs ``attn2.to_out[0]``), is a feature of its
+own: its hook passes through while its attention runs and caches only the block's own calls.
+Features are named ``<block>.<submodule path>`` (``#n`` for the n-th call of a module
 called more than once per block call, ``.i`` for the i-th tensor of a tuple output) and learned on
 the first full step (their dim from the output).
 """
@@ -57,6 +60,19 @@ def is_heavy(module: torch.nn.Module) -> bool:
 # the MLP input projection of parallel attention + MLP blocks (FLUX / HunyuanVideo single blocks:
 # ``proj_mlp``), a bare Linear: named, not typed
 _MLP_LINEAR = re.compile(r"^(proj_mlp|mlp_in|ff_in)$")
+# output projections of an attention, relative to it: a block may call one itself (see the docstring)
+_OUT_PROJ = re.compile(r"^(to_out(\.0)?|to_add_out|proj_out|o_proj|out_proj)$")
+
+
+def escaping_projections(block: torch.nn.Module) -> list[tuple[str, str, torch.nn.Module]]:
+    """(heavy path, projection path, projection) for the output-projection Linears of the block's heavy
+    attention submodules: hooked so that a call from the block itself is cached too."""
+    out = []
+    for path, mod in heavy_submodules(block):
+        for rel, child in mod.named_modules():
+            if rel and isinstance(child, torch.nn.Linear) and _OUT_PROJ.match(rel):
+                out.append((path, f"{path}.{rel}", child))
+    return out
 
 
 def heavy_submodules(block: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -114,7 +130,12 @@ class SubmoduleHook(ModelHook):
                 raise RuntimeError(f"svdcache: {bh.name}.{name} was not computed on the last full step; "
                                    "its output cannot be forecast")
             return slot.rebuild(lambda n: _contiguous(bh.active_forecast(n)))
-        out = self.fn_ref.original_forward(*args, **kwargs)
+        running, key = self.adapter.running, (id(bh), self.path)
+        running.add(key)
+        try:
+            out = self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            running.discard(key)
         if bh.active_record is not None:
             name = self.adapter.call_name(bh, self.path)
             key = (id(bh), name)
@@ -125,6 +146,20 @@ class SubmoduleHook(ModelHook):
                 # rows with unit channel stride for the kernels
                 bh.active_record(n, o.contiguous() if o is not None else None)
         return out
+
+
+class ProjectionHook(SubmoduleHook):
+    """On an attention's output projection: a plain Linear while its attention runs; called by the
+    block itself (outside the attention's forward) it is a cached feature like any heavy submodule."""
+
+    def __init__(self, block_hook, adapter, parent: str, path: str):
+        super().__init__(block_hook, adapter, path)
+        self.parent = parent
+
+    def new_forward(self, module, *args, **kwargs):
+        if (id(self.block_hook), self.parent) in self.adapter.running:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        return super().new_forward(module, *args, **kwargs)
 
 
 def _contiguous(x):
@@ -140,6 +175,7 @@ class SubmoduleAdapter(BlockAdapter):
     def __init__(self):
         self.slots: dict[tuple[int, str], _Slot] = {}
         self._calls: dict[int, dict[str, int]] = {}  # per block hook: calls of each path in this block call
+        self.running: set[tuple[int, str]] = set()  # (block hook, path) of heavy submodules running now
 
     def applies(self, block: torch.nn.Module) -> bool:
         return bool(heavy_submodules(block))
@@ -148,7 +184,10 @@ class SubmoduleAdapter(BlockAdapter):
         return {}  # learned on the first full step (declared by the block hook)
 
     def capture_points(self, block):
-        return [(path, mod, lambda bh, p=path: SubmoduleHook(bh, self, p)) for path, mod in heavy_submodules(block)]
+        points = [(path, mod, lambda bh, p=path: SubmoduleHook(bh, self, p)) for path, mod in heavy_submodules(block)]
+        points += [(path, mod, lambda bh, a=parent, p=path: ProjectionHook(bh, self, a, p))
+                   for parent, path, mod in escaping_projections(block)]
+        return points
 
     def call_name(self, bh, path: str) -> str:
         calls = self._calls.setdefault(id(bh), {})

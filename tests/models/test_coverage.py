@@ -13,10 +13,7 @@ import zoo_check as C
 # Classes that do not run uncached on this machine (the check then reports why, and the test skips).
 NEEDS = {"CosmosTransformer3DModel": "torchvision (not installed in CI)"}
 # Known gaps, with the reason; strict: an unexpected pass fails, so the list stays true.
-KNOWN = {
-    "LuminaNextDiT2DModel": "its block calls attn2.to_out[0] itself, outside attn2's forward (one linear per "
-                            "cached step runs)",
-}
+KNOWN: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -10,7 +10,9 @@ bench/coverage.py): a short denoising loop on the tiny model of zoo_all.py,
 4. ``disable``: bit-equal to the reference again.
 
 "Computes" is counted on the parametrised leaf modules (Linear, Conv, ...) inside each heavy module:
-a forward hook on the heavy module itself would also fire when svdcache returns its forecast.
+a forward hook on the heavy module itself would also fire when svdcache returns its forecast. A
+Linear leaf is counted where its matmul runs (torch.nn.functional.linear with its weight), since
+svdcache may hook a leaf itself (an output projection a block calls outside its attention).
 """
 from __future__ import annotations
 
@@ -232,17 +234,30 @@ def _counted_run(name, model, lists, steps, seed, inputs):
             counts[step[0]][path] = counts[step[0]].get(path, 0) + 1
         return f
 
+    weights = {}  # id(Linear weight) -> heavy path: counted where the matmul runs
     for heavy in lists.values():
         for hp in heavy:
             mod = model.get_submodule(hp)
             for lp, leaf in mod.named_modules():
-                if next(leaf.children(), None) is None and any(True for _ in leaf.parameters(recurse=False)):
+                if isinstance(leaf, torch.nn.Linear):
+                    weights[id(leaf.weight)] = hp
+                elif next(leaf.children(), None) is None and any(True for _ in leaf.parameters(recurse=False)):
                     handles.append(leaf.register_forward_hook(hook(hp)))
+    linear = torch.nn.functional.linear
+
+    def counted_linear(input, weight, bias=None):
+        hp = weights.get(id(weight))
+        if hp is not None:
+            counts[step[0]][hp] = counts[step[0]].get(hp, 0) + 1
+        return linear(input, weight, bias)
+
+    torch.nn.functional.linear = counted_linear
     try:
         # one transformer call per step: advance the step counter after each
         handles.append(model.register_forward_hook(lambda *_: step.__setitem__(0, step[0] + 1)))
         outs = denoise(name, model, steps, seed, inputs)
     finally:
+        torch.nn.functional.linear = linear
         for h in handles:
             h.remove()
     return counts, outs
