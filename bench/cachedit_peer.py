@@ -196,9 +196,9 @@ def buffer_bytes(pipe) -> int:
 _FRONT = ((3, 0.15), (4, 0.3), (5, 0.4), (6, 0.3), (8, 0.4), (12, 0.8), (16, 0.8), (-1, 0.6))
 FAMILIES = [
     # (label, base setting, [(max_continuous_cached_steps, residual_diff_threshold), ...])
-    ("DBCache F1B0, warmup 1", CacheDiTSetting(Fn=1, Bn=0, warmup=1), _FRONT),
-    ("DBCache F1B0 + TaylorSeer o1, warmup 1", CacheDiTSetting(Fn=1, Bn=0, warmup=1, taylorseer_order=1), _FRONT),
-    ("DBCache F1B0 + TaylorSeer o2, warmup 1", CacheDiTSetting(Fn=1, Bn=0, warmup=1, taylorseer_order=2),
+    ("DBCache F1B0 W1", CacheDiTSetting(Fn=1, Bn=0, warmup=1), _FRONT),
+    ("DBCache F1B0 W1 + TaylorSeer o1", CacheDiTSetting(Fn=1, Bn=0, warmup=1, taylorseer_order=1), _FRONT),
+    ("DBCache F1B0 W1 + TaylorSeer o2", CacheDiTSetting(Fn=1, Bn=0, warmup=1, taylorseer_order=2),
      _FRONT[:-1] + ((-1, 0.7),)),
     # a commonly published setting (sglang's cache-dit defaults: F1B0, warm-up 4, MC 3, threshold 0.24),
     # one row each without and with TaylorSeer o1, for reference
@@ -213,7 +213,7 @@ def method_rows(quick: bool = False) -> list[dict]:
     v = version() or PINNED
     rows = []
     for label, base, pts in FAMILIES:
-        fam = f"cache-dit {v} {label}" + (", max continuous x threshold (dev-tuned)" if len(pts) > 1 else "")
+        fam = f"cache-dit {v} {label}" + (" (dev-tuned MC x threshold)" if len(pts) > 1 else "")
         for mc, th in (pts[1], pts[-2]) if quick and len(pts) > 2 else pts:
             s = dataclasses.replace(base, threshold=th, max_continuous=mc)
             rows.append(dict(name=f"cache-dit {s.tag()}", family=fam, kind="cachedit", setting=th,
@@ -234,3 +234,37 @@ def report_note(rows: list[dict]) -> str:
             "arithmetic are not matmuls and, as for the other peers, not counted); memory: "
             "every tensor cache-dit holds (its Fn/Bn residual buffers and TaylorSeer states, both CFG "
             "branches), peak over the steps.")
+
+
+def merge(src: str, dst: str) -> int:
+    """Puts the cache-dit rows of ``src`` (a fidelity.json of a ``--cache-dit --only cache-dit`` run) into
+    ``dst`` by name, leaving every other row and dst's meta as they are; returns how many were merged."""
+    import json
+    import os
+
+    rows = [r for r in json.load(open(src))["rows"] if r.get("cachedit")]
+    data = json.load(open(dst)) if os.path.exists(dst) else {"rows": [], "meta": {}}
+    names = {r["name"] for r in rows}
+    data["rows"] = [r for r in data["rows"] if r["name"] not in names] + rows
+    with open(dst + ".tmp", "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(dst + ".tmp", dst)
+    return len(rows)
+
+
+if __name__ == "__main__":  # python bench/cachedit_peer.py --merge [SRC [DST]]: merge, then redraw fidelity.md
+    import os
+    import sys
+
+    import common
+
+    if sys.argv[1:2] != ["--merge"]:
+        raise SystemExit("usage: python bench/cachedit_peer.py --merge [SRC [DST]]")
+    res = os.path.join(common.ROOT, "bench", "results")
+    src = sys.argv[2] if len(sys.argv) > 2 else os.path.join(res, "fidelity_cachedit.json")
+    dst = sys.argv[3] if len(sys.argv) > 3 else os.path.join(res, "fidelity.json")
+    n = merge(src, dst)
+    import fidelity
+
+    fidelity.main(["--report-only", "--out", os.path.dirname(dst)])
+    print(f"merged {n} cache-dit rows of {src} into {dst}; report redrawn")
