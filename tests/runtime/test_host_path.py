@@ -90,9 +90,15 @@ def _run_with_lora_fuse(loop, model, steps=10, fuse_at=6):
     return h
 
 
-def test_buffered_cached_forward_equals_plain(model, basis, monkeypatch):
+@pytest.mark.parametrize("residual", ["reuse", "int4"])
+def test_buffered_cached_forward_equals_plain(model, basis, monkeypatch, residual):
+    """With residual="int4" the two forwards' gates round differently (gate rows vs the whole
+    modulation), so a full-step feature may differ by an ulp and flip a 4-bit code of the residual
+    difference: a jump of one quantization step, not a host-path defect (the quantized forecast
+    itself is compared with the unfused path in test_residual_fused.py). There the bound is 1e-3 of
+    the output's scale (a code flip moves it ~1e-5; stale gates or buffers would move it ~1e-1)."""
     loop = FluxLoop(model, batch=2)
-    svdcache.enable(model, basis=basis, interval=3, warmup=2)
+    svdcache.enable(model, basis=basis, interval=3, warmup=2, residual=residual)
     fast = _run_with_lora_fuse(loop, model)
     g = svdcache.stats(model).last_generation
     assert g.cached_steps >= 4
@@ -101,9 +107,13 @@ def test_buffered_cached_forward_equals_plain(model, basis, monkeypatch):
     svdcache.disable(model)
     monkeypatch.setattr(flux_mod.FluxDoubleBlockAdapter, "cached_forward", _plain_double)
     monkeypatch.setattr(flux_mod.FluxSingleBlockAdapter, "cached_forward", _plain_single)
-    svdcache.enable(model, basis=basis, interval=3, warmup=2)
+    svdcache.enable(model, basis=basis, interval=3, warmup=2, residual=residual)
     plain = _run_with_lora_fuse(loop, model)
-    assert torch.allclose(fast, plain, rtol=1e-5, atol=1e-6), float((fast - plain).abs().max())
+    if residual == "reuse":
+        assert torch.allclose(fast, plain, rtol=1e-5, atol=1e-6), float((fast - plain).abs().max())
+    else:
+        err = float((fast - plain).abs().max())
+        assert err <= 1e-3 * float(plain.abs().max()), err
 
 
 @pytest.fixture
