@@ -191,10 +191,22 @@ def _err(a, b) -> float:
 
 
 def quantized(r):
-    """{bits: (codes, scales)} of a residual difference, as residual="int8"/"int4" stores it."""
-    from svdcache.residual_cache import quantize_rows
-
-    return {bits: quantize_rows(r, bits) for bits in (8, 4)}
+    """{bits: (codes, scales)} of a residual difference, as residual="int8"/"int4" stores it: the layout
+    of svdcache.residual_cache.quantize_rows (symmetric per-row absmax; 4 bits: value + 8, element 2j in
+    the low nibble of byte j, odd D padded), restated here because this script needs no diffusers
+    (tests/kernels/test_reconstruct_quantized.py checks that the two agree)."""
+    out = {}
+    for bits in (8, 4):
+        L = 127.0 if bits == 8 else 7.0
+        scale = r.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-30) / L
+        q = torch.round(r.float() / scale).clamp_(-L, L).to(torch.int8)
+        if bits == 4:
+            if q.shape[-1] % 2:
+                q = torch.nn.functional.pad(q, (0, 1))
+            u = (q + 8).to(torch.uint8)
+            q = u[..., 0::2] | (u[..., 1::2] << 4)
+        out[bits] = (q, scale)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
