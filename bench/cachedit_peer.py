@@ -128,6 +128,7 @@ def disable(pipe) -> None:
         del tr._is_patched
     pipe.__dict__.pop("_svdbench_cachedit_saved", None)
     pipe._svdbench_cachedit_call = saved.get("call")
+    pipe._svdbench_cachedit_forward = saved["forward"]  # what check_restored may find there
 
 
 def check_restored(pipe) -> None:
@@ -135,6 +136,11 @@ def check_restored(pipe) -> None:
     tr = pipe.transformer
     left = [n for n in ("forward", "_is_cached", "_context_manager", "_original_forward", "_is_patched")
             if n in tr.__dict__]
+    # an instance-level forward that was there before enable (diffusers' HookRegistry wrapper, left by
+    # the rows run before this one) is not cache-dit's
+    before = pipe.__dict__.get("_svdbench_cachedit_forward")
+    if "forward" in left and before is not None and tr.__dict__.get("forward") is before:
+        left.remove("forward")
     call = pipe.__dict__.get("_svdbench_cachedit_call")
     if (call is not None and type(pipe).__call__ is not call) or "_original_call" in vars(type(pipe)):
         left.append("pipeline __call__")
