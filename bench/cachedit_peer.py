@@ -32,7 +32,7 @@ import dataclasses
 import importlib.util
 import logging
 
-import torch
+import common
 
 PINNED = "1.5.3"
 INSTALL_HINT = f"pip install 'cache-dit=={PINNED}' (or pip install -e '.[cachedit]')"
@@ -165,30 +165,13 @@ def buffer_bytes(pipe) -> int:
     cm = getattr(pipe, "_context_manager", None) or getattr(pipe.transformer, "_context_manager", None)
     if cm is None:
         return 0
-    seen, total = set(), 0
-
-    def walk(obj, depth=0):
-        nonlocal total
-        if depth > 8 or obj is None:
-            return
-        if isinstance(obj, torch.Tensor):
-            key = (obj.untyped_storage().data_ptr(), obj.storage_offset(), tuple(obj.shape))
-            if key not in seen:
-                seen.add(key)
-                total += obj.numel() * obj.element_size()
-        elif isinstance(obj, dict):
-            for v in obj.values():
-                walk(v, depth + 1)
-        elif isinstance(obj, (list, tuple)):
-            for v in obj:
-                walk(v, depth + 1)
-
+    walk = common.TensorBytes(max_depth=8, objects=False)
     for ctx in getattr(cm, "_cached_context_manager", {}).values():
         walk(ctx.buffers)
         for cal in (ctx.calibrator, ctx.encoder_calibrator, ctx.cfg_calibrator, ctx.cfg_encoder_calibrator):
             for st in (getattr(cal, "states", None) or {}).values():
                 walk(st.state)
-    return total
+    return walk.total
 
 
 # ----------------------------------------------------------------------------------------------

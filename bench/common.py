@@ -98,29 +98,36 @@ def self_check(pipe):
     return ref
 
 
-def state_bytes(transformer) -> int:
-    """Bytes of every tensor held in the state of the diffusers hooks on ``transformer`` (deduplicated)."""
-    seen, total = set(), 0
+class TensorBytes:
+    """Sums the bytes of the tensors reachable from the objects it is called on (dicts, lists, tuples
+    and, with ``objects``, plain objects' attributes; modules skipped), each storage view once."""
 
-    def walk(obj, depth=0):
-        nonlocal total
-        if depth > 6:
+    def __init__(self, max_depth: int = 6, objects: bool = True):
+        self.max_depth, self.objects = max_depth, objects
+        self.seen, self.total = set(), 0
+
+    def __call__(self, obj, depth: int = 0) -> None:
+        if depth > self.max_depth or obj is None:
             return
         if isinstance(obj, torch.Tensor):
             key = (obj.untyped_storage().data_ptr(), obj.storage_offset(), tuple(obj.shape))
-            if key not in seen:
-                seen.add(key)
-                total += obj.numel() * obj.element_size()
+            if key not in self.seen:
+                self.seen.add(key)
+                self.total += obj.numel() * obj.element_size()
         elif isinstance(obj, dict):
             for v in obj.values():
-                walk(v, depth + 1)
+                self(v, depth + 1)
         elif isinstance(obj, (list, tuple)):
             for v in obj:
-                walk(v, depth + 1)
-        elif hasattr(obj, "__dict__") and not isinstance(obj, torch.nn.Module):
+                self(v, depth + 1)
+        elif self.objects and hasattr(obj, "__dict__") and not isinstance(obj, torch.nn.Module):
             for v in vars(obj).values():
-                walk(v, depth + 1)
+                self(v, depth + 1)
 
+
+def state_bytes(transformer) -> int:
+    """Bytes of every tensor held in the state of the diffusers hooks on ``transformer`` (deduplicated)."""
+    walk = TensorBytes()
     from diffusers.hooks.hooks import StateManager
 
     for m in transformer.modules():
@@ -131,7 +138,7 @@ def state_bytes(transformer) -> int:
             for v in vars(hook).values():
                 if isinstance(v, StateManager):
                     walk(v._state_cache)
-    return total
+    return walk.total
 
 
 # --- FLUX.1-dev at 1024 x 1024 (4096 image + 512 text tokens), analytic --------------------------

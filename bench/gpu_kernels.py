@@ -249,6 +249,14 @@ def _parity(run: Run) -> None:
             run.log(f"PARITY FAIL {op} {dn(dtype)} k={k} {name}: err {err:.3g} allowed {allowed:.3g} "
                     f"finite={finite} rel. deviation from exact {dev_exact:.3g}")
 
+    def record_in_place(label, op, dtype, k, V, R, x, kw, dot_dt, tol_rel, loose_rel, what="out (gated, in place)"):
+        """The Triton reconstruct into x in place against the emulated and exact references."""
+        xk = x.clone()
+        if run.guard(f"parity {label}", lambda: reconstruct(V, R, backend="triton", x=xk, out=xk, **kw)) is not None:
+            emu = reconstruct_emulated(V, R, dot_dtype=dot_dt, x=x, **kw)
+            record(op, dtype, k, what, xk, emu, reconstruct_reference(V, R, x=x, **kw), tol_rel, _maxabs(emu),
+                   loose_rel)
+
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         # Smoke: run fp16 through the 16-bit (GPU) dot code path, so that the emulated-reference
         # checks the GPU run relies on are exercised too (the interpreter's fp16 dot is right).
@@ -315,13 +323,8 @@ def _parity(run: Run) -> None:
                 if bits == 8 and k != ks[-1]:  # int8 once per dtype (its load path has no k dependence)
                     continue
                 qkw = dict(terms=terms[:1], weights=(2.0,), dr_scale=2.0, gate=gate, dR_codes=qc, dR_scales=qs, dR_bits=bits)
-                xk = x.clone()
-                got = run.guard(f"parity reconstruct int{bits} dR {dn(dtype)} k={k}",
-                                lambda: reconstruct(V, R_, backend="triton", x=xk, out=xk, **qkw))
-                if got is not None:
-                    emu = reconstruct_emulated(V, R_, dot_dtype=dot_dt, x=x, **qkw)
-                    record(f"reconstruct int{bits} dR", dtype, k, "out (gated, in place)", xk, emu,
-                           reconstruct_reference(V, R_, x=x, **qkw), t16, _maxabs(emu), loose)
+                record_in_place(f"reconstruct int{bits} dR {dn(dtype)} k={k}", f"reconstruct int{bits} dR", dtype, k,
+                                V, R_, x, qkw, dot_dt, t16, loose)
         # one term, no epilogue, flat gate-less path into a new tensor; and the Gram update
         nk = dict(terms=terms[:1], weights=(1.0,))
         got = run.guard(f"parity reconstruct-reuse {dn(dtype)} k={k}", lambda: reconstruct(V, R_, backend="triton", **nk))
@@ -405,23 +408,13 @@ def _parity(run: Run) -> None:
                 x = rnd(*rs, dtype=dtype, scale=4.0)
                 gate = rnd(*B2, 6 * D2, dtype=dtype)[..., 2 * D2:3 * D2].unsqueeze(-2)
                 rkw = dict(terms=[D1], weights=(2.0,), gate=gate)
-                xk = x.clone()
-                got = run.guard(f"parity reconstruct 1 term+gate M={M2} k={k}",
-                                lambda: reconstruct(V, F, backend="triton", x=xk, out=xk, **rkw))
-                if got is not None:
-                    emu = reconstruct_emulated(V, F, dot_dtype=dot_dt, x=x, **rkw)
-                    record(f"reconstruct 1 term+gate M={M2}", dtype, k, "out (in place)", xk, emu,
-                           reconstruct_reference(V, F, x=x, **rkw), t16, _maxabs(emu), loose)
+                record_in_place(f"reconstruct 1 term+gate M={M2} k={k}", f"reconstruct 1 term+gate M={M2}", dtype, k,
+                                V, F, x, rkw, dot_dt, t16, loose, what="out (in place)")
                 # the default cached step (residual="int4"): the same plus the 4-bit dR read by the kernel
                 qc, qs = quantized(rnd(*rs, scale=0.3))[4]
                 qkw = dict(rkw, dr_scale=2.0, dR_codes=qc, dR_scales=qs, dR_bits=4)
-                xk = x.clone()
-                got = run.guard(f"parity reconstruct 1 term+gate+int4 M={M2} k={k}",
-                                lambda: reconstruct(V, F, backend="triton", x=xk, out=xk, **qkw))
-                if got is not None:
-                    emu = reconstruct_emulated(V, F, dot_dtype=dot_dt, x=x, **qkw)
-                    record(f"reconstruct 1 term+gate+int4 M={M2}", dtype, k, "out (in place)", xk, emu,
-                           reconstruct_reference(V, F, x=x, **qkw), t16, _maxabs(emu), loose)
+                record_in_place(f"reconstruct 1 term+gate+int4 M={M2} k={k}", f"reconstruct 1 term+gate+int4 M={M2}",
+                                dtype, k, V, F, x, qkw, dot_dt, t16, loose, what="out (in place)")
             del F, Fp, outs
             run.sync()
     tc.FORCE_DOT_FP32 = None
