@@ -50,19 +50,24 @@ def calibrate_reference(pipe, prompt=None, images=10, steps=50, tau=0.99, **kw):
 SELECT_INTERVALS = range(2, 11)
 
 
-def select_schedules(pipe, basis, steps=50, images=10, max_evals=8, progress=True):
-    """Closed-loop choice of the calibrated plans (default config and TaylorSeer o1) on the calibration set."""
+def select_schedules(pipe, basis, steps=50, images=10, max_evals=8, progress=True, shared_only=False):
+    """Closed-loop choice of the calibrated plans on the calibration set: the default config and
+    TaylorSeer o1, each with both guidance branches computed at every full step and with the
+    unconditional one shared (``uncond_interval=2``, families ``-u2``). ``shared_only``: the latter two."""
     from svdcache import SVDCacheConfig
     from svdcache.schedule import full_steps
     from svdcache.schedule_tuning import tune_schedule
 
     prompts, seeds = calibration_prompts(images)
     ms = sorted({len(full_steps(steps, interval=n, warmup=1)) for n in SELECT_INTERVALS})
+    ts = dict(space="full", predictor="taylor", order=1, warmup=1)
+    runs = [] if shared_only else [(SVDCacheConfig(uncond_interval=1), False), (SVDCacheConfig(**ts, uncond_interval=1), False)]
+    runs += [(SVDCacheConfig(uncond_interval=2), True), (SVDCacheConfig(**ts, uncond_interval=2), True)]
     out = {}
-    for cfg in (SVDCacheConfig(), SVDCacheConfig(space="full", predictor="taylor", order=1, warmup=1)):
-        out[cfg.space] = tune_schedule(
+    for cfg, shared in runs:
+        out[(cfg.space, shared)] = tune_schedule(
             pipe, basis, cfg, num_full_steps=ms, prompt=prompts, generator_seeds=seeds, num_inference_steps=steps,
-            max_evals=max_evals, progress=progress, output_type="pt", **CALL_KWARGS, **GUIDANCE)
+            max_evals=max_evals, progress=progress, cfg_pipeline=shared, output_type="pt", **CALL_KWARGS, **GUIDANCE)
     basis.meta["schedules"]["selected_on"] = f"calibration prompts, seeds {seeds[0]}..{seeds[-1]}"
     return out
 
@@ -75,8 +80,19 @@ def main(argv=None):
     ap.add_argument("--tau", type=float, default=0.99)
     ap.add_argument("--out", default=BASIS_PATH)
     ap.add_argument("--no-select", action="store_true", help="keep the DP plans (no closed-loop selection)")
+    ap.add_argument("--shared-only", action="store_true",
+                    help="keep the basis file's features and plain plans; select only the shared-branch (-u2) plans")
     args = ap.parse_args(argv)
     pipe = load_pipeline()
+    if args.shared_only:
+        from svdcache.basis import Basis
+
+        basis = Basis.load(args.out)
+        pipe.set_progress_bar_config(disable=True)
+        select_schedules(pipe, basis, args.steps, args.images, shared_only=True)
+        basis.save(args.out)
+        print(basis, "->", args.out)
+        return
     basis = calibrate_reference(pipe, args.prompt, args.images, args.steps, args.tau)
     if not args.no_select:
         pipe.set_progress_bar_config(disable=True)

@@ -37,6 +37,9 @@ from svdcache.schedule import full_steps
 
 RESULTS = os.path.join(common.ROOT, "bench", "results")
 INTERVALS = [3, 5, 8, 10]  # FLOPs ratios from below 3x to above 7x
+# sharing the unconditional branch (uncond_interval=2) makes a full step cost 1.5 calls instead of 2:
+# intervals 2..7 span the same ratios
+SHARED_INTERVALS = [2, 3, 4, 5, 6, 7]
 # diffusers' TaylorSeerCacheConfig hooks only attention modules by default (the MLPs still run every
 # step); this set also hooks the double blocks' MLPs and the single blocks' MLP input projection
 DIFFUSERS_TS_MODULES = [r"^transformer_blocks\.\d+\.(attn|ff|ff_context)$", r"^single_transformer_blocks\.\d+\.(attn|proj_mlp)$"]
@@ -50,8 +53,9 @@ WARMUP = 3
 def svd_cfg(**kw) -> dict:
     # the families name their subspace: the paper's feature subspace unless they say "change"
     # and the paper's residual reuse and uniform schedule unless they say otherwise
+    # and both guidance branches computed at every full step (the peers do that)
     return dict(kind="svdcache", cfg={"warmup": WARMUP, "subspace": "feature", "residual": "reuse",
-                                      "schedule": "uniform", **kw})
+                                      "schedule": "uniform", "uncond_interval": 1, **kw})
 
 
 def method_list(quick: bool = False, with_threshold_caches: bool = False, with_cache_dit: bool = False) -> list[dict]:
@@ -72,9 +76,9 @@ def method_list(quick: bool = False, with_threshold_caches: bool = False, with_c
                 **svd_cfg(interval=n, space="full", predictor="taylor", order=1, warmup=w))
         add(f"TaylorSeer-o1 cal N={n}", "TaylorSeer o1 (full space), calibrated schedule", setting=n,
             **svd_cfg(interval=n, space="full", predictor="taylor", order=1, warmup=1, schedule="calibrated"))
-        # -- SVD-Cache: the default (no settings but the interval), then the pieces it is made of
-        add(f"SVD default N={n}", "SVD-Cache default (taylor1 + int4 residual, change tau.7, calibrated schedule)",
-            setting=n, kind="svdcache", cfg={"interval": n})
+        # -- SVD-Cache: the pieces the default is made of (both guidance branches at every full step)
+        add(f"SVD default u1 N={n}", "SVD-Cache default but both branches every full step (uncond_interval=1)",
+            setting=n, kind="svdcache", cfg={"interval": n, "uncond_interval": 1})
         add(f"SVD paper EMA tau.85 N={n}", "SVD-Cache paper (EMA, tau .85)", setting=n,
             **svd_cfg(interval=n, predictor="ema", tau=0.85))
         add(f"SVD taylor1 change tau.85 w3 N={n}", "SVD-Cache taylor1, change tau.85, warmup 3 (previous default)",
@@ -82,8 +86,6 @@ def method_list(quick: bool = False, with_threshold_caches: bool = False, with_c
         add(f"SVD taylor1 change tau.85 cal N={n}", "SVD-Cache taylor1, change tau.85, calibrated schedule",
             setting=n, **svd_cfg(interval=n, predictor="taylor", order=1, subspace="change", tau=0.85, warmup=1,
                                  schedule="calibrated"))
-        add(f"SVD default uniform N={n}", "SVD-Cache default, uniform schedule (warmup 1)",
-            setting=n, kind="svdcache", cfg={"interval": n, "schedule": "uniform"})
         # -- diffusers' TaylorSeerCache: its defaults (attention only, 3 warm-up steps) and at its best
         # (attention and MLPs hooked, caching from step 1), orders 1 and 2
         add(f"diffusers TaylorSeer o1 N={n}", "diffusers TaylorSeerCache o1 (defaults)",
@@ -92,6 +94,16 @@ def method_list(quick: bool = False, with_threshold_caches: bool = False, with_c
             add(f"diffusers TaylorSeer o{o} best N={n}", f"diffusers TaylorSeerCache o{o}, whole blocks, from step 1",
                 kind="diffusers_taylorseer", setting=n, interval=n, order=o, identifiers=DIFFUSERS_TS_BLOCKS,
                 before=1)
+    for n in ([2, 4, 6] if quick else SHARED_INTERVALS):
+        # -- the default (no settings but the interval): the unconditional branch shared, calibrated schedule
+        add(f"SVD default N={n}", "SVD-Cache default (taylor1 + int4 residual, change tau.7, uncond shared, "
+            "calibrated schedule)", setting=n, kind="svdcache", cfg={"interval": n})
+        add(f"SVD default uniform N={n}", "SVD-Cache default, uniform schedule (warmup 1)",
+            setting=n, kind="svdcache", cfg={"interval": n, "schedule": "uniform"})
+        # what the sharing gives a full-space TaylorSeer in this runtime (schedule selected the same way)
+        add(f"TaylorSeer-o1 cal u2 N={n}", "TaylorSeer o1 (full space) + uncond shared, calibrated schedule",
+            setting=n, **svd_cfg(interval=n, space="full", predictor="taylor", order=1, warmup=1,
+                                 schedule="calibrated", uncond_interval=2))
     if with_cache_dit:  # cache-dit from PyPI (optional): --cache-dit; its settings live in cachedit_peer.py
         import cachedit_peer
 

@@ -38,6 +38,14 @@ class SVDCacheConfig:
             or ``num_full_steps``; uniform with a warning where the basis has none or the step count
             differs from the calibrated one), or a list of the full-step indices.
         num_full_steps: with a calibrated schedule, the number of full steps per generation.
+        uncond_interval: with true classifier-free guidance (the pipeline calls the transformer in
+            the cache contexts "cond" and "uncond" each step), the unconditional branch is computed
+            only at every ``uncond_interval``-th full step of the conditional one; at the others it
+            is forecast as the conditional branch's features of that step plus their difference's
+            forecast (see :mod:`svdcache.guidance`). 1 computes both branches at every full step. With
+            2 (default) a full step costs 1.5 transformer calls instead of 2 on average, so the FLOPs
+            ratio at a given ``interval`` is about 4/3 of it; pipelines with one call per step
+            (FLUX.1-dev's distilled guidance) are not affected.
 
     What is cached
         granularity: "module" (FLUX: pre-gate attention / MLP / proj_out outputs, gates recomputed on
@@ -99,6 +107,7 @@ class SVDCacheConfig:
     num_inference_steps: int | None = None
     schedule: str | tuple = "auto"
     num_full_steps: int | None = None
+    uncond_interval: int = 2
     granularity: str = "auto"
     space: str = "svd"
     predictor: str = "taylor"
@@ -152,6 +161,8 @@ class SVDCacheConfig:
             self.schedule = tuple(sorted(set(steps)))
         if self.num_full_steps is not None and (int(self.num_full_steps) != self.num_full_steps or self.num_full_steps < 1):
             raise ValueError(f"SVDCacheConfig.num_full_steps must be an integer >= 1, got {self.num_full_steps!r}")
+        if int(self.uncond_interval) != self.uncond_interval or self.uncond_interval < 1:
+            raise ValueError(f"SVDCacheConfig.uncond_interval must be an integer >= 1, got {self.uncond_interval!r}")
         if self.tail < 0:
             raise ValueError(f"SVDCacheConfig.tail must be >= 0, got {self.tail}")
         if self.order not in (1, 2):
@@ -200,14 +211,19 @@ class SVDCacheConfig:
             name = f"SVD[{p}|R:{r}|{k}{sub}]"
         sched = {"uniform": "", "auto": " auto", "calibrated": " cal"}.get(self.schedule, " explicit") if isinstance(
             self.schedule, str) else " explicit"
-        return f"{name} N={self.interval}{sched}"
+        share = f" U{self.uncond_interval}" if self.uncond_interval > 1 else ""
+        return f"{name} N={self.interval}{sched}{share}"
 
 
 def fora(interval: int = 5, **kw) -> SVDCacheConfig:
-    """FORA: reuse the whole cached feature (full space)."""
+    """FORA: reuse the whole cached feature (full space); both guidance branches computed at every
+    full step, as FORA does (pass ``uncond_interval`` to share them)."""
+    kw.setdefault("uncond_interval", 1)
     return SVDCacheConfig(interval=interval, space="full", predictor="reuse", **kw)
 
 
 def taylorseer(interval: int = 5, order: int = 1, **kw) -> SVDCacheConfig:
-    """TaylorSeer: Taylor forecast of the whole feature (full space), divided differences."""
+    """TaylorSeer: Taylor forecast of the whole feature (full space), divided differences; both
+    guidance branches computed at every full step, as TaylorSeer does."""
+    kw.setdefault("uncond_interval", 1)
     return SVDCacheConfig(interval=interval, space="full", predictor="taylor", order=order, **kw)

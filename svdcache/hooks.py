@@ -14,6 +14,7 @@ from diffusers.hooks import ModelHook
 
 from .config import SVDCacheConfig
 from .distributed import plain_feature, reduce_partial, sees_shards
+from . import guidance
 from .flops import count_flops
 from .guards import CONTINUATION_TOL, concurrent_use_error, continuation_residual, refuse_foreign_cache
 from .predictors import SubspaceCache, make_feature_cache
@@ -170,6 +171,7 @@ class SVDCacheHook(ModelHook):
         self.last = RunStats()  # the last finished generation
         self.cur = RunStats()  # the generation in progress (all contexts)
         self._cur_contexts: set[str] = set()
+        self._shares = False
         self.generations = 0
         self.bases = {n: basis.subspace(config.subspace)[n] for n in feature_dims} if basis else {}
         self.ranks = {n: fb.rank(config.tau, config.rank) for n, fb in self.bases.items()}
@@ -228,6 +230,7 @@ class SVDCacheHook(ModelHook):
             self.generations += 1
         self.cur = RunStats()
         self._cur_contexts = set()
+        self._shares = False  # the unconditional branch found the conditional one this generation (guidance)
 
     def _start_generation(self, st: ContextState, ctx_name: str) -> None:
         """A context starts a generation; when one that already took part in the current generation
@@ -309,8 +312,13 @@ class SVDCacheHook(ModelHook):
             st.t = t_raw
         else:
             st.t = float(st.step)
-        full = self.schedule.is_full(st.step, num_steps)
+        # a run that shares the unconditional branch (it has appeared in this generation) has its own plans
+        shared = cfg.uncond_interval > 1 and self._shares
+        full = self.schedule.is_full(st.step, num_steps, shared)
         st.mode = "full" if (full or not st.ready) else "cached"
+        st.shared = False
+        if cfg.uncond_interval > 1:  # true CFG: the unconditional branch from the conditional one
+            guidance.decide(self, st, ctx.name)
         st.updated = set()
         st.call_cache_flops = 0
         st.call_torch_flops = 0  # the share of call_cache_flops that ran as PyTorch ops on the Triton backend
@@ -453,6 +461,7 @@ class SVDCacheHook(ModelHook):
                 o = o if check else None
                 if o is None or bool(torch.isfinite(o).all()):
                     self.cur.cached_steps += 1
+                    self.cur.shared_steps += st.shared
                     self._account(st)
                     self._track(st, out)
                     return out
@@ -589,10 +598,17 @@ class SVDCacheHook(ModelHook):
 
     def _update(self, st: ContextState, name: str, F: torch.Tensor, t: float) -> None:
         fc = st.features.get(name)
+        relative = False
+        if st.partner is not None or getattr(fc, "relative", False):
+            # the unconditional branch (guidance): the difference to the conditional feature of the step
+            F, relative = guidance.difference(st, name, F)
+            if fc is not None and fc.relative != relative:
+                fc = None  # one form per history: the other starts over
         if fc is None:
             V = self._basis_V(name, F) if self.cfg.space == "svd" else None
             fc = st.features[name] = make_feature_cache(name, self.cfg, V, self.gains.get(name), self._bits.get(name))
             fc.plans = self._plans.setdefault(name, {})  # validated kernel calls outlive a generation
+            fc.relative = relative
         elif isinstance(fc, SubspaceCache) and (fc.V.dtype != F.dtype or fc.V.device != F.device):
             fc.V = self._basis_V(name, F)
         try:
@@ -634,6 +650,14 @@ class SVDCacheHook(ModelHook):
                 x = out.copy_(x)  # broadcast into the output buffer, then in place
             else:
                 x = x.expand(fc.shape).contiguous()
+        if fc.relative:  # the unconditional branch: F_cond of the step + D_hat
+            xc, flops = guidance.base_input(st, name, fc, x, gate, out)
+            if xc is None:
+                raise RuntimeError(f"svdcache: the conditional branch holds no feature {name!r} for this step")
+            if x is None:
+                gate = out = None
+            x = xc
+            st.call_cache_flops += flops
         res = fc.forecast(st.t, x=x, gate=gate, out=out)
         st.call_cache_flops += fc.forecast_flops
         return res

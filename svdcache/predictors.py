@@ -49,6 +49,7 @@ class FeatureCache:
         self.feature_nbytes = 0  # one copy of the feature: the unit of cache memory
         self.update_flops = self.forecast_flops = 0  # the cache's own FLOPs of the last update / forecast
         self.plans: dict = {}  # prepared kernel calls by layout; the runtime shares one dict per feature
+        self.relative = False  # holds F - F_cond of the step (the unconditional branch, svdcache.guidance)
 
     @property
     def n(self) -> int:

@@ -34,8 +34,10 @@ class Schedule:
         self.cfg = cfg
         self.explicit = None if isinstance(cfg.schedule, str) else frozenset(int(s) for s in cfg.schedule)
         self.plans: dict[str, list[int]] = {}
+        self.shared_plans: dict[str, list[int]] = {}  # for runs that share the unconditional branch
         self.num_steps = None
         self.family = family_key(cfg.space, cfg.predictor, cfg.order, cfg.residual)
+        self.shared_family = family_key(cfg.space, cfg.predictor, cfg.order, cfg.residual, cfg.uncond_interval)
         self._warned: set[str] = set()
         self._resolved: dict[int | None, frozenset | None] = {}
         if cfg.schedule in ("calibrated", "auto"):
@@ -43,6 +45,7 @@ class Schedule:
             check_schedules(entry or None)
             plans = entry.get("plans", {})
             self.plans = plans.get(self.family) or {}
+            self.shared_plans = plans.get(self.shared_family) or {} if self.shared_family != self.family else {}
             self.num_steps = entry.get("num_steps")
             if not self.plans and cfg.schedule == "calibrated":
                 why = "the cache has no basis file" if basis is None else (
@@ -59,14 +62,19 @@ class Schedule:
         c = self.cfg
         return full_steps(num_steps, interval=c.interval, warmup=c.warmup, tail=c.tail)
 
-    def full_set(self, num_steps: int | None) -> frozenset | None:
-        """The full steps of a run of ``num_steps`` steps, or None for the uniform rule."""
-        if num_steps in self._resolved:
-            return self._resolved[num_steps]
+    def full_set(self, num_steps: int | None, shared: bool = False) -> frozenset | None:
+        """The full steps of a run of ``num_steps`` steps, or None for the uniform rule. ``shared``: the
+        run shares the unconditional branch (true CFG, ``uncond_interval`` > 1): the basis's plans of
+        that family where it has them, else the uniform rule (plans made for two calls per full step
+        placed the shared run worse on the development set at 25 full steps of 50)."""
+        key = (num_steps, shared)
+        if key in self._resolved:
+            return self._resolved[key]
         res = None
+        plans = self.shared_plans if shared else self.plans
         if self.explicit is not None:
             res = self.explicit
-        elif self.plans:
+        elif plans:
             strict = self.cfg.schedule == "calibrated"  # "auto" falls back to uniform without a word
             if num_steps is None:
                 if strict:
@@ -78,18 +86,18 @@ class Schedule:
                                f"steps, this run has {num_steps}; using the uniform schedule")
             elif self.cfg.interval > 1 or self.cfg.num_full_steps:
                 m = self.cfg.num_full_steps or len(self.uniform(num_steps))
-                plan = self.plans.get(str(m))
+                plan = plans.get(str(m))
                 if plan is None:  # another M would change the compute asked for: keep the uniform rule
                     if strict:
                         self._warn(f"m{m}", f"svdcache: the basis has no calibrated schedule with {m} full steps "
-                                   f"(it has {sorted(int(k) for k in self.plans)}); using the uniform schedule")
+                                   f"(it has {sorted(int(k) for k in plans)}); using the uniform schedule")
                 else:
                     res = frozenset(int(s) for s in plan)
-        self._resolved[num_steps] = res
+        self._resolved[key] = res
         return res
 
-    def is_full(self, step: int, num_steps: int | None) -> bool:
-        fs = self.full_set(num_steps)
+    def is_full(self, step: int, num_steps: int | None, shared: bool = False) -> bool:
+        fs = self.full_set(num_steps, shared)
         if fs is None:
             c = self.cfg
             return is_full_step(step, interval=c.interval, warmup=c.warmup, tail=c.tail, num_steps=num_steps)

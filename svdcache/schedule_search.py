@@ -25,15 +25,19 @@ import torch
 FAMILIES = ("svd-taylor1", "full-taylor1", "full-reuse")
 
 
-def family_key(space: str, predictor: str, order: int, residual: str = "reuse") -> str:
+def family_key(space: str, predictor: str, order: int, residual: str = "reuse", uncond_interval: int = 1) -> str:
     """The calibrated-schedule family a configuration uses (order 2 uses the order-1 placement; the kept
     residual variants use the SVD family's: on the development set it did better for them than the
-    full-space plan at interval 8 (+1.8 dB) and 0.3 dB worse at 5)."""
+    full-space plan at interval 8 (+1.8 dB) and 0.3 dB worse at 5). Runs that share the unconditional
+    branch (``uncond_interval`` m > 1, true CFG) have their own plans, suffix ``-u{m}``: a full step
+    costs less there and the best placement differs."""
     if predictor == "reuse":
-        return f"{space}-reuse" if space == "full" else "full-reuse"
-    if predictor == "taylor":
-        return f"{space}-taylor1"
-    return f"{space}-{predictor}"
+        fam = f"{space}-reuse" if space == "full" else "full-reuse"
+    elif predictor == "taylor":
+        fam = f"{space}-taylor1"
+    else:
+        fam = f"{space}-{predictor}"
+    return fam if uncond_interval <= 1 else f"{fam}-u{uncond_interval}"
 
 
 def trajectory_grams(traj: dict[int, torch.Tensor], V: torch.Tensor | None):

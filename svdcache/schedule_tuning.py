@@ -73,21 +73,24 @@ def candidates(num_steps: int, m: int, dp_plan=None) -> list[list[int]]:
 
 def tune_schedule(target, basis, config=None, *, num_full_steps, prompt, num_inference_steps: int = 50,
                   generator_seeds=(0,), max_evals: int = 8, local_moves: bool = False, progress: bool = True,
-                  **pipe_kwargs):
+                  cfg_pipeline: bool = False, **pipe_kwargs):
     """Tune the calibrated schedule of ``config``'s family for each M in ``num_full_steps`` on ``prompt``
     (a string or list) and the seeds ``generator_seeds`` (one per image), in place in ``basis``: at most
     ``max_evals`` candidate placements per M (:func:`candidates`), then single-step moves if
     ``local_moves``. The error is the relative L2 error of the output against the uncached one.
 
     ``target`` is the pipeline the basis was calibrated on; ``pipe_kwargs`` go to every call (use
-    ``output_type="latent"`` or ``"pt"``). Returns {M: (steps, relative output error)}."""
+    ``output_type="latent"`` or ``"pt"``). ``cfg_pipeline``: the calls run true CFG (cond / uncond
+    contexts), so the plans are stored for the shared-branch family of ``config.uncond_interval``.
+    Returns {M: (steps, relative output error)}."""
     from tqdm.auto import tqdm
 
     from . import disable, enable
     from .config import SVDCacheConfig
 
     cfg = (config or SVDCacheConfig()).replace(schedule="uniform")
-    fam = family_key(cfg.space, cfg.predictor, cfg.order, cfg.residual)
+    # a pipeline with true CFG runs the shared-branch family (its own plans); one without, the plain one
+    fam = family_key(cfg.space, cfg.predictor, cfg.order, cfg.residual, cfg.uncond_interval if cfg_pipeline else 1)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     seeds = list(generator_seeds)
     if len(seeds) == 1 and len(prompts) > 1:

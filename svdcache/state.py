@@ -37,6 +37,9 @@ class ContextState(BaseState):
         self.traj_x = None  # bare loop: the last input and outputs, to tell a continuation from a restart
         self.traj_out: list = []
         self.call_cache_flops = 0
+        self.last_full = -1  # step index of this context's last full call
+        self.full_calls = 0  # full calls so far in this generation
+        self.partner = None  # the conditional branch's state, while the unconditional one runs (guidance)
 
     def new_generation(self) -> None:
         self.features = {}

@@ -13,6 +13,7 @@ class RunStats:
     full_steps: int = 0
     cached_steps: int = 0
     fallbacks: int = 0  # cached calls recomputed in full (non-finite forecast, missing state)
+    shared_steps: int = 0  # cached unconditional calls at a full step of the conditional branch (guidance)
     flops: int = 0
     flops_uncached: int = 0
     cache_op_flops: int = 0

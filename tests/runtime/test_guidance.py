@@ -1,0 +1,196 @@
+"""True CFG: the unconditional branch computed at every m-th full step of the conditional one and
+forecast from it in between (svdcache.guidance)."""
+import pytest
+import torch
+
+import svdcache
+from svdcache.schedule import full_steps
+
+from flux_helpers import run_pipe
+
+CFG = dict(negative_prompt="the number 2", true_cfg_scale=3.0)
+STEPS = 12
+
+
+@pytest.fixture(autouse=True)
+def _clean(tiny_pipe):
+    svdcache.disable(tiny_pipe)
+    yield
+    svdcache.disable(tiny_pipe)
+
+
+@pytest.fixture(scope="module")
+def basis(tiny_pipe):
+    return svdcache.calibrate(tiny_pipe, prompt="a handwritten digit three", num_inference_steps=STEPS,
+                              height=32, width=32, max_sequence_length=16, progress=False)
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+class Spy:
+    """Per transformer call: the cache context, the step, and whether attention ran (a full call)."""
+
+    def __init__(self, pipe):
+        self.calls = []
+        tr = pipe.transformer
+        self._ctx = None
+        self.handles = [tr.transformer_blocks[0].attn.register_forward_pre_hook(self._attn)]
+        self._orig = tr.forward
+        hook = tr._diffusers_hook.get_hook("svdcache")
+        sm = hook.state_manager
+
+        def fwd(*a, **k):
+            self.calls.append([sm.context.name, False])
+            return self._orig(*a, **k)
+        tr.forward = fwd
+        self.tr = tr
+
+    def _attn(self, m, args):
+        if self.calls:
+            self.calls[-1][1] = True
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        self.tr.forward = self._orig
+
+    def full(self, ctx):
+        return [i for i, (c, f) in enumerate([c for c in self.calls if c[0] == ctx]) if f]
+
+
+@pytest.mark.parametrize("space", ["svd", "full"])
+def test_uncond_computed_at_every_second_full_step(tiny_pipe, basis, space):
+    svdcache.enable(tiny_pipe, basis=basis, interval=3, warmup=1, space=space, uncond_interval=2,
+                    schedule="uniform")
+    spy = Spy(tiny_pipe)
+    try:
+        run_pipe(tiny_pipe, steps=STEPS, **CFG)
+    finally:
+        spy.remove()
+    cond_full = full_steps(STEPS, interval=3, warmup=1)  # 0, 3, 6, 9
+    assert spy.full("cond") == cond_full
+    assert spy.full("uncond") == cond_full[::2]  # 0, 6: attention skipped at 3 and 9
+    st = svdcache.stats(tiny_pipe).last_generation
+    assert st.shared_steps == len(cond_full) - len(cond_full[::2])
+    assert (st.full_steps, st.cached_steps) == (6, 2 * STEPS - 6)
+
+
+def test_cond_branch_unchanged_and_uncond_close(tiny_pipe, basis):
+    """Sharing changes nothing in the conditional branch; the guided images stay within the
+    cache's own error of the uncached ones (a stale unconditional forecast is several times worse:
+    test_stale_uncond_is_worse)."""
+    ref = run_pipe(tiny_pipe, steps=STEPS, **CFG)
+    outs = {}
+    for m in (1, 2):
+        svdcache.enable(tiny_pipe, basis=basis, interval=2, warmup=1, uncond_interval=m, schedule="uniform")
+        outs[m] = run_pipe(tiny_pipe, steps=STEPS, **CFG)
+        svdcache.disable(tiny_pipe)
+    # same conditional branch, same images without guidance's second call: compare cond-only runs
+    svdcache.enable(tiny_pipe, basis=basis, interval=2, warmup=1, uncond_interval=2, schedule="uniform")
+    a = run_pipe(tiny_pipe, steps=STEPS)
+    svdcache.disable(tiny_pipe)
+    svdcache.enable(tiny_pipe, basis=basis, interval=2, warmup=1, uncond_interval=1, schedule="uniform")
+    b = run_pipe(tiny_pipe, steps=STEPS)
+    assert torch.equal(a, b)  # no uncond context: nothing is shared
+    assert _rel(outs[2], ref) < 2 * _rel(outs[1], ref) + 1e-3
+
+
+def test_identical_branches_share_exactly(tiny_pipe, basis):
+    """With the same prompt in both branches the difference D is zero: at a shared step the
+    unconditional forecast must equal the conditional features of that step, so the guided image
+    equals the unguided one of the same cache (a forecast of stale unconditional features would not)."""
+    kw = dict(negative_prompt="a handwritten digit seven", true_cfg_scale=3.0)
+    svdcache.enable(tiny_pipe, basis=basis, interval=2, warmup=1, uncond_interval=2, schedule="uniform")
+    guided = run_pipe(tiny_pipe, steps=STEPS, **kw)
+    assert svdcache.stats(tiny_pipe).last_generation.shared_steps > 0
+    svdcache.disable(tiny_pipe)
+    svdcache.enable(tiny_pipe, basis=basis, interval=2, warmup=1, uncond_interval=2, schedule="uniform")
+    plain = run_pipe(tiny_pipe, steps=STEPS)
+    # cfg with equal branches: cond + s (cond - uncond) = cond up to rounding
+    assert _rel(guided, plain) < 1e-4
+
+
+def test_stale_uncond_is_worse(tiny_pipe, basis, monkeypatch):
+    """The test above can fail: forecasting the unconditional branch from its own stale state at the
+    shared steps (no conditional base) moves the identical-branch image well away."""
+    from svdcache import guidance
+
+    kw = dict(negative_prompt="a handwritten digit seven", true_cfg_scale=3.0)
+    svdcache.enable(tiny_pipe, basis=basis, interval=2, warmup=1, uncond_interval=2, schedule="uniform")
+    plain = run_pipe(tiny_pipe, steps=STEPS)
+    svdcache.disable(tiny_pipe)
+    # the unconditional branch forecast from its own (older) full steps alone: F held as it is, no base
+    monkeypatch.setattr(guidance, "difference", lambda st, name, F: (F, True))
+    monkeypatch.setattr(guidance, "base_input", lambda st, name, fc, x, gate, out: (x, 0))
+    svdcache.enable(tiny_pipe, basis=basis, interval=2, warmup=1, uncond_interval=2, schedule="uniform")
+    stale = run_pipe(tiny_pipe, steps=STEPS, **kw)
+    assert svdcache.stats(tiny_pipe).last_generation.shared_steps > 0
+    assert _rel(stale, plain) > 1e-3
+
+
+def test_uncond_first_is_not_shared(tiny_pipe, basis):
+    """A loop that calls the unconditional branch first: nothing is shared, same result as m=1."""
+    from svdcache.embedded.build import build_pipeline  # noqa: F401  (the fixture's pipeline)
+
+    tr = tiny_pipe.transformer
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 64, tr.config.in_channels, generator=g)
+    e = {c: torch.randn(1, 16, tr.config.joint_attention_dim, generator=g) for c in ("cond", "uncond")}
+    p = torch.randn(1, tr.config.pooled_projection_dim, generator=g)
+    ids_i, ids_t = torch.zeros(64, 3), torch.zeros(16, 3)
+
+    def loop():
+        h = x.clone()
+        for i in range(STEPS):
+            out = {}
+            for c in ("uncond", "cond"):
+                with tr.cache_context(c):
+                    out[c] = tr(hidden_states=h, encoder_hidden_states=e[c], pooled_projections=p,
+                                timestep=torch.full((1,), 1.0 - i / STEPS), img_ids=ids_i, txt_ids=ids_t,
+                                return_dict=False)[0]
+            h = h - (out["uncond"] + 2 * (out["cond"] - out["uncond"])) / STEPS
+        return h
+
+    res = {}
+    for m in (1, 2):
+        svdcache.enable(tr, basis=basis, interval=2, warmup=1, uncond_interval=m, num_inference_steps=STEPS)
+        res[m] = loop()
+        assert svdcache.stats(tr).last_generation.shared_steps == 0
+        svdcache.disable(tr)
+    assert torch.equal(res[1], res[2])
+
+
+def test_bad_uncond_interval():
+    with pytest.raises(ValueError, match="uncond_interval"):
+        svdcache.SVDCacheConfig(uncond_interval=0)
+    with pytest.raises(ValueError, match="uncond_interval"):
+        svdcache.SVDCacheConfig(uncond_interval=1.5)
+
+
+def test_shared_runs_use_their_own_plans(tiny_pipe, basis):
+    """A run that shares the unconditional branch reads the basis's "-u2" plans; one without guidance
+    the plain family's."""
+    import copy
+
+    from svdcache.schedule_search import family_key
+
+    b = copy.deepcopy(basis)
+    plans = b.meta.setdefault("schedules", {"num_steps": STEPS, "plans": {}}).setdefault("plans", {})
+    m = len(full_steps(STEPS, interval=3, warmup=1))
+    shared_plan = [0, 2, 5, 10]
+    plans[family_key("svd", "taylor", 1, "int4", 2)] = {str(m): shared_plan}
+    plain = plans.get(family_key("svd", "taylor", 1, "int4"), {}).get(str(m)) or full_steps(STEPS, interval=3, warmup=1)
+    assert plain != shared_plan
+    for kw, want in ((CFG, shared_plan), ({}, plain)):
+        svdcache.enable(tiny_pipe, basis=b, interval=3, uncond_interval=2)
+        spy = Spy(tiny_pipe)
+        try:
+            run_pipe(tiny_pipe, steps=STEPS, **kw)
+        finally:
+            spy.remove()
+        svdcache.disable(tiny_pipe)
+        assert spy.full("cond") == want
+        if kw:
+            assert spy.full("uncond") == want[::2]
