@@ -33,8 +33,8 @@ def decide(hook, st, ctx_name: str) -> None:
     if m <= 1 or ctx_name != SECONDARY:
         return
     p = hook.state_manager._state_cache.get(PRIMARY)
-    if p is None or p.step != st.step or not p.ready or p.signature != st.signature:
-        return  # the conditional branch did not run this step first (or not with this input layout)
+    if p is None or p.step != st.step or not p.ready or _latent(p.signature) != _latent(st.signature):
+        return  # the conditional branch did not run this step first (or not on a latent of this layout)
     st.partner = p
     hook._shares = True  # from the next step on, the schedule of a shared run (its own plans)
     if st.mode != "full" or not st.ready or p.last_full != st.step:
@@ -44,6 +44,11 @@ def decide(hook, st, ctx_name: str) -> None:
     if st.features and all(getattr(fc, "relative", False) or fc is None for fc in st.features.values()):
         st.mode = "cached"
         st.shared = True
+
+
+def _latent(sig):
+    # (shape, dtype, device) of hidden_states: the text stream may differ (a batch-1 negative prompt)
+    return None if sig is None else (sig[0], sig[2], sig[3])
 
 
 def difference(st, name: str, F):

@@ -194,3 +194,14 @@ def test_shared_runs_use_their_own_plans(tiny_pipe, basis):
         assert spy.full("cond") == want
         if kw:
             assert spy.full("uncond") == want[::2]
+
+
+def test_batch_with_one_negative_prompt_is_shared(tiny_pipe, basis):
+    """Two prompts, one negative prompt: the unconditional text stream enters with batch 1, the
+    latent with batch 2; the branches are still shared (the text features where their shapes match)."""
+    svdcache.enable(tiny_pipe, basis=basis, interval=2, warmup=1, uncond_interval=2, schedule="uniform")
+    g = [torch.Generator().manual_seed(s) for s in (0, 1)]
+    out = tiny_pipe(["a handwritten digit seven", "a handwritten digit one"], num_inference_steps=STEPS, generator=g,
+                    height=32, width=32, max_sequence_length=16, output_type="pt", **CFG).images
+    assert torch.isfinite(out).all()
+    assert svdcache.stats(tiny_pipe).last_generation.shared_steps > 0
