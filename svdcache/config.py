@@ -18,8 +18,9 @@ class SVDCacheConfig:
     """How SVD-Cache runs. The defaults were chosen on a development set of the embedded model
     (prompts and seeds outside the benchmark's; bench/results/fidelity.md has the evaluated table):
     Taylor order 1 in the principal subspace of the feature changes at tau 0.7 with the rest of the
-    change kept at 4 bits (``residual="int4"``), one warm-up step, and the basis's calibrated
-    schedule where it has one. Cache memory is per model and dtype: 1 + k/D + 1/8 copies of fp32
+    change kept at 4 bits (``residual="int4"``), one warm-up step, the basis's calibrated schedule
+    where it has one, and with true classifier-free guidance the unconditional branch computed at
+    every second full step only (``uncond_interval=2``, the largest single gain). Cache memory is per model and dtype: 1 + k/D + 1/8 copies of fp32
     features (1.17 measured on the embedded model), 1 + 2k/D + 1/4 of bf16 ones; ``stats`` reports
     it. Order 2
     and the paper's EMA measured worse; ``subspace="feature"`` is the paper's subspace,
