@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from svdcache_kernels.ops.reconstruct.reference import dequantize_codes
+
 from .predictors import SubspaceCache, _nbytes, newton_weights
 
 
@@ -38,24 +40,9 @@ def quantize_rows(r: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.T
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, D: int, bits: int = 8) -> torch.Tensor:
-    """fp32 values of :func:`quantize_rows`' output, last dim ``D``. (A cached step does not call this:
-    ``reconstruct`` reads the codes and scales itself, ``dR_codes`` / ``dR_scales``.)"""
-    if bits == 8:
-        return q.float() * scale
-    # one gather through a 256 x 2 table of the byte's two values: a few ops per cached step, not ten
-    v = _nibble_table(q.device).index_select(0, q.reshape(-1).int()).view(*q.shape[:-1], -1)[..., :D]
-    return v * scale
-
-
-_TABLES: dict = {}
-
-
-def _nibble_table(device) -> torch.Tensor:
-    t = _TABLES.get(device)
-    if t is None:
-        b = torch.arange(256)
-        t = _TABLES[device] = torch.stack([(b & 0xF) - 8, (b >> 4) - 8], dim=1).float().to(device)
-    return t
+    """fp32 values of :func:`quantize_rows`' output, last dim ``D`` (the kernels' reference decoding). A
+    cached step does not call this: ``reconstruct`` reads the codes and scales itself."""
+    return dequantize_codes(q, scale, D, bits)
 
 
 class QuantizedResidualCache(SubspaceCache):
