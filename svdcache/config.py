@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 DEFAULT_TAU = 0.85  # residual reused: k carries the forecast
-DEFAULT_TAU_KEPT_RESIDUAL = 0.3  # residual difference kept (int4 / int8)
+DEFAULT_TAU_KEPT_RESIDUAL = 0.7  # residual difference kept (int4 / int8)
 SPACES = ("svd", "full")
 SUBSPACES = ("feature", "change")
 PREDICTORS = ("taylor", "ema", "reuse")
@@ -17,11 +17,11 @@ TIME_AXES = ("step", "timestep")
 class SVDCacheConfig:
     """How SVD-Cache runs. The defaults were chosen on a development set of the embedded model
     (prompts and seeds outside the benchmark's; bench/results/fidelity.md has the evaluated table):
-    Taylor order 1 in the principal subspace of the feature changes at tau 0.3 with the rest of the
+    Taylor order 1 in the principal subspace of the feature changes at tau 0.7 with the rest of the
     change kept at 4 bits (``residual="int4"``), one warm-up step, the basis's calibrated schedule
     where it has one, and with true classifier-free guidance the unconditional branch computed at
     every second full step only (``uncond_interval=2``, the largest single gain). Cache memory is per model and dtype: 1 + k/D + 1/8 copies of fp32
-    features (1.15 measured on the embedded model), 1 + 2k/D + 1/4 of bf16 ones; ``stats`` reports
+    features (1.17 measured on the embedded model), 1 + 2k/D + 1/4 of bf16 ones; ``stats`` reports
     it. Order 2
     and the paper's EMA measured worse; ``subspace="feature"`` is the paper's subspace,
     ``residual="reuse"`` its residual (about one copy, 3-7 dB lower there).
@@ -78,12 +78,10 @@ class SVDCacheConfig:
             principal subspace of their step-to-step changes F_t - F_t-1: what the forecast has to
             carry; the residual then holds what barely moves). Both come from the same calibration.
         tau: energy threshold choosing k per feature (eq. 6, on the energy of that subspace's data);
-            ``rank`` fixes k instead. None (default): 0.3 with a kept residual difference ("int4" /
+            ``rank`` fixes k instead. None (default): 0.7 with a kept residual difference ("int4" /
             "int8": there k only narrows the range the residual is quantized over, and a smaller k
-            costs fewer cache FLOPs for the same images: on the development set tau .3 gave the PSNR
-            of tau .7 to +-0.07 dB at a 1.6-3% higher FLOPs ratio and 1.15 instead of 1.17 copies; .7
-            in turn had matched .85 to -0.05 dB), 0.85 otherwise (the residual is reused: k carries
-            the forecast).
+            costs fewer cache FLOPs for the same images: -0.05 dB at +3-4% FLOPs ratio on the
+            development set), 0.85 otherwise (the residual is reused: k carries the forecast).
         memory_budget: cache memory per feature in copies of that feature (space="svd", taylor): the
             rank (k by ``tau`` / ``rank``, capped to fit) and the bits of the kept residual difference
             (8, 4 or none) are chosen per feature to fit; ``residual`` is then ignored. The last
