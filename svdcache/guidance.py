@@ -67,6 +67,49 @@ def conditional(pc, t: float):
     return pc.forecast(t)
 
 
+def forecast(st, name: str, fc, x, gate, out):
+    """The unconditional forecast x + gate * (F_cond_hat + D_hat) of a difference-form feature in two
+    passes and one k-dim matmul: both caches hold their forecasts in the coefficients of the same
+    basis, so the conditional branch's and the difference's Taylor terms are summed in k dims and
+    reconstructed once (the conditional call's forecast is not recomputed in full). Returns (output,
+    cache FLOPs), or None where the two are not of that form (the caller then forecasts F_cond apart)."""
+    from .predictors import SubspaceCache
+    from svdcache_kernels.ops.reconstruct.reference import MAX_TERMS
+
+    p = st.partner
+    pc = None if p is None else p.features.get(name)
+    if pc is None or p.step != st.step or not isinstance(pc, SubspaceCache) or not isinstance(fc, SubspaceCache):
+        return None
+    if pc.V is not fc.V:
+        return None
+    a, b = pc.forecast_terms(p.t), fc.forecast_terms(st.t)
+    if a is None or b is None or len(a[0]) + len(b[0]) > MAX_TERMS:
+        return None
+    terms = [u for u, w in zip(a[0], a[1]) if w != 0.0]  # at the conditional branch's full step: none
+    weights = [w for w in a[1] if w != 0.0]
+    own = len(terms)
+    terms += [u for u, w in zip(b[0], b[1]) if w != 0.0]
+    weights += [w for w in b[1] if w != 0.0]
+    a_q = a[2] if a[2] is not None and a[3] != 0.0 else None
+    # pass 1: x + gate * (D_last + s * dR_D), no matmul
+    if b[2] is None or b[3] == 0.0:
+        y = fc.R if x is None else fc._reconstruct((), (), None, 0.0, x, gate, out)
+    else:
+        y = fc._reconstruct((), (), None, b[3], x, gate if x is not None else None, out if x is not None else None,
+                            dRq=b[2])
+    g, o = (gate, out) if x is not None else (None, None)
+    if not terms and a_q is None:  # the conditional feature is its anchor (its full step, no change term)
+        if x is None:
+            return y + pc.R, 0
+        return pc._reconstruct((), (), None, 0.0, y, g, o), 0
+    if x is None and y is fc.R:  # never write into an anchor
+        o = None
+    res = pc._reconstruct(terms, weights, None, a[3] if a_q is not None else 0.0, y, g, o,
+                          dRq=a_q, foreign=tuple(terms[own:]))
+    rows = pc.R.numel() // pc.R.shape[-1]
+    return res, (2 * rows * pc.R.shape[-1] * pc.V.shape[1] if terms else 0)
+
+
 def base_input(st, name: str, fc, x, gate, out):
     """The unconditional forecast of a difference-form feature is x + gate * (F_cond + D_hat): fold
     x + gate * F_cond into the input the feature's own forecast then adds gate * D_hat to (with no

@@ -651,6 +651,10 @@ class SVDCacheHook(ModelHook):
             else:
                 x = x.expand(fc.shape).contiguous()
         if fc.relative:  # the unconditional branch: F_cond of the step + D_hat
+            merged = guidance.forecast(st, name, fc, x, gate, out)
+            if merged is not None:
+                st.call_cache_flops += merged[1]
+                return merged[0]
             xc, flops = guidance.base_input(st, name, fc, x, gate, out)
             if xc is None:
                 raise RuntimeError(f"svdcache: the conditional branch holds no feature {name!r} for this step")

@@ -150,15 +150,18 @@ class SubspaceCache(FeatureCache):
         kw.pop("order", None)
         plan(F, V, **kw)
 
-    def _reconstruct(self, terms, weights, dR, dr_scale, x, gate, out, dRq=None) -> torch.Tensor:
+    def _reconstruct(self, terms, weights, dR, dr_scale, x, gate, out, dRq=None, foreign=()) -> torch.Tensor:
         """K.reconstruct through a plan: validated once per layout of x / gate / out and of the state.
         ``dRq``: ``(codes, scales, bits)`` of a quantized dR, read by the op itself (one launch on a GPU);
-        the cache's own state, replaced only at a full step (which renews the state key)."""
+        the cache's own state, replaced only at a full step (which renews the state key). ``foreign``:
+        the coefficient terms among ``terms`` that are not this cache's state (their layouts join the key)."""
         sk = getattr(self, "_state_key", None)
+        if foreign:
+            sk = (sk, tuple(plan_layout(u) for u in foreign))
         fast = getattr(self, "_rfast", None)
         dk = (dR is not None) if dRq is None else dRq[2]  # kind of dR term: none / fp / 8 / 4 bits
         qc, qs = (None, None) if dRq is None else dRq[:2]
-        if (fast is not None and x is out and fast[0] is sk and fast[1] == len(terms) and fast[2] == dk
+        if (fast is not None and not foreign and x is out and fast[0] is sk and fast[1] == len(terms) and fast[2] == dk
                 and fast[3]() is gate and fast[4]() is out):
             # the same state, gate and output tensors as the last call (the runtime's buffers), in place:
             # their layouts cannot have changed, so the plan needs no layout check
@@ -175,9 +178,17 @@ class SubspaceCache(FeatureCache):
                     backend=self.cfg.backend, dR_codes=qc, dR_scales=qs, dR_bits=dk if dRq is not None else 8)
             self._rplan, self._rkey = plan, key
         self._rfast = None
-        if x is out and gate is not None and out is not None:  # weak: a plan keeps no call's tensors alive
+        if x is out and gate is not None and out is not None and not foreign:  # weak: a plan keeps no call's tensors alive
             self._rfast = (sk, len(terms), dk, weakref.ref(gate), weakref.ref(out))
         return plan(self.V, self.R, terms, weights, dR, dr_scale, x, gate, out, qc, qs)
+
+    def forecast_terms(self, t):
+        """The forecast at ``t`` as ``(terms, weights, dRq, dr_scale)`` of F_hat = R + (sum_i w_i T_i) V^T
+        (+ dr_scale * dRq), R the anchor; None where the state is not of that form (EMA, explicit R)."""
+        if not self.anchor_form or self.cfg.predictor != "taylor" or self.n < 1:
+            return None
+        w = newton_weights(t - self.times[-1], self.times, self.n, self.cfg.order, self.gain)
+        return [self.D1, self.D2][: len(w)], w, None, 0.0
 
     def forecast(self, t, *, x=None, gate=None, out=None) -> torch.Tensor:
         cfg = self.cfg

@@ -71,6 +71,13 @@ class QuantizedResidualCache(SubspaceCache):
             self.rq, self.rs = quantize_rows(r.view(F.shape), self.bits)
         self.update_flops += 2 * (F.numel() // D) * D * self.V.shape[1]
 
+    def forecast_terms(self, t):
+        if self.rq is None or self.n < 1:
+            return super().forecast_terms(t)
+        s = t - self.times[-1]
+        w = newton_weights(s, self.times, self.n, self.cfg.order, self.gain)
+        return [self.D1, self.D2][: len(w)], w, (self.rq, self.rs, self.bits), s * self.gain
+
     def forecast(self, t, *, x=None, gate=None, out=None) -> torch.Tensor:
         if self.rq is None:
             return super().forecast(t, x=x, gate=gate, out=out)

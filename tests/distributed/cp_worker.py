@@ -147,6 +147,8 @@ def reference(inp, out_dir):
     svdcache.enable(ref, basis=basis, interval=INTERVAL)
     res["sp_offline"] = run(ref, inp)
     res["sp_offline_stats"] = svdcache.stats(ref)
+    svdcache.enable(ref, basis=basis, interval=INTERVAL, residual="reuse")
+    res["sp_offline_reuse"] = run(ref, inp)
     # the zero-setup basis of an all-reduced Gram equals the single-process one to ~1e-6, which can flip
     # a 4-bit code of the kept residual: its parity is checked with the residual reused
     svdcache.enable(ref, interval=INTERVAL, residual="reuse")
@@ -209,6 +211,8 @@ def parity(mode, inp, basis, counter, rank):
                               "identical": allst.identical_schedules, "text": str(allst),
                               "local_full": allst.last_generation.full_steps}
     res["stats_outside"], counter.outside = counter.outside, []
+    svdcache.enable(m, basis=basis, **cache_kw, residual="reuse")  # exact parity (no 4-bit codes)
+    res["cp_offline_reuse"] = run(m, inp)
 
     # zero-setup basis: built online from the first full steps; one all-reduce per feature
     svdcache.enable(m, **cache_kw, residual="reuse")
@@ -230,6 +234,8 @@ def parity(mode, inp, basis, counter, rank):
         res["outer_sees_shards"] = sees_shards(m, "svdcache")
         res["inner_offline"] = run(m2, inp)
         res["inner_stats"] = svdcache.stats(m2)
+        svdcache.enable(m2, basis=basis, **cache_kw, residual="reuse")
+        res["inner_offline_reuse"] = run(m2, inp)
         svdcache.disable(m2)
 
     # a NaN forecast in rank 1's shard at the first cached step: the gathered output carries it to

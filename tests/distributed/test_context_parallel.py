@@ -43,14 +43,30 @@ def _ours(call):
     return [c[0] for c in call if c[1]]
 
 
+def assert_same_through_codes(cp, sp, sp_reuse):
+    """Parity of a run with the 4-bit kept residual (the default). Context parallelism changes the
+    rounding of a full step's features by an ulp (attention's reduction order), which can flip a
+    4-bit code of the residual difference: one quantization step of one element, not a defect. So the
+    bound is relative to what the residual adds to the output (the run with it reused): a code
+    flip is a few per mille of it, a rank holding wrong or stale codes or scales moves it by its
+    whole size."""
+    kept = float((sp - sp_reuse).abs().max())
+    assert kept > 1e-4  # the residual is in effect on this run
+    err = float((cp - sp).abs().max())
+    assert err <= 0.01 * kept, (err, kept)
+
+
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("basis", ["offline", "online"])
+@pytest.mark.parametrize("basis", ["offline", "offline_reuse", "online"])
 def test_cached_output_equals_single_process(launched, mode, basis):
     _, (r0, r1) = launched
     cp, sp = r0[mode][f"cp_{basis}"], r0[f"sp_{basis}"]
     # the cache forecast on this run (else the comparison would be of two uncached runs)
     assert (sp - r0["sp_uncached"]).abs().max() > 1e-4
-    torch.testing.assert_close(cp, sp)  # fp32 tolerance (rtol 1.3e-6, atol 1e-5)
+    if basis == "offline":  # the default: 4-bit residual codes
+        assert_same_through_codes(cp, sp, r0["sp_offline_reuse"])
+    else:  # the residual reused: no quantizer, fp32 parity
+        torch.testing.assert_close(cp, sp)  # fp32 tolerance (rtol 1.3e-6, atol 1e-5)
     assert torch.equal(cp, r1[mode][f"cp_{basis}"])  # the gathered output is the same on both ranks
 
 
@@ -60,7 +76,8 @@ def test_enable_before_parallelism(launched):
     _, (r0, r1) = launched
     res = r0["ulysses"]
     assert res["inner_sees_shards"] and not res["outer_sees_shards"]
-    torch.testing.assert_close(res["inner_offline"], r0["sp_offline"])
+    assert_same_through_codes(res["inner_offline"], r0["sp_offline"], r0["sp_offline_reuse"])
+    torch.testing.assert_close(res["inner_offline_reuse"], r0["sp_offline_reuse"])
     assert torch.equal(res["inner_offline"], r1["ulysses"]["inner_offline"])
     assert res["inner_stats"].last_generation.cached_steps == r0["sp_offline_stats"].last_generation.cached_steps
 

@@ -47,6 +47,25 @@ def tol_vs_old(dtype, ref, dr_scale, scales):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dname)
 @pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("n_terms", (0, 2))
+def test_gated_in_place_shared_step_passes(dtype, bits, n_terms):
+    """The unconditional branch's cached step (svdcache.guidance.forecast): pass 1 with no term (the
+    difference's anchor and its residual), pass 2 with the two branches' terms, both gated in place."""
+    bshape, N, D, k = (3,), 21, 77, 9
+    g = gen(300 + 10 * bits + n_terms + DTYPES.index(dtype))
+    V, R, terms, codes, scales, x = qinputs(bshape, N, D, k, dtype, bits, g, n_terms)
+    gate = gate_of(bshape, D, dtype, g)
+    kw = dict(terms=terms, weights=(0.7, -1.9)[:n_terms], dr_scale=2.1, x=x, gate=gate,
+              dR_codes=codes, dR_scales=scales, dR_bits=bits)
+    ref = reconstruct_reference(V, R, **kw)
+    xk = x.clone()
+    res = reconstruct(V, R, **{**kw, "x": xk}, out=xk, backend="triton")
+    assert res is xk
+    assert_close(xk, ref, TOL[dtype], "kernel")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dname)
+@pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("D", (45, 130))
 def test_gated_in_place_matches_unfused_path(dtype, bits, D):
     """The runtime's cached step: 1 Taylor term, out = x + gate * F_hat in place on x."""

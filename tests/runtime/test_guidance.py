@@ -124,6 +124,7 @@ def test_stale_uncond_is_worse(tiny_pipe, basis, monkeypatch):
     # the unconditional branch forecast from its own (older) full steps alone: F held as it is, no base
     monkeypatch.setattr(guidance, "difference", lambda st, name, F: (F, True))
     monkeypatch.setattr(guidance, "base_input", lambda st, name, fc, x, gate, out: (x, 0))
+    monkeypatch.setattr(guidance, "forecast", lambda *a: None)
     svdcache.enable(tiny_pipe, basis=basis, interval=2, warmup=1, uncond_interval=2, schedule="uniform")
     stale = run_pipe(tiny_pipe, steps=STEPS, **kw)
     assert svdcache.stats(tiny_pipe).last_generation.shared_steps > 0
@@ -205,3 +206,59 @@ def test_batch_with_one_negative_prompt_is_shared(tiny_pipe, basis):
                     height=32, width=32, max_sequence_length=16, output_type="pt", **CFG).images
     assert torch.isfinite(out).all()
     assert svdcache.stats(tiny_pipe).last_generation.shared_steps > 0
+
+
+@pytest.mark.parametrize("residual", ["int4", "reuse"])
+def test_one_pass_forecast_equals_two(tiny_pipe, basis, residual):
+    """The unconditional forecast sums both branches' Taylor terms in k dims and reconstructs once:
+    the same values as forecasting F_cond in full and adding D's own forecast, at half the counted
+    cache FLOPs (one k-dim matmul instead of two)."""
+    svdcache.enable(tiny_pipe, basis=basis, interval=3, warmup=1, uncond_interval=2, schedule="uniform",
+                    residual=residual)
+    hook = tiny_pipe.transformer._diffusers_hook.get_hook("svdcache")
+    checked = []
+
+    def check(pipe, i, t, kw):  # the pipeline resets the states when it ends: check at the last step
+        if i == STEPS - 1:
+            checked.append(_check_one_pass(hook.state_manager._state_cache, residual))
+        return {}
+
+    run_pipe(tiny_pipe, steps=STEPS, callback_on_step_end=check, **CFG)  # full 0, 3, 6, 9 (uncond 0, 6)
+    assert checked and checked[0] >= 3 * 6
+
+
+def _check_one_pass(states, residual) -> int:
+    from svdcache import guidance
+
+    st = states["uncond"]
+    p = st.partner
+    assert p is states["cond"] and p.step == st.step == STEPS - 1
+    rel = {n: fc for n, fc in st.features.items() if fc is not None and fc.relative}
+    assert len(rel) >= 3
+    g = torch.Generator().manual_seed(1)
+    t_last = st.t
+    checked = 0
+    for name, fc in rel.items():
+        pc = p.features[name]
+        assert len(pc.times) == 3 and len(fc.times) == 2 and fc.times[-1] < pc.times[-1]
+        if residual == "int4":
+            assert fc.rq is not None and pc.rq is not None
+        for t in (t_last, pc.times[-1]):  # a cached step of both; the conditional branch's full step
+            st.t = p.t = t
+            x = torch.randn(fc.shape, generator=g)
+            gate = torch.randn(fc.shape[0], fc.shape[-1], generator=g)
+            for args in ((x, gate, torch.full_like(x, float("nan"))), (x.clone(), None, None), (None, None, None)):
+                one, flops = guidance.forecast(st, name, fc, *args)
+                xc, f2 = guidance.base_input(st, name, fc, *args[:2], None)
+                two = fc.forecast(t, x=xc, gate=args[1] if args[0] is not None else None)
+                f2 += fc.forecast_flops
+                torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-5)
+                if args[2] is not None:
+                    assert one is args[2]
+                assert one is not fc.R and one is not pc.R  # no anchor handed out to be written
+                rows = fc.R.numel() // fc.R.shape[-1]
+                one_matmul = 2 * rows * fc.R.shape[-1] * fc.V.shape[1]
+                assert flops == one_matmul and f2 == 2 * one_matmul  # D's terms: D is older in both
+                checked += 1
+    st.t = p.t = t_last
+    return checked
