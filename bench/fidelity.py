@@ -96,7 +96,7 @@ def method_list(quick: bool = False, with_threshold_caches: bool = False, with_c
                 before=1)
     for n in ([2, 4, 6] if quick else SHARED_INTERVALS):
         # -- the default (no settings but the interval): the unconditional branch shared, calibrated schedule
-        add(f"SVD default N={n}", "SVD-Cache default (taylor1 + int4 residual, change tau.7, uncond shared, "
+        add(f"SVD default N={n}", "SVD-Cache default (top change directions (tau .15) at order 2 from N=4, int4 residual, uncond shared, "
             "calibrated schedule)", setting=n, kind="svdcache", cfg={"interval": n})
         add(f"SVD default uniform N={n}", "SVD-Cache default, uniform schedule (warmup 1, uncond shared)",
             setting=n, kind="svdcache", cfg={"interval": n, "schedule": "uniform"})

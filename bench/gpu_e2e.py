@@ -515,7 +515,8 @@ def report(run: Run) -> str:
                  f"{os.environ.get('SVDCACHE_EIGH_DTYPE', 'float64')} eigh); ranks as the runtime uses them "
                  f"(`svdcache.stats(...).ranks`: the {c.subspace} subspace, {k_how}) over {len(ks)} features: min "
                  f"{ks[0]}, median {ks[len(ks) // 2]}, max {ks[-1]}; every k runs in the Triton kernels (tiled over k "
-                 f"above 256). Config: `{c.label}` (Taylor order {c.order} in the {c.subspace} subspace, residual "
+                 f"above 256). Config: `{c.label}` (Taylor order {c.order} in the {c.subspace} subspace at this "
+                 f"config's interval, order 2 from N = 4 on by default; residual "
                  f"{c.residual}, warm-up {c.warmup}, check_finite {c.check_finite}: on a GPU one device-side state "
                  "check per full step instead of a host sync per cached step).")
     L.append("TaylorSeer: diffusers' `TaylorSeerCacheConfig(cache_interval=N, max_order=1, disable_cache_before_step=3, "

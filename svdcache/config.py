@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 DEFAULT_TAU = 0.85  # residual reused: k carries the forecast
-DEFAULT_TAU_KEPT_RESIDUAL = 0.7  # residual difference kept (int4 / int8)
+DEFAULT_TAU_KEPT_RESIDUAL = 0.15  # residual difference kept (int4 / int8): k = 1-2, the top change directions
+ORDER2_MIN_INTERVAL = 4  # the default order with a kept residual: 2 from this interval on, else 1
 SPACES = ("svd", "full")
 SUBSPACES = ("feature", "change")
 PREDICTORS = ("taylor", "ema", "reuse")
@@ -17,14 +18,14 @@ TIME_AXES = ("step", "timestep")
 class SVDCacheConfig:
     """How SVD-Cache runs. The defaults were chosen on a development set of the embedded model
     (prompts and seeds outside the benchmark's; bench/results/fidelity.md has the evaluated table):
-    Taylor order 1 in the principal subspace of the feature changes at tau 0.7 with the rest of the
-    change kept at 4 bits (``residual="int4"``), one warm-up step, the basis's calibrated schedule
-    where it has one, and with true classifier-free guidance the unconditional branch computed at
-    every second full step only (``uncond_interval=2``, the largest single gain). Cache memory is per model and dtype: 1 + k/D + 1/8 copies of fp32
-    features (1.17 measured on the embedded model), 1 + 2k/D + 1/4 of bf16 ones; ``stats`` reports
-    it. Order 2
-    and the paper's EMA measured worse; ``subspace="feature"`` is the paper's subspace,
-    ``residual="reuse"`` its residual (about one copy, 3-7 dB lower there).
+    the top directions of the feature changes (change subspace at tau 0.15: k = 1-2) forecast at
+    Taylor order 2 from interval 4 on (order 1 below), the rest of the change at order 1 kept at 4
+    bits (``residual="int4"``), one warm-up step, the basis's calibrated schedule where it has one,
+    and with true classifier-free guidance the unconditional branch computed at every second full
+    step only (``uncond_interval=2``, the largest single gain). Cache memory is per model and
+    dtype: 1 + k/D + 1/8 copies of fp32 features (1.15 measured on the embedded model), 1 + 2k/D +
+    1/4 of bf16 ones; ``stats`` reports it. The paper's EMA measured worse; ``subspace="feature"``
+    is the paper's subspace, ``residual="reuse"`` its residual (about one copy, 3-7 dB lower there).
 
     Schedule
         interval: a full-compute step every ``interval`` steps (1 = never cache).
@@ -61,7 +62,13 @@ class SVDCacheConfig:
         predictor: principal-subspace predictor in coefficient space: "taylor" (Newton divided
             differences over the actual step distances, order 1 or 2), "ema" (the paper's eq. 11 as
             written, ``beta``), "reuse".
-        order: Taylor order (1 or 2).
+        order: Taylor order (1 or 2) of the principal part. None (default): 2 with a kept residual
+            difference at ``interval`` >= 4 (or that many steps per full step by ``num_full_steps``),
+            else 1. The residual's own forecast is order 1 either way, so with k = 1-2 only the top
+            change directions are extrapolated at order 2: on the development set +0.4 / +1.0 /
+            +0.9 / +1.2 dB at N = 4 / 5 / 6 / 7 over order 1, -1.6 / -2.1 dB at N = 2 / 3 (short
+            gaps make the second difference mostly noise); at rank 2 it already loses, and full-space
+            order 2 (TaylorSeer o2) is 2.7-3 dB below order 1 at N = 5-7.
         gain: multiplies the Taylor increment (1 = plain extrapolation).
         fitted_gains: use the per-feature gains the basis fitted during calibration for this order,
             interval and warm-up (least squares on the reference trajectory), times ``gain``.
@@ -78,10 +85,11 @@ class SVDCacheConfig:
             principal subspace of their step-to-step changes F_t - F_t-1: what the forecast has to
             carry; the residual then holds what barely moves). Both come from the same calibration.
         tau: energy threshold choosing k per feature (eq. 6, on the energy of that subspace's data);
-            ``rank`` fixes k instead. None (default): 0.7 with a kept residual difference ("int4" /
-            "int8": there k only narrows the range the residual is quantized over, and a smaller k
-            costs fewer cache FLOPs for the same images: -0.05 dB at +3-4% FLOPs ratio on the
-            development set), 0.85 otherwise (the residual is reused: k carries the forecast).
+            ``rank`` fixes k instead. None (default): 0.15 with a kept residual difference ("int4" /
+            "int8": k = 1-2 on the embedded model; at order 1 tau .15 / .3 / .7 give the same PSNR
+            within 0.06 dB on the development set and a smaller k costs fewer cache FLOPs, +2.5% FLOPs
+            ratio from .7 to .15; at order 2 the smaller k is also the better forecast: +0.7-0.9 dB
+            from .3 to .15 at N = 4-7), 0.85 otherwise (the residual is reused: k carries the forecast).
         memory_budget: cache memory per feature in copies of that feature (space="svd", taylor): the
             rank (k by ``tau`` / ``rank``, capped to fit) and the bits of the kept residual difference
             (8, 4 or none) are chosen per feature to fit; ``residual`` is then ignored. The last
@@ -112,7 +120,7 @@ class SVDCacheConfig:
     granularity: str = "auto"
     space: str = "svd"
     predictor: str = "taylor"
-    order: int = 1
+    order: int | None = None
     gain: float = 1.0
     fitted_gains: bool = False
     beta: float = 0.9
@@ -166,6 +174,13 @@ class SVDCacheConfig:
             raise ValueError(f"SVDCacheConfig.uncond_interval must be an integer >= 1, got {self.uncond_interval!r}")
         if self.tail < 0:
             raise ValueError(f"SVDCacheConfig.tail must be >= 0, got {self.tail}")
+        if self.order is None:
+            per_full = self.interval
+            if self.num_full_steps is not None and self.num_inference_steps is not None:
+                per_full = self.num_inference_steps / self.num_full_steps
+            kept = self.space == "svd" and self.predictor == "taylor" and self.residual in ("int8", "int4")
+            self.order = 2 if kept and per_full >= ORDER2_MIN_INTERVAL else 1
+            self._order_auto = True  # replace() re-chooses it (e.g. for another interval)
         if self.order not in (1, 2):
             raise ValueError(f"SVDCacheConfig.order must be 1 or 2, got {self.order}")
         if not 0.0 <= self.beta < 1.0:
@@ -193,6 +208,8 @@ class SVDCacheConfig:
     def replace(self, **changes) -> "SVDCacheConfig":
         if getattr(self, "_tau_auto", False) and "tau" not in changes:
             changes["tau"] = None
+        if getattr(self, "_order_auto", False) and "order" not in changes:
+            changes["order"] = None
         return replace(self, **changes)
 
     def to_dict(self) -> dict:

@@ -83,13 +83,19 @@ def forecast(st, name: str, fc, x, gate, out):
     if pc.V is not fc.V:
         return None
     a, b = pc.forecast_terms(p.t), fc.forecast_terms(st.t)
-    if a is None or b is None or len(a[0]) + len(b[0]) > MAX_TERMS:
+    if a is None or b is None:
         return None
     terms = [u for u, w in zip(a[0], a[1]) if w != 0.0]  # at the conditional branch's full step: none
     weights = [w for w in a[1] if w != 0.0]
     own = len(terms)
-    terms += [u for u, w in zip(b[0], b[1]) if w != 0.0]
-    weights += [w for w in b[1] if w != 0.0]
+    bt = [(u, w) for u, w in zip(b[0], b[1]) if w != 0.0]
+    if own + len(bt) > MAX_TERMS:  # both at order 2: D's terms summed first (k values per token)
+        P = bt[0][0] * bt[0][1]
+        for u, w in bt[1:]:
+            P.add_(u, alpha=w)
+        bt = [(P, 1.0)]
+    terms += [u for u, _ in bt]
+    weights += [w for _, w in bt]
     a_q = a[2] if a[2] is not None and a[3] != 0.0 else None
     # pass 1: x + gate * (D_last + s * dR_D), no matmul
     if b[2] is None or b[3] == 0.0:

@@ -39,4 +39,4 @@ def test_gpu_e2e_tiny(tmp_path):
     assert "ranks (svdcache.stats)" in out and "ranks as the runtime uses them" in text
     from svdcache import SVDCacheConfig
 
-    assert f"change subspace, tau = {SVDCacheConfig().tau}" in text and "Taylor order 1" in text
+    assert f"change subspace, tau = {SVDCacheConfig().tau}" in text and f"Taylor order {SVDCacheConfig().order}" in text

@@ -212,7 +212,7 @@ def test_kept_residual_forecast_is_full_space_taylor_up_to_quantization(residual
 
     D, k = 48, 5
     V = torch.linalg.qr(torch.randn(D, k))[0]
-    cfg = SVDCacheConfig(residual=residual, tau=None, rank=k)
+    cfg = SVDCacheConfig(residual=residual, tau=None, rank=k, order=1)
     ts = svdcache.taylorseer(order=1)
     q = make_feature_cache("f", cfg, V)
     full = FullSpaceCache("f", ts)
@@ -231,6 +231,21 @@ def test_kept_residual_forecast_is_full_space_taylor_up_to_quantization(residual
     rows = 2 * 9
     held = rows * D * 4 + rows * k * 4 + rows * 4  # the anchor F1, D1, one scale per row
     assert q.nbytes() == held + rows * (D if residual == "int8" else (D + 1) // 2)
+
+
+def test_default_order_follows_the_interval():
+    """Order 2 on the principal part from interval 4 on with a kept residual; order 1 elsewhere
+    (shorter intervals, the residual reused, full space); replace() re-chooses it, an explicit one stays."""
+    assert SVDCacheConfig(interval=4).order == 2 and SVDCacheConfig(interval=3).order == 1
+    assert SVDCacheConfig().order == 2  # interval 5
+    assert SVDCacheConfig(interval=8, residual="reuse").order == 1
+    assert svdcache.taylorseer(interval=8).order == 1 and svdcache.fora(interval=8).order == 1
+    assert SVDCacheConfig(interval=3, num_full_steps=10, num_inference_steps=50).order == 2
+    assert SVDCacheConfig(interval=8, order=1).order == 1
+    assert SVDCacheConfig(interval=8).replace(interval=2).order == 1
+    assert SVDCacheConfig(interval=8, order=2).replace(interval=2).order == 2
+    with pytest.raises(ValueError, match="order"):
+        SVDCacheConfig(order=3)
 
 
 def test_memory_budget_plan_and_stats(tiny_pipe, basis):
