@@ -481,6 +481,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="a few settings per method (a smoke run)")
     ap.add_argument("--fresh", action="store_true", help="ignore earlier results in the JSON")
     ap.add_argument("--only", default=None, help="run only methods whose name contains this")
+    ap.add_argument("--redo", action="store_true", help="with --only: run its rows again though the JSON has them")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--no-tf", action="store_true", help="skip the teacher-forced forecast errors")
     ap.add_argument("--threshold-caches", action="store_true", help="also diffusers' FirstBlockCache and MagCache")
@@ -502,7 +503,7 @@ def main(argv=None):
     t0 = time.time()
     b = Bench(args)
     b.reference()
-    done = {r["name"] for r in data["rows"]}
+    done = {r["name"] for r in data["rows"] if not (args.redo and args.only and args.only in r["name"])}
     methods = [m for m in method_list(args.quick, args.threshold_caches, args.cache_dit) if m["name"] not in done and (not args.only or args.only in m["name"])]
     n_tf = 8
     feats = None if args.no_tf else record_features(
