@@ -89,7 +89,7 @@ def forecast(st, name: str, fc, x, gate, out):
     weights = [w for w in a[1] if w != 0.0]
     own = len(terms)
     bt = [(u, w) for u, w in zip(b[0], b[1]) if w != 0.0]
-    if own + len(bt) > MAX_TERMS:  # both at order 2: D's terms summed first (k values per token)
+    if own + len(bt) > MAX_TERMS:  # both at order 2: D's terms summed first (k <= 2 values per token)
         P = bt[0][0] * bt[0][1]
         for u, w in bt[1:]:
             P.add_(u, alpha=w)
@@ -97,23 +97,17 @@ def forecast(st, name: str, fc, x, gate, out):
     terms += [u for u, _ in bt]
     weights += [w for _, w in bt]
     a_q = a[2] if a[2] is not None and a[3] != 0.0 else None
+    b_q = b[2] if b[2] is not None and b[3] != 0.0 else None
+    g, o = (gate, out) if x is not None else (None, None)  # no x: the feature itself, in new tensors
     # pass 1: x + gate * (D_last + s * dR_D), no matmul
-    if b[2] is None or b[3] == 0.0:
-        y = fc.R if x is None else fc._reconstruct((), (), None, 0.0, x, gate, out)
-    else:
-        y = fc._reconstruct((), (), None, b[3], x, gate if x is not None else None, out if x is not None else None,
-                            dRq=b[2])
-    g, o = (gate, out) if x is not None else (None, None)
-    if not terms and a_q is None:  # the conditional feature is its anchor (its full step, no change term)
-        if x is None:
-            return y + pc.R, 0
-        return pc._reconstruct((), (), None, 0.0, y, g, o), 0
-    if x is None and y is fc.R:  # never write into an anchor
-        o = None
+    y = fc.R if x is None and b_q is None else fc._reconstruct((), (), None, b[3] if b_q is not None else 0.0,
+                                                              x, g, o, dRq=b_q)
+    # pass 2: + gate * (F_cond_last + (summed terms) V^T + s * dR_cond)
+    if not terms and a_q is None:  # the conditional feature is its anchor (its full step)
+        return (y + pc.R if x is None else pc._reconstruct((), (), None, 0.0, y, g, o)), 0
     res = pc._reconstruct(terms, weights, None, a[3] if a_q is not None else 0.0, y, g, o,
                           dRq=a_q, foreign=tuple(terms[own:]))
-    rows = pc.R.numel() // pc.R.shape[-1]
-    return res, (2 * rows * pc.R.shape[-1] * pc.V.shape[1] if terms else 0)
+    return res, (pc.reconstruct_flops() if terms else 0)
 
 
 def base_input(st, name: str, fc, x, gate, out):

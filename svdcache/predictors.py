@@ -182,6 +182,10 @@ class SubspaceCache(FeatureCache):
             self._rfast = (sk, len(terms), dk, weakref.ref(gate), weakref.ref(out))
         return plan(self.V, self.R, terms, weights, dR, dr_scale, x, gate, out, qc, qs)
 
+    def reconstruct_flops(self) -> int:
+        """FLOPs of one reconstruct with coefficient terms: (rows, k) @ (k, D)."""
+        return 2 * (self.R.numel() // self.R.shape[-1]) * self.R.shape[-1] * self.V.shape[1]
+
     def forecast_terms(self, t):
         """The forecast at ``t`` as ``(terms, weights, dRq, dr_scale)`` of F_hat = R + (sum_i w_i T_i) V^T
         (+ dr_scale * dRq), R the anchor; None where the state is not of that form (EMA, explicit R)."""
@@ -207,8 +211,7 @@ class SubspaceCache(FeatureCache):
         if not self.anchor_form and self.n >= 2:
             dR = self.dR
             dr_scale = s * (cfg.residual_gain if cfg.residual == "damped" else 1.0)
-        rows = self.R.numel() // self.R.shape[-1]
-        self.forecast_flops = 2 * rows * self.R.shape[-1] * self.V.shape[1] if terms else 0
+        self.forecast_flops = self.reconstruct_flops() if terms else 0
         if not terms and dR is None and x is None:
             return self.R
         return self._reconstruct(terms, weights, dR, dr_scale, x, gate, out)

@@ -81,14 +81,11 @@ class QuantizedResidualCache(SubspaceCache):
     def forecast(self, t, *, x=None, gate=None, out=None) -> torch.Tensor:
         if self.rq is None:
             return super().forecast(t, x=x, gate=gate, out=out)
-        s = t - self.times[-1]
-        w = newton_weights(s, self.times, self.n, self.cfg.order, self.gain)
-        terms = [self.D1, self.D2][: len(w)]
-        rows = self.R.numel() // self.R.shape[-1]
-        self.forecast_flops = 2 * rows * self.R.shape[-1] * self.V.shape[1]
+        terms, w, dRq, dr_scale = self.forecast_terms(t)
+        self.forecast_flops = self.reconstruct_flops()
         # the codes and scales go to the op as they are: it dequantizes them itself (one kernel launch
         # per feature on a GPU, no full-size fp dR); the plan is checked once per layout
-        return self._reconstruct(terms, w, None, s * self.gain, x, gate, out, dRq=(self.rq, self.rs, self.bits))
+        return self._reconstruct(terms, w, None, dr_scale, x, gate, out, dRq=dRq)
 
     def nbytes(self) -> int:
         return super().nbytes() + _nbytes(self.rq, self.rs)
