@@ -108,7 +108,13 @@ class SubspaceCache(FeatureCache):
         return (*F.shape[:-1], self.V.shape[1])
 
     def update(self, F: torch.Tensor, t: float) -> None:
+        self._update(F, t)
+
+    def _update(self, F: torch.Tensor, t: float):
+        """The full step's update; returns the fp32 (rows, D) ``F - F_prev`` where the split formed one
+        (a shared scratch, valid until the next plan call), else None."""
         cfg = self.cfg
+        diff = None
         if self.shape != tuple(F.shape) or self.device != F.device:
             self._alloc(F)
             self.times = []
@@ -125,8 +131,8 @@ class SubspaceCache(FeatureCache):
             )
             self.update_flops = proj * (1 if self.anchor_form else 2)
         elif order >= 1:  # D1 = (F - F_prev) V / h1: one projection, no coefficients kept
-            self._split(F, self.V, D1=self.D1, D2=self.D2 if order >= 2 else None, order=order, h1=h1, h2=h2,
-                        F_prev=self.R, backend=cfg.backend)
+            diff = self._split(F, self.V, D1=self.D1, D2=self.D2 if order >= 2 else None, order=order, h1=h1,
+                               h2=h2, F_prev=self.R, backend=cfg.backend)
             self.update_flops = proj
         else:
             self.update_flops = 0  # reuse, or a first full step: F itself is the whole state
@@ -135,6 +141,7 @@ class SubspaceCache(FeatureCache):
         self._push_time(F, t)
         # what a reconstruct plan depends on besides x / gate / out: read once per full step
         self._state_key = tuple(plan_layout(u) for u in (self.V, self.R, self.C, self.D1, self.D2, self.E, self.dR))
+        return diff
 
     def _split(self, F, V, *, backend=None, **kw) -> None:
         """K.split through a plan: arguments validated once per layout (a few per feature: the first
@@ -148,7 +155,7 @@ class SubspaceCache(FeatureCache):
                 plans.clear()
             plan = plans[key] = K.SplitPlan(F, V, backend=backend, **kw)
         kw.pop("order", None)
-        plan(F, V, **kw)
+        return plan(F, V, **kw)
 
     def _reconstruct(self, terms, weights, dR, dr_scale, x, gate, out, dRq=None, foreign=()) -> torch.Tensor:
         """K.reconstruct through a plan: validated once per layout of x / gate / out and of the state.

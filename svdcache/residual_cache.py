@@ -39,6 +39,21 @@ def quantize_rows(r: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.T
     return u[..., 0::2] | (u[..., 1::2] << 4), scale
 
 
+def quantize_rows_into(r: torch.Tensor, bits: int, q: torch.Tensor, scale: torch.Tensor) -> None:
+    """:func:`quantize_rows` of an fp32 (M, D) ``r`` (clobbered) into ``q`` / ``scale`` (M, D or D/2) / (M, 1),
+    the same codes in a third of its ops: absmax as an inf-norm, the 4-bit pair packed in fp32 as
+    ``q0 + 16 q1 + 136`` (= ``(q0 + 8) | (q1 + 8) << 4``, exact) and converted once. Even D only for 4 bits."""
+    L = 127.0 if bits == 8 else 7.0
+    torch.linalg.vector_norm(r, float("inf"), dim=-1, keepdim=True, out=scale)
+    scale.clamp_min_(1e-30).div_(L)
+    r.div_(scale).round_()  # |r| / (max |r| / L) rounds to at most L: no clamp needed
+    if bits == 8:
+        q.copy_(r)
+        return
+    pair = torch.add(r[:, 0::2], r[:, 1::2], alpha=16.0)
+    q.copy_(pair.add_(136.0))
+
+
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, D: int, bits: int = 8) -> torch.Tensor:
     """fp32 values of :func:`quantize_rows`' output, last dim ``D`` (the kernels' reference decoding). A
     cached step does not call this: ``reconstruct`` reads the codes and scales itself."""
@@ -59,16 +74,28 @@ class QuantizedResidualCache(SubspaceCache):
     def update(self, F: torch.Tensor, t: float) -> None:
         same = self.shape == tuple(F.shape) and self.device == F.device
         F_prev = self.R if same else None
-        super().update(F, t)  # D1 = (F - F_prev) V / h (one projection), F held as the anchor
+        diff = self._update(F, t)  # D1 = (F - F_prev) V / h (one projection), F held as the anchor
+        rq, rs = self.rq, self.rs
         self.rq = self.rs = None
         if not self.bits or F_prev is None or self.n < 2 or self.D1 is None:
             return
         with torch.no_grad():
             h = self.times[-1] - self.times[-2]
             D = F.shape[-1]
-            diff = (F.float() - F_prev.float()).div_(h)
-            r = torch.addmm(diff.reshape(-1, D), self.D1.reshape(-1, self.V.shape[1]), self.V.float().T, alpha=-1.0)
-            self.rq, self.rs = quantize_rows(r.view(F.shape), self.bits)
+            if diff is None:  # the split formed no F - F_prev (a GPU kernel, or an unfused layout)
+                diff = (F.float() - F_prev.float()).reshape(-1, D)
+            r = diff.addmm_(self.D1.reshape(-1, self.V.shape[1]), self.V.float().T, beta=1.0 / h, alpha=-1.0)
+            if self.bits == 4 and D % 2:
+                self.rq, self.rs = quantize_rows(r.view(F.shape), self.bits)
+            else:
+                # the last full step's buffers are overwritten: no cached step reads them any more
+                qshape = (*F.shape[:-1], D if self.bits == 8 else D // 2)
+                dt = torch.int8 if self.bits == 8 else torch.uint8
+                if rq is None or rq.shape != qshape or rq.dtype != dt or rq.device != F.device:
+                    rq = torch.empty(qshape, dtype=dt, device=F.device)
+                    rs = torch.empty((*F.shape[:-1], 1), dtype=torch.float32, device=F.device)
+                quantize_rows_into(r, self.bits, rq.view(-1, qshape[-1]), rs.view(-1, 1))
+                self.rq, self.rs = rq, rs
         self.update_flops += 2 * (F.numel() // D) * D * self.V.shape[1]
 
     def forecast_terms(self, t):

@@ -8,11 +8,15 @@ layout (:func:`layout`, a few attribute reads) only pass the new pointers and sc
 
 On the reference (PyTorch) backend the common runtime variants take fused paths of the same math:
 
-- reconstruct, 1 term, with gate (anchor-form Taylor order 1, FLUX's cached step):
-  ``out = x + gate * (R + w T V^T)`` as ``baddbmm`` into a shared scratch + ``addcmul`` (2 ops);
+- reconstruct, 1 or 2 terms, with gate (anchor-form Taylor order 1 / 2, FLUX's cached step):
+  ``out = x + gate * (R + w T V^T)`` as ``baddbmm`` into a shared scratch + ``addcmul`` (2 ops); two
+  terms are first summed in k dims (one ``add`` into a k-wide scratch: k << D);
   with a quantized dR (``residual="int8"/"int4"``) one ``addcmul_`` of the codes and per-row scales
   in between (int4: after one gather of the nibble values, 2 ops more);
-- split with F_prev, order 1 (its full step): ``D1 = (F - F_prev) V / h1`` as sub + mm + div (3 ops).
+- split with F_prev, order 1 or 2 (its full step): ``D1 = (F - F_prev) V / h1`` as sub + addmm (2 ops;
+  order 2: ``D2 = (D1_new - D1) / h2`` as one addmm, then ``D1 += h2 D2``, 3 ops). The call
+  returns the ``F - F_prev`` it formed (a shared scratch, valid until the next plan call) so a
+  quantized residual can be formed from it without a second pass over both features.
 
 Everything else runs the reference body without its checks. The fused reference path rounds like
 the unfused one up to the order of the fp32 operations (one baddbmm with alpha instead of a scaled
@@ -36,18 +40,18 @@ def layout(t):
     return (t.shape, t.stride(), t.dtype, t.device)
 
 
-def _scratch3d(shape, dtype, device) -> torch.Tensor:
-    return _scratch2d(tuple(shape), None, dtype, device)
+def _scratch3d(shape, dtype, device, tag=None) -> torch.Tensor:
+    return _scratch2d(tuple(shape), None, dtype, device, tag)
 
 
-def _scratch2d(M, D, dtype, device) -> torch.Tensor:
-    """One (M, D) work buffer (or of shape M when D is None) per thread, shape, dtype and device,
-    shared by all features: the runtime's ops run one after the other, and a buffer per feature
+def _scratch2d(M, D, dtype, device, tag=None) -> torch.Tensor:
+    """One (M, D) work buffer (of shape M when D is None) per thread, shape, dtype, device and tag (which
+    keeps two buffers of one shape apart), shared by all features: the runtime's ops run one after the other, and a buffer per feature
     would cost a copy of each."""
     bufs = getattr(_scratch, "bufs", None)
     if bufs is None:
         bufs = _scratch.bufs = {}
-    key = (M, D, dtype, device)
+    key = (M, D, dtype, device, tag)
     buf = bufs.get(key)
     if buf is None:
         if len(bufs) > 8:  # shapes changed many times: drop the old buffers
@@ -85,9 +89,9 @@ class ReconstructPlan:
             D, k = R.shape[-1], V.shape[1]
             f32 = torch.float32
             self._fast = (
-                self.n_terms == 1 and dR is None and x is not None and gate is not None and out is not None
+                self.n_terms in (1, 2) and dR is None and x is not None and gate is not None and out is not None
                 and R.dim() == 3 and R.dtype == x.dtype == out.dtype == gate.dtype == V.dtype == torch.float32
-                and terms[0].dim() == 3
+                and all(t.dim() == 3 and t.dtype == torch.float32 for t in terms)
             )
             if self._fast:
                 self._gate3 = not gate_rows_shape(R, gate)  # (B, D): needs a (B, 1, D) view
@@ -110,7 +114,10 @@ class ReconstructPlan:
             torch.set_grad_enabled(False)
         try:
             if self._fast:
-                return self._fast_gated(V, R, terms[0], weights[0], x, gate, out, dR_codes, dR_scales, dr_scale)
+                T, w = terms[0], weights[0]
+                if self.n_terms == 2:
+                    T, w = self._sum_terms(terms, weights)
+                return self._fast_gated(V, R, T, w, x, gate, out, dR_codes, dR_scales, dr_scale)
             from .ops.reconstruct.reference import reconstruct_compute
 
             dRq = (dR_codes, dR_scales, self.bits) if self.bits else None
@@ -118,6 +125,17 @@ class ReconstructPlan:
         finally:
             if grad:
                 torch.set_grad_enabled(True)
+
+    @staticmethod
+    def _sum_terms(terms, weights):
+        # w0 T0 + w1 T1 = w0 (T0 + (w1 / w0) T1): one k-wide add, the weight w0 goes to the GEMM's alpha
+        (T0, T1), (w0, w1) = terms, (float(weights[0]), float(weights[1]))
+        S = _scratch3d(T0.shape, T0.dtype, T0.device, tag="terms")  # never the GEMM's output buffer
+        if w0 != 0.0:
+            torch.add(T0, T1, alpha=w1 / w0, out=S)
+            return S, w0
+        torch.mul(T1, w1, out=S)
+        return S, 1.0
 
     def _fast_gated(self, V, R, T, w, x, gate, out, codes=None, scales=None, dr_scale=0.0):
         # out = x + gate * (R + w T V^T [+ dr_scale * codes * scales]): one batched GEMM with R as its
@@ -158,9 +176,9 @@ class SplitPlan:
             self._launch = prepare_split(F, V, C, D1, D2, E, R, dR, order, ema_init, F_prev)
         else:
             self._fast = (
-                order == 1 and F_prev is not None and C is None and E is None and R is None and dR is None
+                order in (1, 2) and F_prev is not None and C is None and E is None and R is None and dR is None
                 and F.dtype == F_prev.dtype == V.dtype == torch.float32 and F.is_contiguous()
-                and F_prev.is_contiguous() and D1.is_contiguous()
+                and F_prev.is_contiguous() and D1.is_contiguous() and (order == 1 or D2.is_contiguous())
             )
             if self._fast:
                 self._M, self._D = F.numel() // F.shape[-1], F.shape[-1]
@@ -171,6 +189,8 @@ class SplitPlan:
 
     def __call__(self, F, V, *, C=None, D1=None, D2=None, E=None, R=None, dR=None, h1=1.0, h2=1.0, beta=0.9,
                  ema_init=False, F_prev=None):
+        """Runs the split; returns the fp32 ``F - F_prev`` (M, D) it formed on the fused reference path
+        (a shared scratch: read it before the next plan call), else None."""
         order = self.order
         if (order >= 1 or dR is not None) and not h1:
             raise ValueError(f"h1 (step distance to the previous full step) must be non-zero, got {h1}")
@@ -186,9 +206,14 @@ class SplitPlan:
                 diff = _scratch2d(self._M, self._D, F.dtype, F.device)
                 torch.sub(F.view(self._M, self._D), F_prev.view(self._M, self._D), out=diff)
                 d1 = D1.view(self._M, D1.shape[-1])
-                torch.mm(diff, V, out=d1)  # the reference's (F - F_prev) @ V / h1, into D1 itself
-                d1.div_(h1)
-                return None
+                if order == 1:  # the reference's (F - F_prev) @ V / h1, into D1 itself (beta 0: D1 unread)
+                    torch.addmm(d1, diff, V, beta=0.0, alpha=1.0 / h1, out=d1)
+                    return diff
+                # D2 = (diff V / h1 - D1) / h2 in one GEMM, then D1 + h2 D2 is the new D1
+                d2 = D2.view(self._M, D1.shape[-1])
+                torch.addmm(d1, diff, V, beta=-1.0 / h2, alpha=1.0 / (h1 * h2), out=d2)
+                d1.add_(d2, alpha=h2)
+                return diff
             from .ops.split.reference import split_compute
 
             split_compute(F, V, C, D1, D2, E, R, dR, order, h1, h2, beta, ema_init, F_prev)
