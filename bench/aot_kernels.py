@@ -144,6 +144,9 @@ def variants(quick: bool):
                 out.append((f"split F_prev {TY[dt]} k={k}", split_mod, "_split_kernel",
                             lambda F=F, V=V, c=c, R=R: split_mod.split_triton(F, V, D1=c(), order=1, h1=5.0,
                                                                                F_prev=R())))
+                out.append((f"split F_prev order2 {TY[dt]} k={k}", split_mod, "_split_kernel",
+                            lambda F=F, V=V, c=c, R=R: split_mod.split_triton(F, V, D1=c(), D2=c(), order=2, h1=5.0,
+                                                                               h2=4.0, F_prev=R())))
                 out.append((f"reconstruct 1 term+gate {TY[dt]} k={k}", rec_mod, "_reconstruct_kernel",
                             lambda V=V, R=R, c=c, gate=gate: rec_mod.reconstruct_triton(
                                 V, R(), terms=[c()], weights=(2.0,), x=R(), gate=gate)))
@@ -152,10 +155,13 @@ def variants(quick: bool):
                 for bits in (4, 8) if not quick else (4,):
                     qc = lambda bits=bits: torch.empty(B, N, D if bits == 8 else (D + 1) // 2,  # noqa: E731
                                                        dtype=torch.int8 if bits == 8 else torch.uint8, device=m)
-                    out.append((f"reconstruct 1 term+gate+int{bits} dR {TY[dt]} k={k}", rec_mod, "_reconstruct_kernel",
-                                lambda V=V, R=R, c=c, gate=gate, qc=qc, bits=bits: rec_mod.reconstruct_triton(
-                                    V, R(), terms=[c()], weights=(2.0,), x=R(), gate=gate, dr_scale=2.0, dR_codes=qc(),
-                                    dR_scales=torch.empty(B, N, 1, device=m), dR_bits=bits)))
+                    for nt in (1, 2) if bits == 4 else (1,):  # int4 at order 2: the default cached step from N = 4
+                        out.append((f"reconstruct {nt} term{'s' * (nt > 1)}+gate+int{bits} dR {TY[dt]} k={k}", rec_mod,
+                                    "_reconstruct_kernel",
+                                    lambda V=V, R=R, c=c, gate=gate, qc=qc, bits=bits, nt=nt: rec_mod.reconstruct_triton(
+                                        V, R(), terms=[c() for _ in range(nt)], weights=(2.0, 1.0)[:nt], x=R(), gate=gate,
+                                        dr_scale=2.0, dR_codes=qc(), dR_scales=torch.empty(B, N, 1, device=m),
+                                        dR_bits=bits)))
             out.append((f"reconstruct 3 terms+dR+gate {TY[dt]} k={k}", rec_mod, "_reconstruct_kernel",
                         lambda V=V, R=R, c=c, gate=gate: rec_mod.reconstruct_triton(
                             V, R(), terms=[c(), c(), c()], weights=(1.0, 0.5, 0.25), dR=R(), dr_scale=0.5,

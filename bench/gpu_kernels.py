@@ -410,11 +410,15 @@ def _parity(run: Run) -> None:
                 rkw = dict(terms=[D1], weights=(2.0,), gate=gate)
                 record_in_place(f"reconstruct 1 term+gate M={M2} k={k}", f"reconstruct 1 term+gate M={M2}", dtype, k,
                                 V, F, x, rkw, dot_dt, t16, loose, what="out (in place)")
-                # the default cached step (residual="int4"): the same plus the 4-bit dR read by the kernel
+                # the cached step with residual="int4": the same plus the 4-bit dR read by the kernel, at
+                # order 1 (N < 4) and at order 2 (the default from N = 4: D1 and D2 in one launch)
                 qc, qs = quantized(rnd(*rs, scale=0.3))[4]
                 qkw = dict(rkw, dr_scale=2.0, dR_codes=qc, dR_scales=qs, dR_bits=4)
                 record_in_place(f"reconstruct 1 term+gate+int4 M={M2} k={k}", f"reconstruct 1 term+gate+int4 M={M2}",
                                 dtype, k, V, F, x, qkw, dot_dt, t16, loose, what="out (in place)")
+                qkw2 = dict(qkw, terms=[D1, rnd(*cs)], weights=(2.0, 3.0))
+                record_in_place(f"reconstruct 2 terms+gate+int4 M={M2} k={k}", f"reconstruct 2 terms+gate+int4 M={M2}",
+                                dtype, k, V, F, x, qkw2, dot_dt, t16, loose, what="out (in place)")
             del F, Fp, outs
             run.sync()
     tc.FORCE_DOT_FP32 = None
@@ -476,16 +480,18 @@ def make_cases(run: Run):
             fn=reconstruct, ref=reconstruct_reference,
             bytes=3 * M * k * 4 + vb + 2 * M * D * s + M * D * s + Bn * D * s + M * D * s,
             flops=2 * M * k * D, ideal=None))
-        # the default cached step (taylor1 + residual="int4"): codes (half a byte) + a scale per token
-        # instead of a full-size dR; eager = the reference op, which dequantizes with torch ops first
+        # the cached step with residual="int4": codes (half a byte) + a scale per token instead of a
+        # full-size dR; eager = the reference op, which dequantizes with torch ops first. Order 2 (D1, D2)
+        # is the default from N = 4, order 1 below
         qc, qs = quantized(rnd(*rs, scale=0.3))[4]
-        cases.append(dict(
-            name="reconstruct taylor1+int4 dR, x+gate in place", k=k, args=(V, st["R"]),
-            kw=dict(terms=terms[:1], weights=(1.5,), dr_scale=1.5, x=x, gate=gate, out=x, dR_codes=qc, dR_scales=qs,
-                    dR_bits=4),
-            fn=reconstruct, ref=reconstruct_reference,
-            bytes=M * k * 4 + vb + M * D * s + M * (D + 1) // 2 + M * 4 + M * D * s + Bn * D * s + M * D * s,
-            flops=2 * M * k * D, ideal=None))
+        for nt in (2, 1):
+            cases.append(dict(
+                name=f"reconstruct taylor{nt}+int4 dR, x+gate in place", k=k, args=(V, st["R"]),
+                kw=dict(terms=terms[:nt], weights=(1.5, 0.75)[:nt], dr_scale=1.5, x=x, gate=gate, out=x, dR_codes=qc,
+                        dR_scales=qs, dR_bits=4),
+                fn=reconstruct, ref=reconstruct_reference,
+                bytes=nt * M * k * 4 + vb + M * D * s + M * (D + 1) // 2 + M * 4 + M * D * s + Bn * D * s + M * D * s,
+                flops=2 * M * k * D, ideal=None))
         out = torch.empty(rs, dtype=dt, device=dev)
         cases.append(dict(
             name="reconstruct reuse (C V^T + R)", k=k, args=(V, st["R"]), kw=dict(terms=[st["C"]], weights=(1.0,), out=out),

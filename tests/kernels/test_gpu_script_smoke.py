@@ -21,7 +21,8 @@ def test_gpu_script_cpu_smoke(tmp_path):
         assert op in text
     # the runtime's exact variants at the shapes production selects (smoke: small, k tiles forced)
     for op in ("split F_prev M=", "split C,R M=", "reconstruct 1 term+gate M=", "reconstruct 1 term+gate+int4 M=",
-               "reconstruct int4 dR", "reconstruct int8 dR", "reconstruct taylor1+int4 dR"):
+               "reconstruct 2 terms+gate+int4 M=", "reconstruct int4 dR", "reconstruct int8 dR",
+               "reconstruct taylor1+int4 dR", "reconstruct taylor2+int4 dR"):
         assert op in text, op
     assert "Launch-config sweep" in text
     assert "| float16 |" in text and "| float32 |" in text
