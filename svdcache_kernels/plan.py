@@ -8,7 +8,8 @@ layout (:func:`layout`, a few attribute reads) only pass the new pointers and sc
 
 On the reference (PyTorch) backend the common runtime variants take fused paths of the same math:
 
-- reconstruct, 1 or 2 terms, with gate (anchor-form Taylor order 1 / 2, FLUX's cached step):
+- reconstruct, 0 (a first cached step: ``x + gate * R``, 1 op), 1 or 2 terms, with gate (anchor-form
+  Taylor order 1 / 2, FLUX's cached step):
   ``out = x + gate * (R + w T V^T)`` as ``baddbmm`` into a shared scratch + ``addcmul`` (2 ops); two
   terms are first summed in k dims (one ``add`` into a k-wide scratch: k << D);
   with a quantized dR (``residual="int8"/"int4"``) one ``addcmul_`` of the codes and per-row scales
@@ -89,12 +90,14 @@ class ReconstructPlan:
             D, k = R.shape[-1], V.shape[1]
             f32 = torch.float32
             self._fast = (
-                self.n_terms in (1, 2) and dR is None and x is not None and gate is not None and out is not None
+                self.n_terms in (0, 1, 2) and dR is None and (self.n_terms or dR_codes is None)
+                and x is not None and gate is not None and out is not None
                 and R.dim() == 3 and R.dtype == x.dtype == out.dtype == gate.dtype == V.dtype == torch.float32
                 and all(t.dim() == 3 and t.dtype == torch.float32 for t in terms)
             )
             if self._fast:
                 self._gate3 = not gate_rows_shape(R, gate)  # (B, D): needs a (B, 1, D) view
+            if self._fast and self.n_terms:
                 self._V = V
                 self._Vtb = V.t().expand(R.shape[0], k, D)  # a view of the basis (held by its cache anyway)
 
@@ -114,6 +117,8 @@ class ReconstructPlan:
             torch.set_grad_enabled(False)
         try:
             if self._fast:
+                if not self.n_terms:  # a first cached step (no derivative yet): out = x + gate * R, one op
+                    return torch.addcmul(x, gate.unsqueeze(-2) if self._gate3 else gate, R, out=out)
                 T, w = terms[0], weights[0]
                 if self.n_terms == 2:
                     T, w = self._sum_terms(terms, weights)

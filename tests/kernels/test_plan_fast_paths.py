@@ -42,6 +42,23 @@ def test_two_term_gated_plan_matches_reference(bits, B, N, D, k):
         assert_close(out, ref, TOL[F32], f"bits={bits} w={w}")
 
 
+@pytest.mark.parametrize("gate_rows", (True, False))
+def test_zero_term_gated_plan_is_x_plus_gate_times_anchor(gate_rows):
+    """A first cached step (one full step behind it: no derivative yet) forecasts the anchor itself."""
+    g = gen(5 + gate_rows)
+    B, N, D = 2, 5, 19
+    V, R = basis(D, 3, g=g), randn((B, N, D), g=g)
+    gate = randn((B, 1, D) if gate_rows else (B, D), g=g)
+    plan = None
+    for _ in range(2):
+        x = randn((B, N, D), g=g)
+        ref = reconstruct_reference(V, R, x=x, gate=gate)
+        out = x.clone()
+        plan = plan or ReconstructPlan(V, R, x=out, gate=gate, out=out, backend="torch")
+        assert plan._fast and plan(V, R, (), (), None, 0.0, out, gate, out) is out
+        assert_close(out, ref, TOL[F32], "0 terms")
+
+
 @pytest.mark.parametrize("B,N,D,k", [(1, 24, 37, 5), (2, 3, 12, 12)])
 def test_order2_split_plan_matches_reference_and_returns_the_difference(B, N, D, k):
     g = gen(7 * D + k)
