@@ -9,7 +9,9 @@
    (V, and C or P, rounded to the activation dtype; fp32 accumulation), so they are compared, at
    rounding-level tolerance, with the reference computed on those same rounded operands ("emulated");
    their deviation from the exact fp32 reference is printed too, checked only against a loose bound.
-2. Device-to-device copy bandwidth (the yardstick).
+2. Device-to-device copy bandwidth (the yardstick), and the host cost of one call at a tiny shape
+   (Python + launch: the runtime's per-feature reconstruct plan vs one aten op), the floor of a
+   cached step's latency (x 114 features on FLUX.1-dev).
 3. Per op at FLUX shapes (N = 4096 + 512 tokens, D = 3072, k in {64, 128, 256}, bf16): median time
    (triton.testing.do_bench, L2 flushed between runs), minimal bytes -> GB/s and fraction of copy
    bandwidth, TFLOP/s, speedup over the eager reference and over torch.compile of the reference; for
@@ -74,6 +76,7 @@ class Run:
         self.sweep: list[dict] = []
         self.notes: list[str] = []
         self.copy_gbs = float("nan")
+        self.launch_us: dict[str, float] = {}
         self._flush = None
 
     def left(self) -> float:
@@ -439,6 +442,41 @@ def copy_bandwidth(run: Run) -> None:
     del src, dst
 
 
+def launch_cost(run: Run) -> None:
+    """Host microseconds per call at a tiny shape (device work negligible): what a cached step pays per
+    feature before any byte moves. 114 features per FLUX.1-dev step x this is the step's launch floor
+    (the cached step's budget is 3.5-6.1 ms at N = 8..4)."""
+    from svdcache_kernels import ReconstructPlan
+
+    dev, dt = run.dev, (torch.float32 if run.smoke else torch.bfloat16)
+    B, N, D, k = 1, 16, 64, 16
+    g = torch.Generator().manual_seed(5)
+    mk = lambda *sh, dtype=torch.float32: torch.randn(*sh, generator=g).to(dev, dtype)  # noqa: E731
+    V, R, x = mk(D, k, dtype=dt), mk(B, N, D, dtype=dt), mk(B, N, D, dtype=dt)
+    terms = [mk(B, N, k), mk(B, N, k)]
+    gate = mk(B, 1, D, dtype=dt)
+    qc, qs = (t.to(dev) for t in quantized(torch.randn(B, N, D, generator=g))[4])
+    plan = ReconstructPlan(V, R, terms=terms, weights=(1.0, 0.5), dr_scale=1.0, x=x, gate=gate, out=x,
+                           dR_codes=qc, dR_scales=qs, dR_bits=4, backend="triton")
+    calls = {
+        "torch.add (one aten launch)": lambda: torch.add(R, R),
+        "ReconstructPlan, 2 terms + gate + int4, in place (the runtime's per-feature call)":
+            lambda: plan(V, R, terms, (1.0, 0.5), None, 1.0, x, gate, x, qc, qs),
+    }
+    n = 20 if run.smoke else 2000
+    for name, fn in calls.items():
+        for _ in range(3 if run.smoke else 50):
+            fn()
+        run.sync()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        host = (time.perf_counter() - t) / n * 1e6
+        run.sync()
+        run.launch_us[name] = host
+        run.log(f"launch cost: {name}: {host:.1f} us per call (host)")
+
+
 def make_cases(run: Run):
     """(name, k, kernel_fn, ref_fn(call), bytes, flops, ideal_bytes or None, compile_key)."""
     dev = run.dev
@@ -601,6 +639,11 @@ def report(run: Run) -> str:
         L.append("")
         L.append("**Smoke run: tiny shapes under the Triton interpreter; the times are not kernel speeds.**")
     L += ["", f"Device-to-device copy bandwidth (read + write): **{fmt(run.copy_gbs, 0)} GB/s**.", ""]
+    if run.launch_us:
+        L += ["## Host cost per call (tiny shape: launch and Python only)", "",
+              "| call | us per call | x 114 features (ms per cached FLUX.1-dev step) |", "|---|---|---|"]
+        L += [f"| {n} | {fmt(us, 1)} | {fmt(us * 114e-3, 2)} |" for n, us in run.launch_us.items()]
+        L.append("")
     n_ok = sum(p["ok"] for p in run.parity)
     L += [f"## Parity ({n_ok}/{len(run.parity)} pass)", "",
           "16-bit kernels vs the reference on the same rounded dot operands (tolerance: one ulp of a 16-bit "
@@ -675,6 +718,7 @@ def main(argv=None) -> int:
     try:
         run.guard("parity", parity, run)
         run.guard("copy bandwidth", copy_bandwidth, run)
+        run.guard("launch cost", launch_cost, run)
         cases = run.guard("inputs", make_cases, run) or []
         run.guard("timings", time_cases, run, cases)
         run.guard("torch.compile", compile_cases, run, cases)

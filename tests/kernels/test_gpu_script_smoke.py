@@ -25,4 +25,5 @@ def test_gpu_script_cpu_smoke(tmp_path):
                "reconstruct taylor1+int4 dR", "reconstruct taylor2+int4 dR"):
         assert op in text, op
     assert "Launch-config sweep" in text
+    assert "## Host cost per call" in text and "ReconstructPlan, 2 terms" in text
     assert "| float16 |" in text and "| float32 |" in text
