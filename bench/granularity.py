@@ -76,8 +76,11 @@ def main(argv=None):
         "proj_out before its gate in the single blocks; on a cached step only the gates are computed).",
         "- submodule: the generic gate-aware level (svdcache/adapters/submodule.py): the outputs of the "
         "attention and feed-forward submodules found by class; the block's own forward runs on cached steps. "
-        "In FLUX's single blocks that caches `attn` and `proj_mlp` (a Linear, found by name); `proj_out`, "
-        "the Linear over both, is computed every step, hence the lower FLOPs ratio at the same N.",
+        "In FLUX's single blocks (parallel attention + MLP) the block-level `proj_out` over cat(attn, "
+        "proj_mlp) is found as a fused projection, verified on the first full step (the block rerun with "
+        "placeholders reproduces its output bit for bit), and cached instead: on a cached step `attn` and "
+        "`proj_mlp` return stride-0 zero placeholders and `proj_out` its forecast (the same feature as "
+        "the module level, its gate and residual add computed by the block).",
         "- block: each block's output minus input per stream.",
         "",
         "| N | " + " | ".join(GRANULARITIES) + " | submodule - module (dB) |",
