@@ -27,6 +27,8 @@ setup(
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
         # optional peer of bench/fidelity.py --cache-dit (not installed by CI; no test needs it)
         "cachedit": ["cache-dit==1.5.3"],
+        # optional: int8 weight-only quantized transformers (bench/accelerated.py; tests skip without it)
+        "torchao": ["torchao>=0.18"],
     },
     entry_points={"console_scripts": ["svdcache=svdcache.__main__:main"]},
 )

@@ -2,12 +2,15 @@
 against its own uncached run: few-step sampling (4 and 8 steps, warm-up 1, N = 2-3), an int8
 weight quantized transformer, and another attention backend.
 
-int8: torch's own dynamic int8 quantization of every nn.Linear (torch.ao.quantization.quantize_dynamic,
-int8 weights, CPU) - torchao is not installed on this machine, and installing it into the shared
-environment was not an option in this session. Counted FLOPs do not see quantized linears, so that
-row reports no FLOPs ratio. FLUX's module adapter fails on the quantized model (it reads the gate
-Linears' ``weight`` tensors, a method on a dynamic-quantized Linear); the generic submodule level
-(which touches no weights) runs it, with a zero-setup basis.
+int8: torchao's int8 weight-only quantization of every nn.Linear (torchao.quantization.quantize_ with
+Int8WeightOnlyConfig, an optional extra: pip install svdcache[torchao]; the row is skipped without it),
+and torch's own dynamic int8 quantization (torch.ao.quantization.quantize_dynamic, int8 weights and
+activations, CPU). Each against its own uncached quantized run. Counted FLOPs do not see quantized
+linears, so those rows report no FLOPs ratio. FLUX's module adapter runs both: where the AdaLN gate
+Linears' weights are not plain tensors (a method on a dynamic-quantized Linear, a torchao tensor
+subclass without view ops) a cached step computes the whole modulation through the quantized Linear
+instead of a GEMM on its gate rows; the submodule-level rows (zero-setup basis, next to the fp32 one)
+compare the generic level on the same models.
 
     python bench/accelerated.py       # writes bench/results/accelerated.md
 """
@@ -44,6 +47,17 @@ def run_row(pipe, basis, prompts, seeds, steps, N, warmup, label, rows, **kw):
     print(rows[-1], flush=True)
 
 
+def _torchao_int8(model):
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    quantize_(model, Int8WeightOnlyConfig())
+    return model
+
+
+def _torch_ao_dynamic(model):
+    return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=1)
@@ -73,18 +87,28 @@ def main(argv=None):
     # the int8 row's fp32 counterpart (same granularity and zero-setup basis), to read it against
     run_row(pipe, None, prompts, seeds, 50, 5, 3, "fp32, submodule level, zero-setup basis", rows,
             granularity="submodule")
-    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(fp), {torch.nn.Linear}, dtype=torch.qint8)
-    pipe.transformer = q
-    try:
-        run_row(pipe, basis, prompts, seeds, 50, 5, 3, "int8 dynamic-quantized linears (torch.ao, CPU)", rows)
-    except Exception as e:  # FLUX's module adapter reads the gate Linears' weights (fused gates)
-        svdcache.disable(pipe)
-        rows.append(dict(label="int8 dynamic-quantized linears (torch.ao, CPU)", error=f"{type(e).__name__}: {e}"))
-        print(rows[-1])
-        run_row(pipe, None, prompts, seeds, 50, 5, 3, "int8 dynamic-quantized linears, submodule level, zero-setup "
-                "basis", rows, granularity="submodule")
-    finally:
-        pipe.transformer = fp
+    for label, quantize in (("int8 weight-only (torchao)", _torchao_int8),
+                            ("int8 dynamic-quantized linears (torch.ao, CPU)", _torch_ao_dynamic)):
+        try:
+            q = quantize(copy.deepcopy(fp))
+        except Exception as e:  # torchao not installed, or not for this torch
+            rows.append(dict(label=label, error=f"skipped: {type(e).__name__}: {str(e).splitlines()[0]}"))
+            print(rows[-1])
+            continue
+        pipe.transformer = q
+        try:
+            for g, b, what in (("auto", basis, "FLUX module level, shipped basis"),
+                               ("submodule", None, "submodule level, zero-setup basis")):
+                try:
+                    run_row(pipe, b, prompts, seeds, 50, 5, 3, f"{label}, {what}", rows, granularity=g)
+                except Exception as e:  # one line, no traceback
+                    svdcache.disable(pipe)
+                    rows.append(dict(label=f"{label}, {what}", error=f"fails: {type(e).__name__}: "
+                                     f"{str(e).splitlines()[0] if str(e) else ''}"))
+                    print(rows[-1])
+        finally:
+            pipe.transformer = fp
+            del q
     secs = time.time() - t0
     lines = [
         "# Accelerated settings on the embedded model",
@@ -99,7 +123,7 @@ def main(argv=None):
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['label']} | - | - | - | - | fails: {r['error'][:100]} | - |")
+            lines.append(f"| {r['label']} | - | - | - | - | {r['error'][:110]} | - |")
             continue
         fl = f"{r['flops']:.2f}x" if r["flops"] and r["flops"] > 0 and "int8" not in r["label"] else "-"
         per_ctx = f"{r['full'] // 2} / {r['cached'] // 2}"

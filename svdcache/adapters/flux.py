@@ -71,13 +71,22 @@ def _gate_weights(block: torch.nn.Module, lin: torch.nn.Linear, n_chunks: int, p
 
 
 def _plain_weights(*lins) -> bool:
-    """Linears whose weight is a plain tensor (a dynamic-quantized Linear's ``weight`` is a method)."""
-    return all(isinstance(getattr(lin, "weight", None), torch.Tensor) for lin in lins)
+    """Linears whose weight is a plain tensor, one whose gate rows can be viewed: not a dynamic-quantized
+    Linear's (``weight`` is a method) nor a tensor subclass's such as torchao's int8 weights (no view
+    or transpose ops); a DTensor (tensor parallelism) is viewed like a plain one."""
+    for lin in lins:
+        w = getattr(lin, "weight", None)
+        if not isinstance(w, torch.Tensor):
+            return False
+        if type(w) not in (torch.Tensor, torch.nn.Parameter) and type(w).__name__ != "DTensor":
+            return False
+    return True
 
 
-def _double_gates(block, temb, buffer):
+def _double_gates(block, temb, buffer, text=True):
     """gate_msa, gate_mlp, c_gate_msa, c_gate_mlp of a cached step, each (B, 1, D): two batched
-    GEMMs on the gate rows only, written into one runtime buffer (no allocation per block)."""
+    GEMMs on the gate rows only, written into one runtime buffer (no allocation per block). Without
+    ``text`` the text stream's pair is not computed (None)."""
     if not _plain_weights(block.norm1.linear, block.norm1_context.linear):  # e.g. int8 Linears: whole modulation
         _, _, g1, _, _, g2 = _gates(block.norm1, temb, 6)
         _, _, c1, _, _, c2 = _gates(block.norm1_context, temb, 6)
@@ -99,6 +108,8 @@ def _double_gates(block, temb, buffer):
         _VIEWS[("d", id(gb))] = views
     _, out1, out2, gates = views
     torch.baddbmm(b, s2, Wt, out=out1) if b is not None else torch.bmm(s2, Wt, out=out1)
+    if not text:
+        return gates[0], gates[1], None, None
     torch.baddbmm(bc, s2, Wc, out=out2) if bc is not None else torch.bmm(s2, Wc, out=out2)
     return gates
 
@@ -134,6 +145,24 @@ def _owned(x: torch.Tensor, buf: torch.Tensor) -> bool:
 
 class FluxDoubleBlockAdapter(BlockAdapter):
     granularity = "module"
+    #: the text stream's forecasts are skipped on cached steps (see bind)
+    text_unused = False
+
+    def bind(self, model, blocks):
+        # FluxTransformer2DModel drops the text stream after the last single block, and on a cached
+        # call every block is forecast (their outputs are x + gate * F_hat: the image rows never read
+        # the text rows), so when all its blocks are cached here the double blocks' text features
+        # (attn.txt, ff_context: a third of the features) need no forecast on a cached step; the
+        # single blocks still forecast their joint rows. Exactly the same image output. Only the
+        # class itself (a subclass may override forward) and only with every block of it in the plan.
+        from diffusers import FluxTransformer2DModel
+
+        ours = {id(b) for _, b, a in blocks if isinstance(a, (FluxDoubleBlockAdapter, FluxSingleBlockAdapter))}
+        lists = [getattr(model, "transformer_blocks", ()), getattr(model, "single_transformer_blocks", ())]
+        self.text_unused = (
+            type(model) is FluxTransformer2DModel and len(ours) == len(blocks)
+            and all(id(b) in ours for lst in lists for b in lst) and len(ours) == sum(len(lst) for lst in lists)
+        )
 
     def feature_dims(self, block):
         D = block.norm2.normalized_shape[0]
@@ -156,8 +185,9 @@ class FluxDoubleBlockAdapter(BlockAdapter):
         a = bind_arguments(block, args, kwargs)
         hs, ehs = a["hidden_states"], a["encoder_hidden_states"]
         buffer = getattr(forecast, "buffer", None)
+        skip_text = self.text_unused and buffer is not None and ehs is not None
         with torch.no_grad():  # a cached step is not differentiated (the forecast ops run without grad too)
-            gate_msa, gate_mlp, c_gate_msa, c_gate_mlp = _double_gates(block, a["temb"], buffer)
+            gate_msa, gate_mlp, c_gate_msa, c_gate_mlp = _double_gates(block, a["temb"], buffer, text=not skip_text)
         if buffer is None or ehs is None:  # a forecast callable without buffers (or no text stream)
             h = forecast("attn.img", x=hs, gate=gate_msa)
             h = forecast("ff", x=h, gate=gate_mlp, out=h)
@@ -167,9 +197,11 @@ class FluxDoubleBlockAdapter(BlockAdapter):
         # Outputs into two runtime buffers reused by every double block of the call: the first block
         # reads the model's streams and writes the buffers, each next one updates them in place.
         hb = buffer("flux.double.img", hs.shape, hs.dtype, hs.device)
-        eb = buffer("flux.double.txt", (hs.shape[0], *ehs.shape[1:]), ehs.dtype, ehs.device)
         forecast("attn.img", x=hs, gate=gate_msa, out=hb)
         forecast("ff", x=hb, gate=gate_mlp, out=hb)
+        if skip_text:
+            return ehs, hb  # the text stream as it came in: nothing after the blocks reads it
+        eb = buffer("flux.double.txt", (hs.shape[0], *ehs.shape[1:]), ehs.dtype, ehs.device)
         forecast("attn.txt", x=ehs, gate=c_gate_msa, out=eb)
         forecast("ff_context", x=eb, gate=c_gate_mlp, out=eb)
         if eb.dtype == torch.float16:
@@ -212,8 +244,9 @@ class FluxSingleBlockAdapter(BlockAdapter):
             self._views = {id(x): views}
         _, ev, hv = views
         if not (_owned(enc, ev) and _owned(hs, hv)):
-            ev.copy_(enc)  # broadcasts a batch-1 text stream
-            hv.copy_(hs)
+            with torch.no_grad():  # the model's own text stream may carry grad (a cached step is not differentiated)
+                ev.copy_(enc)  # broadcasts a batch-1 text stream
+                hv.copy_(hs)
         forecast("proj_out", x=x, gate=gate, out=x)
         if x.dtype == torch.float16:
             x.clamp_(-65504, 65504)
