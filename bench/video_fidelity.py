@@ -18,14 +18,18 @@ Methods, each at intervals N = 3..8, all in this runtime:
     computed at every 2nd full step).
   - the same with both guidance branches computed at every full step (uncond_interval=1), both levels;
   - FORA (full-space reuse) and TaylorSeer order 1 (full-space Taylor), submodule level, warm-up 1,
-    both branches every full step, uniform schedule; and TaylorSeer o1 with the unconditional branch
-    shared as the default does (uncond_interval=2).
+    both branches every full step, uniform schedule; TaylorSeer o1 on the basis's calibrated (DP)
+    schedule; and TaylorSeer o1 with the unconditional branch shared as the default does
+    (uncond_interval=2, uniform).
+Schedules: the default's schedule="auto" takes the basis's DP plan (calibration's svd-taylor1 family)
+for the rows with both branches every full step (u1); the shared rows (uncond_interval=2) have no
+plan of their own in these bases (no closed-loop selection was run) and use the uniform rule.
 FLOPs are counted over the whole sampling by hooks on every Linear, the patch-embedding Conv3d and
 every attention (QK^T and AV, booked by the projections that ran), checked against torch's flop counter on an uncached call, plus the
 cache's own projection / reconstruction matmuls (svdcache.stats cache_op_flops). PSNR is interpolated
 at matched FLOPs ratios (linear in log ratio). Memory: the cache's peak bytes over one copy of its
 cached features (svdcache.stats memory_ratio, measured), and on paper at HunyuanVideo 720p x 129 frames.
-Writes bench/results/video_model/fidelity.{json,md}.
+Writes bench/results/video_model/fidelity.{json,md} and reference_videos.png (the uncached videos, seed 0).
 """
 from __future__ import annotations
 
@@ -65,12 +69,20 @@ def method_list(intervals=INTERVALS):
                        granularity="submodule", cfg=dict(interval=n, space="full", predictor="reuse", **peer)))
         ms.append(dict(name=f"TaylorSeer-o1 N={n}", family="TaylorSeer o1 (full space), submodule level", setting=n,
                        granularity="submodule", cfg=dict(interval=n, space="full", predictor="taylor", order=1, **peer)))
+        ms.append(dict(name=f"TaylorSeer-o1 cal N={n}",
+                       family="TaylorSeer o1 (full space), submodule level, the basis's calibrated (DP) schedule",
+                       setting=n, granularity="submodule",
+                       cfg=dict(interval=n, space="full", predictor="taylor", order=1,
+                                **{**peer, "schedule": "calibrated"})))
         ms.append(dict(name=f"TaylorSeer-o1 u2 N={n}",
                        family="TaylorSeer o1 (full space), submodule level, uncond shared (uncond_interval=2)",
                        setting=n, granularity="submodule",
                        cfg=dict(interval=n, space="full", predictor="taylor", order=1,
                                 **{**peer, "uncond_interval": 2})))
-    return ms
+    # the target comparison first (the sweep is resumable: an interrupted run keeps what it finished)
+    order = ["SVD default submodule", "SVD default block", "TaylorSeer-o1 N", "FORA", "SVD default u1 submodule",
+             "SVD default u1 block", "TaylorSeer-o1 cal", "TaylorSeer-o1 u2"]
+    return sorted(ms, key=lambda m: next(i for i, o in enumerate(order) if m["name"].startswith(o)))
 
 
 class VideoFlopCounter:
@@ -136,6 +148,25 @@ def generate(pipe, prompts, seeds, steps):
     t0 = time.perf_counter()
     v = pipe(prompts, num_inference_steps=steps, generator=gens, output_type="pt", **VIDEO_GUIDANCE).videos
     return v.float(), time.perf_counter() - t0
+
+
+def save_grid(videos, prompts, path):
+    """The uncached reference videos, one row per video, one column per frame."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    B, _, F = videos.shape[:3]
+    fig, ax = plt.subplots(B, F, figsize=(F * 0.9, B * 1.0), squeeze=False)
+    for i in range(B):
+        for f in range(F):
+            ax[i, f].imshow(videos[i, 0, f], cmap="gray", vmin=0, vmax=1)
+            ax[i, f].axis("off")
+        ax[i, 0].set_title(prompts[i], fontsize=6, loc="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def frame_ssim(a, b):
@@ -323,6 +354,7 @@ def main(argv=None):
         ref, sec = generate(pipe, prompts, seeds, args.steps)
         ref_times.append(sec)
     ref_flops = counter.flops
+    save_grid(ref[:: args.seeds], prompts[:: args.seeds], os.path.join(args.out, "reference_videos.png"))
     ref_sec = statistics.median(ref_times)
     done = {r["name"] for r in data["rows"]}
     ranks = []

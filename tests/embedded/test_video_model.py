@@ -97,7 +97,10 @@ def test_submodule_cache_skips_heavy_submodules_on_cached_steps(pipe):
     # every cached call skips all of its heavy submodules
     assert counts["n"] == st.full_steps * 3 * len(tr.blocks)
     assert torch.isfinite(out).all() and not torch.equal(out, ref)
-    assert (out - ref).abs().max() < 0.5  # close to the uncached video, not equal
+    # close to the uncached video, not equal (6 steps with cached ones in between: a coarse forecast)
+    from svdcache.metrics import psnr
+
+    assert psnr(out, ref).min() > 15, psnr(out, ref)
 
 
 def test_interval_1_reproduces_the_uncached_output(pipe):
