@@ -44,3 +44,11 @@ def load_basis(device: str = "cpu"):
     from ..basis import load_basis as _load
 
     return _load(BASIS_PATH, device=device)
+
+
+def load_video_model(device: str = "cpu", dtype=None):
+    """The second embedded model, a trained miniature Wan video transformer in its CFG sampling loop,
+    and its calibrated submodule-level basis: ``(pipe, basis)`` (see svdcache.embedded.video)."""
+    from .video import load_video_model as _load
+
+    return _load(device, dtype)
