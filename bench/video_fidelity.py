@@ -207,9 +207,10 @@ def hunyuan_rows():
     """Token-rows x channels of one copy of the cached features, per granularity."""
     N, L, D, mlp = HV["N"], HV["L"], HV["D"], HV["mlp"]
     T = N + L
-    # submodule: double block attn -> (video N, text L), ff (N), ff_context (L); single block attn (T)
-    # and proj_mlp (T x 4D, a Linear found by name; proj_out over both runs every step)
-    sub = HV["double"] * (2 * N + 2 * L) * D + HV["single"] * (T * D + T * mlp * D)
+    # submodule: double block attn -> (video N, text L), ff (N), ff_context (L); single block: its fused
+    # proj_out over cat(attn, MLP) (T x D; commit 62fb47f, checked on a tiny HunyuanVideo: the feature is
+    # single_transformer_blocks.i.proj_out); the token refiner's 2 blocks (L rows each) are left out (< 0.01%)
+    sub = HV["double"] * (2 * N + 2 * L) * D + HV["single"] * T * D
     block = HV["double"] * (N + L) * D + HV["single"] * (N + L) * D  # output - input per stream
     return {"submodule": sub, "block": block}
 
@@ -321,8 +322,9 @@ def write_report(data, out_dir):
           f"- block level: each block's output minus input per stream: (20 + 40) x (N + L) x D = {hrows['block']:,} values "
           f"= {hrows['block'] * 2 / 1e9:.1f} GB in bf16;",
           f"- submodule level: double blocks attn (N + L) + ff (N) + ff_context (L) rows, i.e. 20 x 2 (N + L) x D; single "
-          f"blocks attn (N + L) x D + proj_mlp (N + L) x 4D: 40 x 5 (N + L) x D; in all {hrows['submodule']:,} values "
-          f"= {hrows['submodule'] * 2 / 1e9:.1f} GB (4x the block level: the single blocks' 4D-wide MLP input is a cached feature).",
+          f"blocks their fused proj_out over cat(attention, MLP), (N + L) x D (the submodule adapter's fused-projection "
+          f"feature; before it, attn + the 4D-wide proj_mlp: 5 (N + L) x D); in all 80 x (N + L) x D = {hrows['submodule']:,} values "
+          f"= {hrows['submodule'] * 2 / 1e9:.1f} GB (4/3 of the block level: the double blocks hold two features per stream).",
           "",
           f"SVD-Cache default: 1 + 2k/D + 1/4 copies of bf16 features (the config's formula; 1 + k/D + 1/8 of fp32 "
           f"ones, measured below) with k = {k_abs:g} (the median rank of the default's change subspace on the video "
