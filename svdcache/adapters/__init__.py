@@ -152,6 +152,8 @@ def find_blocks(model: torch.nn.Module, granularity: str = "auto", blocks=None, 
             f"{type(model).__name__} has no transformer blocks (no ModuleList whose elements hold attention or "
             f"feed-forward modules): nothing to cache; name them with svdcache.enable(model, blocks=[...])"
         )
+    for adapter in {id(a): a for _, _, a in plan.blocks}.values():
+        adapter.bind(model, plan.blocks)
     order = ("module", "submodule", "block")
     plan.granularity = "+".join(k for k in order if k in kinds)
     if plan.uncached_lists:

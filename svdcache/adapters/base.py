@@ -30,6 +30,10 @@ class BlockAdapter:
     def cached_forward(self, block, args, kwargs, forecast: Forecast) -> Any:
         raise NotImplementedError
 
+    def bind(self, model: torch.nn.Module, blocks: list) -> None:
+        """Called once the whole plan (``[(name, block, adapter)]``) of ``model`` is known: what an adapter
+        may conclude from the model around its blocks (default: nothing)."""
+
 
 def bind_arguments(block: torch.nn.Module, args, kwargs) -> dict[str, Any]:
     """The block's forward arguments by name, however they were passed."""

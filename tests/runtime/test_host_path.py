@@ -103,7 +103,8 @@ def test_buffered_cached_forward_equals_plain(model, basis, monkeypatch, residua
     g = svdcache.stats(model).last_generation
     assert g.cached_steps >= 4
     hook = model._diffusers_hook.get_hook("svdcache")
-    assert {"flux.double.img", "flux.double.txt", "flux.single"} <= set(hook._buffers)
+    assert {"flux.double.img", "flux.single"} <= set(hook._buffers)
+    assert "flux.double.txt" not in hook._buffers  # the unread text stream is not forecast (next test)
     svdcache.disable(model)
     monkeypatch.setattr(flux_mod.FluxDoubleBlockAdapter, "cached_forward", _plain_double)
     monkeypatch.setattr(flux_mod.FluxSingleBlockAdapter, "cached_forward", _plain_single)
@@ -114,6 +115,64 @@ def test_buffered_cached_forward_equals_plain(model, basis, monkeypatch, residua
     else:
         err = float((fast - plain).abs().max())
         assert err <= 1e-3 * float(plain.abs().max()), err
+
+
+def _double_adapters(model):
+    from svdcache.adapters import last_plan
+
+    return {id(a): a for _, _, a in last_plan(model).blocks if isinstance(a, flux_mod.FluxDoubleBlockAdapter)}.values()
+
+
+@pytest.mark.parametrize("residual", ["reuse", "int4"])
+def test_cached_step_skips_the_text_stream_nothing_reads(model, basis, monkeypatch, residual):
+    """FluxTransformer2DModel drops the text stream after its blocks: on a cached call the double
+    blocks' text features are not forecast, and every step's output is bitwise the same as with them."""
+    loop = FluxLoop(model, batch=2)
+    calls = []
+    real = SVDCacheHook.forecast
+    monkeypatch.setattr(SVDCacheHook, "forecast", lambda self, name, **kw: calls.append(name) or real(self, name, **kw))
+
+    def run():
+        calls.clear()
+        h, outs = loop.x.clone(), []
+        for i in range(10):
+            out = loop.call(h, 1.0 - i / 10)
+            outs.append(out.clone())
+            h = h - out / 10
+        return outs, list(calls), svdcache.stats(model).last_generation
+
+    svdcache.enable(model, basis=basis, interval=3, warmup=2, residual=residual)
+    assert all(a.text_unused for a in _double_adapters(model))
+    skip, names_skip, g_skip = run()
+    for a in _double_adapters(model):
+        a.text_unused = False  # the forecasts of the text stream, as before
+    full, names_full, g_full = run()
+    assert g_skip.cached_steps == g_full.cached_steps >= 4
+    text = lambda ns: [n for n in ns if n.endswith((".attn.txt", ".ff_context"))]  # noqa: E731
+    assert not text(names_skip) and len(text(names_full)) == 2 * 2 * g_full.cached_steps
+    for a, b in zip(skip, full):
+        assert torch.equal(a, b)
+    assert g_skip.flops < g_full.flops  # the cache's own FLOPs of the skipped forecasts
+
+
+def test_text_stream_kept_where_something_may_read_it(model, basis):
+    """A subclass (its forward may use the text stream) or a plan without every block keeps it."""
+    from diffusers import FluxTransformer2DModel
+
+    with pytest.warns(UserWarning, match="single_transformer_blocks"):
+        svdcache.enable(model, basis=basis, blocks=["transformer_blocks"])
+    assert not any(a.text_unused for a in _double_adapters(model))
+    svdcache.disable(model)
+
+    class MyFlux(FluxTransformer2DModel):
+        pass
+
+    torch.manual_seed(0)
+    sub = MyFlux(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                 num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6))
+    svdcache.enable(sub, interval=3)
+    assert not any(a.text_unused for a in _double_adapters(sub))
+    svdcache.disable(sub)
 
 
 @pytest.fixture
