@@ -44,8 +44,9 @@ class SVDCacheConfig:
             the cache contexts "cond" and "uncond" each step), the unconditional branch is computed
             only at every ``uncond_interval``-th full step of the conditional one; at the others it
             is forecast as the conditional branch's features of that step plus their difference's
-            forecast (see :mod:`svdcache.guidance`). 1 computes both branches at every full step. With
-            2 (default) a full step costs 1.5 transformer calls instead of 2 on average, so the FLOPs
+            forecast (see :mod:`svdcache.guidance`). 1 computes both branches at every full step.
+            None (default): 2, but 1 where every step is computed (``interval=1`` with the uniform or
+            auto schedule: no caching at all). With 2 a full step costs 1.5 transformer calls instead of 2 on average, so the FLOPs
             ratio at a given ``interval`` is about 4/3 of it; pipelines with one call per step
             (FLUX.1-dev's distilled guidance) are not affected.
 
@@ -116,7 +117,7 @@ class SVDCacheConfig:
     num_inference_steps: int | None = None
     schedule: str | tuple = "auto"
     num_full_steps: int | None = None
-    uncond_interval: int = 2
+    uncond_interval: int | None = None
     granularity: str = "auto"
     space: str = "svd"
     predictor: str = "taylor"
@@ -170,6 +171,12 @@ class SVDCacheConfig:
             self.schedule = tuple(sorted(set(steps)))
         if self.num_full_steps is not None and (int(self.num_full_steps) != self.num_full_steps or self.num_full_steps < 1):
             raise ValueError(f"SVDCacheConfig.num_full_steps must be an integer >= 1, got {self.num_full_steps!r}")
+        if self.uncond_interval is None:
+            # interval 1 with the uniform / auto schedule means "compute every step": nothing shared
+            # either (an explicit uncond_interval=2 still shares the unconditional branch)
+            every = self.interval == 1 and self.num_full_steps is None and self.schedule in ("auto", "uniform")
+            self.uncond_interval = 1 if every else 2
+            self._uncond_auto = True  # replace() re-chooses it (e.g. for another interval)
         if int(self.uncond_interval) != self.uncond_interval or self.uncond_interval < 1:
             raise ValueError(f"SVDCacheConfig.uncond_interval must be an integer >= 1, got {self.uncond_interval!r}")
         if self.tail < 0:
@@ -210,6 +217,8 @@ class SVDCacheConfig:
             changes["tau"] = None
         if getattr(self, "_order_auto", False) and "order" not in changes:
             changes["order"] = None
+        if getattr(self, "_uncond_auto", False) and "uncond_interval" not in changes:
+            changes["uncond_interval"] = None
         return replace(self, **changes)
 
     def to_dict(self) -> dict:

@@ -203,7 +203,7 @@ def test_batch_with_one_negative_prompt_is_shared(tiny_pipe, basis):
     svdcache.enable(tiny_pipe, basis=basis, interval=2, warmup=1, uncond_interval=2, schedule="uniform")
     g = [torch.Generator().manual_seed(s) for s in (0, 1)]
     out = tiny_pipe(["a handwritten digit seven", "a handwritten digit one"], num_inference_steps=STEPS, generator=g,
-                    height=32, width=32, max_sequence_length=16, output_type="pt", **CFG).images
+                    height=32, width=32, max_sequence_length=16, **CFG).images
     assert torch.isfinite(out).all()
     assert svdcache.stats(tiny_pipe).last_generation.shared_steps > 0
 
@@ -262,3 +262,18 @@ def _check_one_pass(states, residual) -> int:
                 checked += 1
     st.t = p.t = t_last
     return checked
+
+
+def test_interval_one_computes_both_branches_every_step(tiny_pipe, basis):
+    """interval=1 means no caching: with true CFG the unconditional branch is not shared either (the
+    default uncond_interval resolves to 1 there), so the images equal the uncached ones exactly; an
+    explicit uncond_interval=2 still shares it."""
+    ref = run_pipe(tiny_pipe, steps=STEPS, **CFG)
+    cfg = svdcache.enable(tiny_pipe, basis=basis, interval=1)
+    assert cfg.uncond_interval == 1 and cfg.replace(interval=3).uncond_interval == 2
+    out = run_pipe(tiny_pipe, steps=STEPS, **CFG)
+    assert torch.equal(out, ref)
+    assert svdcache.stats(tiny_pipe).last_generation.cached_steps == 0
+    svdcache.enable(tiny_pipe, basis=basis, interval=1, uncond_interval=2)
+    run_pipe(tiny_pipe, steps=STEPS, **CFG)
+    assert svdcache.stats(tiny_pipe).last_generation.cached_steps > 0
