@@ -160,6 +160,7 @@ def main(argv=None) -> None:
     c.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = ap.parse_args(argv)
     if args.cmd == "demo":
+        demo.check_arguments(d, args)
         print(demo.format_table(demo.run_demo(args)))
     else:
         try:

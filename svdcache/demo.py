@@ -169,9 +169,30 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
 
 
+def check_arguments(ap: argparse.ArgumentParser, args) -> None:
+    """Bad arguments end here, in one line (exit 2), before a minute of generation."""
+    from PIL import Image
+
+    for name in ("interval", "steps", "seeds", "repeats"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.threads < 0:
+        ap.error(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
+    if not args.cfg >= 1.0:
+        ap.error(f"--cfg must be >= 1 (1 = no guidance), got {args.cfg:g}")
+    if args.basis not in (None, "online") and not os.path.isfile(args.basis):
+        ap.error(f"--basis {args.basis}: no such file (or 'online' to build one)")
+    if os.path.isdir(args.out):
+        ap.error(f"--out {args.out} is a directory; give a file name such as {os.path.join(args.out, 'demo.png')}")
+    ext = os.path.splitext(args.out)[1].lower()
+    if ext not in Image.registered_extensions():
+        ap.error(f"--out {args.out}: not an image file name (give e.g. out/demo.png)")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m svdcache demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap)
     args = ap.parse_args(argv)
+    check_arguments(ap, args)
     print(format_table(run_demo(args)))
