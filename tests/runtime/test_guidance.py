@@ -203,7 +203,7 @@ def test_batch_with_one_negative_prompt_is_shared(tiny_pipe, basis):
     svdcache.enable(tiny_pipe, basis=basis, interval=2, warmup=1, uncond_interval=2, schedule="uniform")
     g = [torch.Generator().manual_seed(s) for s in (0, 1)]
     out = tiny_pipe(["a handwritten digit seven", "a handwritten digit one"], num_inference_steps=STEPS, generator=g,
-                    height=32, width=32, max_sequence_length=16, **CFG).images
+                    height=32, width=32, max_sequence_length=16, output_type="pt", **CFG).images
     assert torch.isfinite(out).all()
     assert svdcache.stats(tiny_pipe).last_generation.shared_steps > 0
 
