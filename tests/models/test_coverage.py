@@ -5,23 +5,16 @@ bit-exact (zoo_check.check). bench/coverage.py writes the same results as a tabl
 from __future__ import annotations
 
 import pytest
-import torch
 
 import zoo_all as Z
 import zoo_check as C
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 # Classes that do not run uncached on this machine (the check then reports why, and the test skips).
 NEEDS = {"CosmosTransformer3DModel": "torchvision (not installed in CI)"}
 # Known gaps, with the reason; strict: an unexpected pass fails, so the list stays true.
 KNOWN: dict[str, str] = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: intra-op threads only add overhead on a busy 2-core machine
-    yield
-    torch.set_num_threads(n)
 
 
 def test_enough_classes_are_required():

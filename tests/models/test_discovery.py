@@ -13,13 +13,7 @@ import svdcache
 import zoo_all as Z
 import zoo_check as C
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_user_blocks_cache_only_those_and_name_the_rest_once():

@@ -10,6 +10,8 @@ import torch
 import model_zoo as Z
 import svdcache
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 STEPS = 10
 
 
@@ -28,14 +30,6 @@ def context(model, name):
         yield
     finally:
         _set_cache_context(model, None)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module", params=Z.MODEL_NAMES)

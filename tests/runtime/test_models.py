@@ -47,7 +47,7 @@ TOL = {"flux": 0.12, "sd3": 0.04, "hunyuan_video": 0.14, "wan": 0.06, "pixart": 
 # Modules FLUX's module-level cache still runs on a cached step: the AdaLN gate projections.
 _FLUX_GATES = re.compile(r"\.norm\w*\.(linear|silu)$")
 
-pytestmark = pytest.mark.parametrize("name", Z.MODEL_NAMES)
+pytestmark = [pytest.mark.parametrize("name", Z.MODEL_NAMES), pytest.mark.usefixtures("one_thread")]
 
 
 def run(name, model, **kw):
@@ -68,16 +68,6 @@ def calibrated_basis(name, model, granularity="auto"):
 def enable(name, model, basis_kind, **kw):
     basis = calibrated_basis(name, model, kw.get("granularity", "auto")) if basis_kind == "calibrated" else None
     return svdcache.enable(model, basis=basis, interval=INTERVAL, warmup=WARMUP, **kw)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models are tiny: intra-op threads only add sync overhead, and on a busy 2-core machine
-    their spinning makes this file ~10x slower (135 s instead of 11 s)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

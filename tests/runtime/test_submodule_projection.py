@@ -15,15 +15,9 @@ from svdcache.hooks import BLOCK_HOOK
 from svdcache.schedule import full_steps
 
 STEPS, INTERVAL, WARMUP = 8, 3, 2
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 FULL = full_steps(STEPS, interval=INTERVAL, warmup=WARMUP)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _fusion(block):

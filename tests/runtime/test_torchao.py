@@ -13,13 +13,7 @@ torchao = pytest.importorskip("torchao")
 import model_zoo as Z  # noqa: E402
 import svdcache  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _quantized_flux():
