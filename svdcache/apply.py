@@ -138,6 +138,7 @@ def enable(target, basis: Basis | str | os.PathLike | None = None, config: SVDCa
         resolved = last_plan(model).key  # granularity ("module", "submodule", "block", a mix) and plan
         check_parallel_model(model)
         hook = SVDCacheHook(cfg, use_basis, dims, type(model).__name__, resolved, schedule_basis=basis)
+        hook.unread = {f"{n}.{loc}" for n, b, a in planned for loc in a.unread_features(b)}
         if hook.online is not None:
             hook.online.parallel = parallel_of(model)  # zero-setup basis: all-reduce over the model's ranks
         sched = None if isinstance(target, torch.nn.Module) else getattr(target, "scheduler", None)

@@ -17,6 +17,7 @@ from .distributed import plain_feature, reduce_partial, sees_shards
 from . import guidance
 from .flops import count_flops
 from .guards import CONTINUATION_TOL, concurrent_use_error, continuation_residual, refuse_foreign_cache
+from .deferred import DeferredSum
 from .predictors import SubspaceCache, make_feature_cache
 from .schedule import Schedule
 from .state import ContextState, DefaultContextStateManager
@@ -78,6 +79,7 @@ class BlockHook(ModelHook):
         self.active_forecast = None  # set during a cached forward (submodule hooks read it)
         self.prefix = name + "."
         self._forecast = Forecaster(controller, self.prefix)
+        self._sum = getattr(controller, "deferred_sum", None)
         self._names: dict[str, str] = {}  # local -> full feature name (no string concatenation per call)
 
     def _record(self, local: str, F) -> None:
@@ -107,6 +109,10 @@ class BlockHook(ModelHook):
     def new_forward(self, module, *args, **kwargs):
         mode = self.controller.mode()
         if mode == "cached":
+            ds = self._sum
+            if ds is not None and ds.until is not None and ds.until is not module:
+                # a whole-stack cached call: this block's terms were deferred by the first block
+                return self.adapter.passthrough(module, args, kwargs)
             if torch.compiler.is_compiling():
                 return self._cached_forward(module, args, kwargs)
             return self._cached_forward_eager(module, args, kwargs)
@@ -134,7 +140,9 @@ class BlockHook(ModelHook):
 class Forecaster:
     """What a block's cached forward calls: ``forecast(local_name, x=, gate=, out=)``, plus
     ``buffer(key, shape, dtype, device)``, a work tensor owned by the runtime and reused every
-    cached call (adapters write block outputs into it instead of allocating, or concatenating)."""
+    cached call (adapters write block outputs into it instead of allocating, or concatenating), and
+    ``defer(local_name, gate=, rows=)`` / ``flush(x, out)``: a gated forecast added to the stream
+    later, with every other deferred one in one batched sum (svdcache.deferred)."""
 
     __slots__ = ("controller", "prefix", "names")
 
@@ -151,6 +159,22 @@ class Forecaster:
 
     def buffer(self, key: str, shape, dtype, device):
         return self.controller.buffer(key, shape, dtype, device)
+
+    def defer(self, local: str, gate=None, rows: int = 0) -> None:
+        name = self.names.get(local)
+        if name is None:
+            name = self.names[local] = self.prefix + local
+        self.controller.deferred_sum.add(name, gate, rows)
+
+    def defer_all(self, items, until=None) -> None:
+        """Deferred terms of any blocks of the call: ``(full feature name, gate, rows)``; ``until``: the
+        block module that will flush them (the blocks called before it pass their inputs on)."""
+        ds = self.controller.deferred_sum
+        ds.items.extend(items)
+        ds.until = until
+
+    def flush(self, x, out=None):
+        return self.controller.deferred_sum.flush(self.controller, x, out)
 
 
 class SVDCacheHook(ModelHook):
@@ -183,6 +207,8 @@ class SVDCacheHook(ModelHook):
         self._pending: dict[str, list] = {}  # zero-setup: features held until their basis exists
         self._buffers: dict[str, torch.Tensor] = {}  # cached forwards' output buffers (see buffer)
         self._plans: dict[str, dict] = {}  # per feature: prepared split / reconstruct calls by layout
+        self.deferred_sum = DeferredSum()  # gated forecasts of the cached call in progress, summed at its last block
+        self.unread: set[str] = set()  # features no cached step forecasts (adapters' unread_features): no cache
         self.online = None
         self.schedule = Schedule(config, basis if schedule_basis is None else schedule_basis)  # full space: plans only
         self._bits: dict[str, int] = {}  # residual bits per feature chosen by a memory budget
@@ -324,6 +350,9 @@ class SVDCacheHook(ModelHook):
         st.call_torch_flops = 0  # the share of call_cache_flops that ran as PyTorch ops on the Triton backend
         if st.mode == "cached" and getattr(st, "finite_flag", None) is not None:
             self._check_state_flag(st)
+        if st.mode != "cached":
+            st.sum_bound = None  # the states change: no view of the old ones is kept through the step
+        self.deferred_sum.clear()
         self._state = st
         return st
 
@@ -359,9 +388,11 @@ class SVDCacheHook(ModelHook):
         if not ok:
             self._fall_back(st, "a cached state")
 
-    def _fall_back(self, st: ContextState, what: str) -> None:
-        """A non-finite forecast or state: drop the context's caches and compute this step in full."""
-        self._warn_once("fallback", f"svdcache: {what} is not finite; this step is computed in full (warned once)")
+    def _fall_back(self, st: ContextState, what: str, key: str = "fallback") -> None:
+        """A non-finite forecast or state (or another reason, ``key``): drop the context's caches and
+        compute this step in full."""
+        msg = f"svdcache: {what} is not finite; this step is computed in full" if key == "fallback" else f"svdcache: {what}"
+        self._warn_once(key, msg + " (warned once)")
         self.cur.fallbacks += 1
         st.features = {}
         st.ready = False
@@ -439,6 +470,7 @@ class SVDCacheHook(ModelHook):
         st.mode = None
         self._state = None
         self._deferred.clear()
+        self.deferred_sum.clear()
         self._lock.release()
 
     def _track(self, st: ContextState, out) -> None:
@@ -454,6 +486,13 @@ class SVDCacheHook(ModelHook):
                 self._deferred.clear()
                 for bh, local, F in items:
                     bh._record(local, F)
+            if st.mode == "cached" and self.deferred_sum.items:
+                # terms deferred to a last block that never summed them: the output lacks them
+                self.deferred_sum.clear()
+                self._fall_back(st, "the model's forward did not reach the block that sums the deferred forecasts;"
+                                " this step is computed in full", key="deferred")
+                st.call_cache_flops = st.call_torch_flops = 0
+                out = self.fn_ref.original_forward(*args, **kwargs)
             if st.mode == "cached":
                 o = _first_tensor(out)
                 # a GPU output is not read back per step: its states were checked at the full step
@@ -597,6 +636,10 @@ class SVDCacheHook(ModelHook):
     record = torch.compiler.disable(_record_eager)  # a graph break under torch.compile
 
     def _update(self, st: ContextState, name: str, F: torch.Tensor, t: float) -> None:
+        if name in self.unread:  # recorded (a basis built online holds it) but never forecast: no state kept
+            st.features[name] = None
+            st.updated.add(name)
+            return
         fc = st.features.get(name)
         relative = False
         if st.partner is not None or getattr(fc, "relative", False):

@@ -140,14 +140,40 @@ class SubspaceCache(FeatureCache):
             self.R = F  # held, not copied: R + C V^T is F itself
         self._push_time(F, t)
         # what a reconstruct plan depends on besides x / gate / out: read once per full step
-        self._state_key = tuple(plan_layout(u) for u in (self.V, self.R, self.C, self.D1, self.D2, self.E, self.dR))
+        self._state_key = tuple(self._layout(u) for u in (self.V, self.R, self.C, self.D1, self.D2, self.E, self.dR))
+        self._lprev = (self.R, self._state_key[1])  # the anchor's layout: the next split's F_prev
         return diff
+
+    def _layout(self, u):
+        """plan_layout(u), read once per tensor this cache owns (its states, the basis: replaced only when
+        the shape changes) and per full step for the feature: a full step reads a handful, not dozens."""
+        if u is None:
+            return None
+        own = self.__dict__.get("_own")
+        if own is None:
+            own = self._own = {}
+        ent = own.get(id(u))
+        if ent is not None and ent[0] is u:
+            return ent[1]
+        lay = plan_layout(u)
+        if u is self.V or any(u is t for t in (self.C, self.D1, self.D2, self.E, self.dR, getattr(self, "rq", None),
+                                               getattr(self, "rs", None))):
+            if len(own) > 16:
+                own.clear()
+            own[id(u)] = (u, lay)  # held: an id is not reused while the entry lives
+        else:
+            lp = self.__dict__.get("_lprev")
+            if lp is not None and lp[0] is u:
+                return lp[1]
+        return lay
 
     def _split(self, F, V, *, backend=None, **kw) -> None:
         """K.split through a plan: arguments validated once per layout (a few per feature: the first
         full steps have less history), not on every full step."""
-        key = K.SplitPlan.key_of(F, V, kw.get("C"), kw.get("D1"), kw.get("D2"), kw.get("E"), kw.get("R"),
-                                 kw.get("dR"), kw.get("F_prev"), kw.get("order", 0), kw.get("ema_init", False))
+        lay = self._layout
+        key = (tuple(lay(u) for u in (F, V, kw.get("C"), kw.get("D1"), kw.get("D2"), kw.get("E"), kw.get("R"),
+                                      kw.get("dR"), kw.get("F_prev"))),
+               kw.get("order", 0), bool(kw.get("ema_init", False)))  # = K.SplitPlan.key_of, layouts read once
         plans = self.plans  # shared by this feature's caches across generations (see hooks)
         plan = plans.get(key)
         if plan is None:
@@ -200,6 +226,12 @@ class SubspaceCache(FeatureCache):
             return None
         w = newton_weights(t - self.times[-1], self.times, self.n, self.cfg.order, self.gain)
         return [self.D1, self.D2][: len(w)], w, None, 0.0
+
+    def weights_key(self):
+        """What the weights and ``dr_scale`` of :meth:`forecast_terms` depend on besides ``t``: caches with
+        equal keys get equal weights at every ``t`` (a deferred sum forms them once per key)."""
+        return (type(self), self.cfg.predictor, self.cfg.order, self.anchor_form, tuple(self.times), self.gain,
+                getattr(self, "rq", None) is None)
 
     def forecast(self, t, *, x=None, gate=None, out=None) -> torch.Tensor:
         cfg = self.cfg

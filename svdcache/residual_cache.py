@@ -84,7 +84,9 @@ class QuantizedResidualCache(SubspaceCache):
             D = F.shape[-1]
             if diff is None:  # the split formed no F - F_prev (a GPU kernel, or an unfused layout)
                 diff = (F.float() - F_prev.float()).reshape(-1, D)
-            r = diff.addmm_(self.D1.reshape(-1, self.V.shape[1]), self.V.float().T, beta=1.0 / h, alpha=-1.0)
+            # out= rather than addmm_: torch's FLOP counter sees it (it does not see the in-place variant)
+            r = torch.addmm(diff, self.D1.reshape(-1, self.V.shape[1]), self.V.float().T, beta=1.0 / h, alpha=-1.0,
+                            out=diff)
             if self.bits == 4 and D % 2:
                 self.rq, self.rs = quantize_rows(r.view(F.shape), self.bits)
             else:
@@ -96,6 +98,8 @@ class QuantizedResidualCache(SubspaceCache):
                     rs = torch.empty((*F.shape[:-1], 1), dtype=torch.float32, device=F.device)
                 quantize_rows_into(r, self.bits, rq.view(-1, qshape[-1]), rs.view(-1, 1))
                 self.rq, self.rs = rq, rs
+            # the codes' layouts join the state key (a plan that reads them is keyed by it)
+            self._state_key = (*self._state_key, self._layout(self.rq), self._layout(self.rs))
         self.update_flops += 2 * (F.numel() // D) * D * self.V.shape[1]
 
     def forecast_terms(self, t):

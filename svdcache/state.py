@@ -40,6 +40,7 @@ class ContextState(BaseState):
         self.last_full = -1  # step index of this context's last full call
         self.full_calls = 0  # full calls so far in this generation
         self.partner = None  # the conditional branch's state, while the unconditional one runs (guidance)
+        self.sum_bound = None  # what the deferred sum of a cached call reads (svdcache.deferred), until a full step
 
     def new_generation(self) -> None:
         self.features = {}

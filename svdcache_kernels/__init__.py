@@ -4,6 +4,7 @@ Ops (each ``op(...)`` dispatches; ``op_reference`` and ``op_triton`` share its s
 
 - :func:`split`: full-compute step, coefficients C = F V, residual, predictor-state updates.
 - :func:`reconstruct`: cached step, F_hat = P V^T + R (+ s dR), optional fused ``x + gate * F_hat``.
+- :func:`reconstruct_sum`: ``x + sum_f gate_f * F_hat_f`` over many features (a whole cached stack).
 - :func:`gram_update`: calibration, G += F^T F (fp32); :func:`basis_from_gram`: eigh -> V, sigma, k.
 - :class:`SplitPlan`, :class:`ReconstructPlan`: the same ops for a fixed layout, validated once
   (the runtime's per-feature hot path).
@@ -11,8 +12,9 @@ Ops (each ``op(...)`` dispatches; ``op_reference`` and ``op_triton`` share its s
 from .dispatch import resolve_backend
 from .ops.gram import basis_from_gram, gram_update, gram_update_reference, rank_for_energy
 from .ops.reconstruct import reconstruct, reconstruct_reference
+from .ops.reconstruct_sum import SumTerm, reconstruct_sum, reconstruct_sum_reference
 from .ops.split import split, split_reference
-from .plan import ReconstructPlan, SplitPlan
+from .plan import ReconstructPlan, ReconstructSumPlan, SplitPlan
 
 __all__ = [
     "split",
@@ -25,5 +27,9 @@ __all__ = [
     "rank_for_energy",
     "resolve_backend",
     "ReconstructPlan",
+    "ReconstructSumPlan",
+    "SumTerm",
+    "reconstruct_sum",
+    "reconstruct_sum_reference",
     "SplitPlan",
 ]

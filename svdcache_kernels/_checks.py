@@ -46,7 +46,9 @@ def check_basis(V: torch.Tensor, D: int, feat_name: str = "F") -> int:
     return V.shape[1]
 
 
-def check_like(name: str, t: torch.Tensor | None, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
+def check_like(name: str, t: torch.Tensor | None, shape: tuple, dtype: torch.dtype, device: torch.device,
+               rows: bool = True) -> None:
+    """``rows``: the leading dims must flatten to rows as a view (the kernels' layout; see check_rows)."""
     if t is None:
         return
     if not isinstance(t, torch.Tensor):
@@ -57,6 +59,7 @@ def check_like(name: str, t: torch.Tensor | None, shape: tuple, dtype: torch.dty
         raise TypeError(f"{name} must be {str(dtype).replace('torch.', '')}, got {_fmt(t)}")
     if t.device != device:
         raise ValueError(f"{name} must be on {device}, got {_fmt(t)}")
-    check_rows(name, t)
+    if rows:
+        check_rows(name, t)
     if t.numel() and t.stride(-1) != 1:
         raise ValueError(f"{name} must be contiguous in its last dim, got strides {t.stride()}")

@@ -226,3 +226,31 @@ class SplitPlan:
         finally:
             if grad:
                 torch.set_grad_enabled(True)
+
+
+class ReconstructSumPlan:
+    """``reconstruct_sum`` for a fixed layout of (x, items, out); see
+    :func:`svdcache_kernels.ops.reconstruct_sum.reference.reconstruct_sum_reference`. The items, their
+    kinds (terms, quantized dR, gate, rows) and every tensor's layout are fixed by the first call;
+    weights and ``dr_scale`` may change per call. The caller keys its plans by that layout."""
+
+    def __init__(self, x, items, *, out=None, backend=None):
+        from .ops.reconstruct_sum.reference import check_reconstruct_sum_args
+
+        items = list(items)
+        self.backend = resolve_backend(backend, x)
+        check_reconstruct_sum_args(x, items, out, rows=self.backend == "triton")
+        self._cache: dict = {}
+        self._triton = None
+        if self.backend == "triton":
+            from .ops.reconstruct_sum.kernel import TritonSum
+
+            self._triton = TritonSum(x, items, out)
+
+    def __call__(self, x, items, out=None):
+        if self._triton is not None:
+            return self._triton(x, items, out)
+        from .ops.reconstruct_sum.reference import reconstruct_sum_compute
+
+        with torch.no_grad():
+            return reconstruct_sum_compute(x, items, out, cache=self._cache)

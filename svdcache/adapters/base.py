@@ -30,6 +30,16 @@ class BlockAdapter:
     def cached_forward(self, block, args, kwargs, forecast: Forecast) -> Any:
         raise NotImplementedError
 
+    def unread_features(self, block: torch.nn.Module) -> set[str]:
+        """Local features a cached step never forecasts (given what ``bind`` learned of the model): their
+        full steps need not update a cache for them (default: none)."""
+        return set()
+
+    def passthrough(self, block, args, kwargs) -> Any:
+        """The block's output with its streams unchanged (what it returns when its cached terms were
+        deferred to a later block: svdcache.deferred). Only adapters that defer implement it."""
+        raise NotImplementedError
+
     def bind(self, model: torch.nn.Module, blocks: list) -> None:
         """Called once the whole plan (``[(name, block, adapter)]``) of ``model`` is known: what an adapter
         may conclude from the model around its blocks (default: nothing)."""

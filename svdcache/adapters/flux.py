@@ -50,13 +50,19 @@ def _gate_weights(block: torch.nn.Module, lin: torch.nn.Linear, n_chunks: int, p
     the gate chunk of AdaLayerNormZeroSingle (chunk 2 of 3) as (dim, D) and (D,); gate_msa and
     gate_mlp of AdaLayerNormZero (chunks 2 and 5 of 6: one strided view) as (2, dim, D) and
     (2, 1, D). Made once per module and re-made when the weight is replaced or changed in place
-    (a LoRA fuse), so a cached step reads only the gate rows (1/3 of the modulation weights)."""
+    (a LoRA fuse), so a cached step reads only the gate rows (1/3 of the modulation weights). None for
+    weights whose rows cannot be viewed (see :func:`_plain_weights`)."""
     w, bias = lin.weight, lin.bias
-    key = (w.data_ptr(), w._version, w.dtype, w.device, None if bias is None else (bias.data_ptr(), bias._version))
-    cache = block.__dict__.setdefault("_svdcache_gates", {})
-    ent = cache.get(id(lin))
-    if ent is not None and ent[0] == key:
-        return ent[1], ent[2]
+    cache = block.__dict__.get("_svdcache_gates")
+    ent = None if cache is None else cache.get(id(lin))
+    if (ent is not None and ent[0] is w and ent[1] == w._version and ent[3] is bias
+            and (ent[5] is None or ent[2] == w.data_ptr()) and (bias is None or ent[4] == bias._version)):
+        return ent[5]
+    if cache is None:
+        cache = block.__dict__.setdefault("_svdcache_gates", {})
+    if not _plain_weights(lin):
+        cache[id(lin)] = (w, getattr(w, "_version", None), _ptr(w), bias, getattr(bias, "_version", None), None)
+        return None
     W = w.detach()
     D, dim = W.shape[0] // n_chunks, W.shape[1]
     b = None if bias is None else bias.detach()
@@ -66,8 +72,16 @@ def _gate_weights(block: torch.nn.Module, lin: torch.nn.Linear, n_chunks: int, p
     else:
         Wt = W[2 * D:3 * D].t()
         b = None if b is None else b[2 * D:3 * D]
-    cache[id(lin)] = (key, Wt, b)
+    # the weight and bias objects are held (so their addresses are not reused), with their versions
+    cache[id(lin)] = (w, w._version, w.data_ptr(), bias, None if bias is None else bias._version, (Wt, b))
     return Wt, b
+
+
+def _ptr(w):
+    try:
+        return w.data_ptr()
+    except Exception:  # a method (dynamic-quantized Linear) or a tensor subclass without storage
+        return None
 
 
 def _plain_weights(*lins) -> bool:
@@ -83,9 +97,10 @@ def _plain_weights(*lins) -> bool:
     return True
 
 
-def _double_gates(block, temb, buffer, text=True):
+def _double_gates(block, temb, buffer, text=True, key="flux.gates.double"):
     """gate_msa, gate_mlp, c_gate_msa, c_gate_mlp of a cached step, each (B, 1, D): two batched
-    GEMMs on the gate rows only, written into one runtime buffer (no allocation per block). Without
+    GEMMs on the gate rows only, written into one runtime buffer (no allocation per block; ``key``
+    names it: a block whose gates are read after the next block runs has its own). Without
     ``text`` the text stream's pair is not computed (None)."""
     if not _plain_weights(block.norm1.linear, block.norm1_context.linear):  # e.g. int8 Linears: whole modulation
         _, _, g1, _, _, g2 = _gates(block.norm1, temb, 6)
@@ -101,7 +116,7 @@ def _double_gates(block, temb, buffer, text=True):
         g = torch.baddbmm(b, s2, Wt) if b is not None else torch.bmm(s2, Wt)
         gc = torch.baddbmm(bc, s2, Wc) if bc is not None else torch.bmm(s2, Wc)
         return g[0].unsqueeze(1), g[1].unsqueeze(1), gc[0].unsqueeze(1), gc[1].unsqueeze(1)
-    gb = buffer("flux.gates.double", (4, B, 1, D), Wt.dtype, temb.device)
+    gb = buffer(key, (4, B, 1, D), Wt.dtype, temb.device)
     views = _VIEWS.get(("d", id(gb)))
     if views is None or views[0] is not gb:
         views = (gb, gb[0:2].view(2, B, D), gb[2:4].view(2, B, D), gb.unbind(0))
@@ -114,8 +129,9 @@ def _double_gates(block, temb, buffer, text=True):
     return gates
 
 
-def _single_gate(block, temb, buffer):
-    """The single block's gate of a cached step, (B, 1, D): one GEMM on its gate rows."""
+def _single_gate(block, temb, buffer, key="flux.gates.single"):
+    """The single block's gate of a cached step, (B, 1, D): one GEMM on its gate rows (into the
+    runtime buffer ``key``)."""
     if not _plain_weights(block.norm.linear):
         return _gates(block.norm, temb, 3)[2].unsqueeze(1)
     s = _SILU(temb)
@@ -125,7 +141,7 @@ def _single_gate(block, temb, buffer):
     if buffer is None:
         return (torch.addmm(b, s, Wt) if b is not None else torch.mm(s, Wt)).unsqueeze(1)
     B, D = temb.shape[0], Wt.shape[-1]
-    gb = buffer("flux.gates.single", (B, 1, D), Wt.dtype, temb.device)
+    gb = buffer(key, (B, 1, D), Wt.dtype, temb.device)
     views = _VIEWS.get(("s", id(gb)))
     if views is None or views[0] is not gb:
         views = (gb, gb.view(B, D))
@@ -143,30 +159,130 @@ def _owned(x: torch.Tensor, buf: torch.Tensor) -> bool:
     return x is buf
 
 
-class FluxDoubleBlockAdapter(BlockAdapter):
-    granularity = "module"
-    #: the text stream's forecasts are skipped on cached steps (see bind)
+class _WholeStack:
+    """FluxTransformer2DModel with all its blocks planned at module level (see :func:`_whole_stack`). On a
+    cached call its forward gives every block the same ``temb``, so the first block computes the gates
+    of all blocks (one GEMM each on the gate rows, into one runtime buffer) and defers every image-stream
+    feature at once; the blocks in between pass the streams on as they came (the runtime returns their
+    inputs without entering the adapter) and the last one sums the forecasts into the image stream
+    (svdcache.deferred). Per block a cached call then costs its hook dispatch and one gate GEMM."""
+
+    def __init__(self, model, blocks):
+        names = {id(b): n for n, b, _ in blocks}
+        self.double = [(names[id(b)], b, b.norm1.linear) for b in model.transformer_blocks]
+        self.single = [(names[id(b)], b, b.norm.linear) for b in model.single_transformer_blocks]
+        every = [b for _, b, _ in self.double + self.single]
+        self.first, self.last_module = id(every[0]), every[-1]
+        self.last = id(every[-1])
+        self._views = None  # (gate buffer, text length, GEMM outputs, deferred items)
+
+    def defer_all(self, forecast, temb: torch.Tensor, L: int) -> None:
+        nd, ns = len(self.double), len(self.single)
+        lin0 = (self.double or self.single)[0][2]
+        D = lin0.weight.shape[0] // (6 if self.double else 3)
+        B = temb.shape[0]
+        G = forecast.buffer("flux.gates.all", (2 * nd + ns, B, 1, D), lin0.weight.dtype, temb.device)
+        v = self._views
+        if v is None or v[0] is not G or v[1] != L:
+            outs, items = [], []
+            for i, (n, _, _) in enumerate(self.double):
+                outs.append(G[2 * i:2 * i + 2].view(2, B, D))
+                items += [(n + ".attn.img", G[2 * i], 0), (n + ".ff", G[2 * i + 1], 0)]
+            for j, (n, _, _) in enumerate(self.single):
+                outs.append(G[2 * nd + j].view(B, D))
+                items.append((n + ".proj_out", G[2 * nd + j], L))  # its image rows follow the text rows
+            self._views = v = (G, L, outs, items)
+        outs = v[2]
+        s = s2 = None
+        for (_, block, lin), o in zip(self.double, outs):
+            wb = _gate_weights(block, lin, 6, True)
+            if wb is None:  # e.g. int8 Linears: the whole modulation
+                _, _, g1, _, _, g2 = _gates(block.norm1, temb, 6)
+                o.copy_(torch.stack([g1, g2]))
+                continue
+            Wt, b = wb
+            if s2 is None:
+                s2 = _SILU.twice(temb)
+                s2 = s2.to(Wt.dtype) if s2.dtype != Wt.dtype else s2
+            torch.baddbmm(b, s2, Wt, out=o) if b is not None else torch.bmm(s2, Wt, out=o)
+        for (_, block, lin), o in zip(self.single, outs[nd:]):
+            wb = _gate_weights(block, lin, 3, False)
+            if wb is None:
+                o.copy_(_gates(block.norm, temb, 3)[2])
+                continue
+            Wt, b = wb
+            if s is None:
+                s = _SILU(temb)
+                s = s.to(Wt.dtype) if s.dtype != Wt.dtype else s
+            torch.addmm(b, s, Wt, out=o) if b is not None else torch.mm(s, Wt, out=o)
+        forecast.defer_all(v[3], until=self.last_module)
+
+
+def _whole_stack(model, blocks):
+    """A :class:`_WholeStack` when ``model`` is exactly FluxTransformer2DModel with all its blocks planned
+    here at module level, else None. Its forward drops the text stream after the last single block and
+    only adds to the image stream between blocks (ControlNet residuals), and on a cached call every
+    block's output is x + gate * F_hat: so the image rows never read the text rows (the text features
+    need no forecast), and the image stream after the last block is its input plus every block's gated
+    forecasts (summed at once). A subclass may override forward: not taken."""
+    from diffusers import FluxTransformer2DModel
+
+    ours = {id(b) for _, b, a in blocks if isinstance(a, (FluxDoubleBlockAdapter, FluxSingleBlockAdapter))}
+    lists = [list(getattr(model, "transformer_blocks", ())), list(getattr(model, "single_transformer_blocks", ()))]
+    every = [b for lst in lists for b in lst]
+    ok = (type(model) is FluxTransformer2DModel and len(ours) == len(blocks) == len(every)
+          and all(id(b) in ours for b in every) and len(every) > 0)
+    return _WholeStack(model, blocks) if ok else None
+
+
+class _StackMixin:
+    #: the text stream's forecasts are skipped on cached steps (see _whole_stack)
     text_unused = False
+    #: the image stream's gated forecasts are deferred and summed at the last block (svdcache.deferred)
+    defer_sum = True
+    stack = None
 
     def bind(self, model, blocks):
-        # FluxTransformer2DModel drops the text stream after the last single block, and on a cached
-        # call every block is forecast (their outputs are x + gate * F_hat: the image rows never read
-        # the text rows), so when all its blocks are cached here the double blocks' text features
-        # (attn.txt, ff_context: a third of the features) need no forecast on a cached step; the
-        # single blocks still forecast their joint rows. Exactly the same image output. Only the
-        # class itself (a subclass may override forward) and only with every block of it in the plan.
-        from diffusers import FluxTransformer2DModel
+        self.stack = _whole_stack(model, blocks)
+        self.text_unused = self.stack is not None
 
-        ours = {id(b) for _, b, a in blocks if isinstance(a, (FluxDoubleBlockAdapter, FluxSingleBlockAdapter))}
-        lists = [getattr(model, "transformer_blocks", ()), getattr(model, "single_transformer_blocks", ())]
-        self.text_unused = (
-            type(model) is FluxTransformer2DModel and len(ours) == len(blocks)
-            and all(id(b) in ours for lst in lists for b in lst) and len(ours) == sum(len(lst) for lst in lists)
-        )
+    def passthrough(self, block, args, kwargs):
+        """A block between the first and the last of a whole-stack cached call: its streams as they came."""
+        a = bind_arguments(block, args, kwargs)
+        return a["encoder_hidden_states"], a["hidden_states"]
+
+    def _deferred_forward(self, block, a, forecast):
+        """The cached forward of the whole-stack path: (text stream, image stream) as they came, the
+        image stream summed at the last block; None where it does not apply."""
+        stk = self.stack
+        if stk is None or not self.defer_sum or getattr(forecast, "defer_all", None) is None:
+            return None
+        enc, hs = a["encoder_hidden_states"], a["hidden_states"]
+        if enc is None:
+            return None
+        if id(block) == stk.first:
+            with torch.no_grad():
+                stk.defer_all(forecast, a["temb"], enc.shape[1])
+        if id(block) != stk.last:
+            return enc, hs
+        out = forecast.buffer("flux.sum.img", hs.shape, hs.dtype, hs.device)
+        with torch.no_grad():  # a cached step is not differentiated
+            forecast.flush(hs, out)
+        if out.dtype == torch.float16:
+            out.clamp_(-65504, 65504)
+        return enc, out
+
+
+class FluxDoubleBlockAdapter(_StackMixin, BlockAdapter):
+    granularity = "module"
 
     def feature_dims(self, block):
         D = block.norm2.normalized_shape[0]
         return {"attn.img": D, "attn.txt": D, "ff": D, "ff_context": D}
+
+    def unread_features(self, block):
+        # the text stream's features, where nothing after the blocks reads it (see _whole_stack)
+        return {"attn.txt", "ff_context"} if self.text_unused else set()
 
     def capture_points(self, block):
         return [
@@ -185,6 +301,9 @@ class FluxDoubleBlockAdapter(BlockAdapter):
         a = bind_arguments(block, args, kwargs)
         hs, ehs = a["hidden_states"], a["encoder_hidden_states"]
         buffer = getattr(forecast, "buffer", None)
+        res = self._deferred_forward(block, a, forecast)
+        if res is not None:
+            return res
         skip_text = self.text_unused and buffer is not None and ehs is not None
         with torch.no_grad():  # a cached step is not differentiated (the forecast ops run without grad too)
             gate_msa, gate_mlp, c_gate_msa, c_gate_mlp = _double_gates(block, a["temb"], buffer, text=not skip_text)
@@ -192,7 +311,9 @@ class FluxDoubleBlockAdapter(BlockAdapter):
             h = forecast("attn.img", x=hs, gate=gate_msa)
             h = forecast("ff", x=h, gate=gate_mlp, out=h)
             e = forecast("attn.txt", x=ehs, gate=c_gate_msa)
-            e = forecast("ff_context", x=e, gate=c_gate_mlp, out=e)
+            e = ehs if e is None else e  # an unread text feature holds no state
+            e2 = forecast("ff_context", x=e, gate=c_gate_mlp, out=e)
+            e = e if e2 is None else e2
             return _clip_fp16(e), h
         # Outputs into two runtime buffers reused by every double block of the call: the first block
         # reads the model's streams and writes the buffers, each next one updates them in place.
@@ -209,7 +330,7 @@ class FluxDoubleBlockAdapter(BlockAdapter):
         return eb, hb
 
 
-class FluxSingleBlockAdapter(BlockAdapter):
+class FluxSingleBlockAdapter(_StackMixin, BlockAdapter):
     granularity = "module"
 
     def feature_dims(self, block):
@@ -225,6 +346,9 @@ class FluxSingleBlockAdapter(BlockAdapter):
         a = bind_arguments(block, args, kwargs)
         enc, hs = a["encoder_hidden_states"], a["hidden_states"]
         buffer = getattr(forecast, "buffer", None)
+        res = self._deferred_forward(block, a, forecast)
+        if res is not None:
+            return res
         with torch.no_grad():
             gate = _single_gate(block, a["temb"], buffer)
         L = enc.shape[1]

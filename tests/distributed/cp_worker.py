@@ -254,11 +254,27 @@ def parity(mode, inp, basis, counter, rank):
         return out
 
     hook.forecast = poisoned
+    # the whole-stack cached call sums the image stream's forecasts at once: poison that sum too
+    import svdcache.deferred as deferred_mod
+
+    orig_flush = deferred_mod.DeferredSum.flush
+
+    def poisoned_flush(self, h, x, out=None):
+        y = orig_flush(self, h, x, out)
+        if rank == 1 and h is hook and hook.cur.cached_steps == 0 and hook.cur.fallbacks == 0:
+            hits["n"] += 1
+            y.fill_(float("nan"))
+        return y
+
+    deferred_mod.DeferredSum.flush = poisoned_flush
     import warnings
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        res["cp_nan"] = run(m, inp, counter)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res["cp_nan"] = run(m, inp, counter)
+    finally:
+        deferred_mod.DeferredSum.flush = orig_flush
     res["counts_nan"], counter.calls = counter.calls, []
     res["nan_stats"] = svdcache.stats(m)
     res["nan_hits"] = hits["n"]
@@ -326,6 +342,16 @@ def main():
             return orig(name, **kw)
 
         hook.forecast = broken
+        import svdcache.deferred as deferred_mod
+
+        orig_flush = deferred_mod.DeferredSum.flush
+
+        def broken_flush(self, h, x, out=None):  # the whole-stack cached call's one sum
+            if rank == 1:
+                raise RuntimeError("injected failure on rank 1")
+            return orig_flush(self, h, x, out)
+
+        deferred_mod.DeferredSum.flush = broken_flush
         try:
             run(m, inp)
             print(f"rank {rank} finished the failing generation", flush=True)

@@ -275,8 +275,12 @@ def test_stats_flops_and_memory(tiny_pipe, basis):
     # default's kept residual difference (int4: D / 2 bytes and one fp32 scale per token)
     tokens = {"attn.img": 64, "ff": 64, "attn.txt": 16, "ff_context": 16, "proj_out": 80}  # batch 1
     N = {n: next(v for k, v in tokens.items() if n.endswith("." + k)) for n in basis.features}
-    want = sum(N[n] * (4 * 128 + 4 * 2 * s.ranks[n] + 64 + 4) for n in basis.features)
-    one = sum(N[n] * 4 * 128 for n in basis.features)
+    # the double blocks' text features hold nothing: FluxTransformer2DModel never reads the text stream
+    # after its blocks, so no cached step forecasts them (unread_features)
+    live = [n for n in basis.features if not n.endswith((".attn.txt", ".ff_context"))]
+    assert svdcache.stats(tiny_pipe).last_generation.feature_bytes == sum(N[n] * 4 * 128 for n in live)
+    want = sum(N[n] * (4 * 128 + 4 * 2 * s.ranks[n] + 64 + 4) for n in live)
+    one = sum(N[n] * 4 * 128 for n in live)
     assert math.isclose(g.memory_ratio, want / one, rel_tol=1e-6)
     assert "FLOPs ratio" in str(s)
     svdcache.enable(tiny_pipe, space="full", predictor="taylor", order=2, interval=5)

@@ -123,7 +123,9 @@ def test_stale_uncond_is_worse(tiny_pipe, basis, monkeypatch):
     svdcache.disable(tiny_pipe)
     # the unconditional branch forecast from its own (older) full steps alone: F held as it is, no base
     monkeypatch.setattr(guidance, "difference", lambda st, name, F: (F, True))
-    monkeypatch.setattr(guidance, "base_input", lambda st, name, fc, x, gate, out: (x, 0))
+    # (no x: the whole-stack cached call asks for the feature itself, here D_hat on a zero base)
+    monkeypatch.setattr(guidance, "base_input",
+                        lambda st, name, fc, x, gate, out: (torch.zeros(fc.shape) if x is None else x, 0))
     monkeypatch.setattr(guidance, "forecast", lambda *a: None)
     svdcache.enable(tiny_pipe, basis=basis, interval=2, warmup=1, uncond_interval=2, schedule="uniform")
     stale = run_pipe(tiny_pipe, steps=STEPS, **kw)

@@ -27,7 +27,7 @@ def gate_rows_shape(R: torch.Tensor, gate: torch.Tensor) -> bool:
     raise ValueError(f"gate must have shape {(*batch, 1, D)} or {(*batch, D)} to broadcast over tokens, got {tuple(gate.shape)}")
 
 
-def check_quantized_dR(R, dR, dR_codes, dR_scales, dR_bits) -> None:
+def check_quantized_dR(R, dR, dR_codes, dR_scales, dR_bits, rows: bool = True) -> None:
     """A quantized residual difference: int codes of R's row shape (4 bits: packed, last dim ceil(D/2))
     and one fp32 scale per row, (..., N, 1)."""
     if dR_codes is None and dR_scales is None:
@@ -44,14 +44,17 @@ def check_quantized_dR(R, dR, dR_codes, dR_scales, dR_bits) -> None:
     if isinstance(dR_codes, torch.Tensor) and dR_codes.dtype != want:
         raise TypeError(f"dR_codes with dR_bits={dR_bits} must be {str(want).replace('torch.', '')}, got "
                         f"{str(dR_codes.dtype).replace('torch.', '')} (int8 codes: dR_bits=8; packed 4-bit: dR_bits=4)")
-    check_like("dR_codes", dR_codes, (*R.shape[:-1], cols), want, R.device)
-    check_like("dR_scales", dR_scales, (*R.shape[:-1], 1), torch.float32, R.device)
+    check_like("dR_codes", dR_codes, (*R.shape[:-1], cols), want, R.device, rows)
+    check_like("dR_scales", dR_scales, (*R.shape[:-1], 1), torch.float32, R.device, rows)
 
 
 def check_reconstruct_args(V, R, *, terms, weights, dR, x, gate, out, dR_codes=None, dR_scales=None,
-                           dR_bits=8) -> None:
+                           dR_bits=8, rows: bool = True) -> None:
+    """``rows=False``: (..., N, D) tensors need not flatten to rows as views (torch ops that read them
+    as they are; the kernels need rows)."""
     check_activation("R", R)
-    check_rows("R", R)
+    if rows:
+        check_rows("R", R)
     k = check_basis(V, R.shape[-1], "R")
     if V.device != R.device:
         raise ValueError(f"V is on {V.device} but R is on {R.device}")
@@ -60,9 +63,9 @@ def check_reconstruct_args(V, R, *, terms, weights, dR, x, gate, out, dR_codes=N
     if len(terms) > MAX_TERMS:
         raise ValueError(f"at most {MAX_TERMS} coefficient terms, got {len(terms)}")
     for i, t in enumerate(terms):
-        check_like(f"terms[{i}]", t, (*R.shape[:-1], k), torch.float32, R.device)
-    check_like("dR", dR, R.shape, R.dtype, R.device)
-    check_quantized_dR(R, dR, dR_codes, dR_scales, dR_bits)
+        check_like(f"terms[{i}]", t, (*R.shape[:-1], k), torch.float32, R.device, rows)
+    check_like("dR", dR, R.shape, R.dtype, R.device, rows)
+    check_quantized_dR(R, dR, dR_codes, dR_scales, dR_bits, rows)
     if x is not None:
         check_activation("x", x)
         check_like("x", x, R.shape, x.dtype, R.device)

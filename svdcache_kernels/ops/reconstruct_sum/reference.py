@@ -1,0 +1,201 @@
+"""Many cached features' gated forecasts summed into one stream, PyTorch reference:
+
+    out = x + sum_f gate_f * F_hat_f[rows_f],   F_hat_f = R_f + (sum_i w_fi T_fi) V_f^T + s_f * dequant(codes_f)
+
+the whole image stream of a cached transformer call whose blocks only add gated forecasts to it
+(FLUX: every double and single block at module level). One term per feature is a :class:`SumTerm`,
+the arguments of ``reconstruct`` for that feature (anchor ``R``, coefficient ``terms`` / ``weights``,
+optional quantized dR) and ``rows``: the feature's rows ``rows : rows + N`` feed the stream's N rows
+(FLUX's single blocks hold the text rows first). The features of a call are processed in a few
+batched ops per group of like features instead of several per feature (the host cost of a cached
+step is per op):
+
+- anchors, codes, scales and gates are stacked (one op each), the anchor and residual parts of all
+  features are formed and gated together, then summed over features;
+- the subspace parts take one GEMM for all features: sum_f (P_f V_f^T) * g_f = [P_1 .. P_F] @
+  [V_1^T * g_1; ..; V_F^T * g_F] (the gates scale the basis rows, so the ranks may differ).
+
+Chunks bound the stacked fp32 work tensor (``chunk_elems``): memory stays a few features' worth.
+Sums are in fp32 and rounded once, where a chain of per-feature reconstructs rounds after each one.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+
+from ..._checks import check_activation
+from ..reconstruct.reference import check_reconstruct_args, code_values, gate_rows_shape
+
+#: fp32 elements of the stacked work tensor of one chunk (256 MiB)
+CHUNK_ELEMS = 1 << 26
+
+
+class SumTerm(NamedTuple):
+    """One feature of :func:`reconstruct_sum`: ``reconstruct``'s arguments for it (``codes`` /
+    ``scales`` / ``bits`` = ``dR_codes`` / ``dR_scales`` / ``dR_bits``, weighed by ``dr_scale``), and
+    the first of its rows that feed the stream."""
+
+    V: torch.Tensor
+    R: torch.Tensor
+    terms: Sequence[torch.Tensor] = ()
+    weights: Sequence[float] = ()
+    gate: torch.Tensor | None = None
+    codes: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
+    bits: int = 8
+    dr_scale: float = 0.0
+    rows: int = 0
+
+
+def check_reconstruct_sum_args(x, items, out, rows: bool = False) -> None:
+    """``rows``: every item's tensors flatten to rows as views (the Triton backend's reconstruct kernel
+    reads them so); the reference reads any strides."""
+    check_activation("x", x)
+    if not items:
+        raise ValueError("reconstruct_sum needs at least one term")
+    batch, N, D = tuple(x.shape[:-2]), x.shape[-2], x.shape[-1]
+    for i, it in enumerate(items):
+        if not isinstance(it, SumTerm):
+            raise TypeError(f"items[{i}] must be a SumTerm, got {type(it).__name__}")
+        R = it.R
+        check_reconstruct_args(it.V, R, terms=tuple(it.terms), weights=tuple(it.weights), dR=None, x=None,
+                               gate=None, out=None, dR_codes=it.codes, dR_scales=it.scales, dR_bits=it.bits,
+                               rows=rows)
+        if not isinstance(it.rows, int) or it.rows < 0:
+            raise ValueError(f"items[{i}].rows must be a non-negative int, got {it.rows!r}")
+        if tuple(R.shape[:-2]) != batch or R.shape[-1] != D or R.shape[-2] < it.rows + N:
+            raise ValueError(f"items[{i}].R {tuple(R.shape)} does not hold rows {it.rows}:{it.rows + N} "
+                             f"of a stream {tuple(x.shape)}")
+        if R.device != x.device:
+            raise ValueError(f"items[{i}].R is on {R.device} but x is on {x.device}")
+        g = it.gate
+        if g is not None:
+            if not isinstance(g, torch.Tensor) or g.device != x.device:
+                raise ValueError(f"items[{i}].gate must be a tensor on {x.device}")
+            gate_rows_shape(x, g)
+    if out is not None and (tuple(out.shape) != tuple(x.shape) or out.dtype != x.dtype or out.device != x.device):
+        raise ValueError(f"out must be like x {tuple(x.shape)} {x.dtype}, got {tuple(out.shape)} {out.dtype}")
+
+
+@torch.no_grad()
+def reconstruct_sum_reference(x: torch.Tensor, items: Sequence[SumTerm], *, out: torch.Tensor | None = None,
+                              chunk_elems: int = CHUNK_ELEMS) -> torch.Tensor:
+    """``out = x + sum_f gate_f * F_hat_f[..., rows_f:rows_f + N, :]`` (see the module docstring); ``out``
+    may be ``x`` (in place) or None (a new tensor). Returns the result (dtype of x)."""
+    items = list(items)
+    check_reconstruct_sum_args(x, items, out)
+    return reconstruct_sum_compute(x, items, out, chunk_elems)
+
+
+def reconstruct_sum_compute(x, items, out, chunk_elems=CHUNK_ELEMS, cache=None) -> torch.Tensor:
+    """The body of :func:`reconstruct_sum_reference` for checked arguments. Plans pass a ``cache`` dict
+    for what depends on the layout only (each group's basis-row -> feature index, weight ratios)."""
+    N, D = x.shape[-2], x.shape[-1]
+    per = max(1, chunk_elems // max(1, x.numel()))
+    # features with the same rows (offset and count), residual kind and dtype are stacked together
+    groups: dict = {}
+    for it in items:
+        q = it.bits if it.codes is not None and it.dr_scale != 0.0 else 0
+        groups.setdefault((it.rows, it.R.shape[-2], q, it.R.dtype), []).append(it)
+    acc = None  # fp32 sum of the gated forecasts; x is added last (x may be out)
+    for gk, group in groups.items():
+        for i in range(0, len(group), per):
+            acc = _accumulate(acc, group[i:i + per], gk[2], gk[0], N, D, cache, (gk, i))
+    if out is None:
+        return acc.add_(x).to(x.dtype) if x.dtype != torch.float32 else acc.add_(x)
+    return torch.add(x, acc, out=out)
+
+
+def _rows(t: torch.Tensor, row_offset: int, N: int) -> torch.Tensor:
+    """Rows ``row_offset : row_offset + N`` of a stacked (F, *batch, rows, c) tensor (a view)."""
+    return t if row_offset == 0 and t.shape[-2] == N else t[..., row_offset:row_offset + N, :]
+
+
+def _uniform(vals) -> bool:
+    v0 = vals[0]
+    return all(v == v0 for v in vals)
+
+
+def _scalars(vals, device, cache=None) -> torch.Tensor:
+    """(F,) fp32 tensor of the Python floats ``vals`` (per-feature weights). With a plan's ``cache``, no
+    host-to-device copy per call where ``vals`` is a scalar times a ratio vector seen before (one step's
+    weights are gain_f times a function of the step: the ratios stay): on a GPU a copy of a fresh host
+    list would wait for the device."""
+    v0 = float(vals[0])
+    if cache is None or v0 == 0.0:
+        return torch.tensor(vals, dtype=torch.float32, device=device)
+    key = ("scalars", device, tuple(round(v / v0, 9) for v in vals))
+    rel = cache.get(key)
+    if rel is None:
+        if len(cache) > 64:
+            for k in [k for k in cache if k[0] == "scalars"]:
+                del cache[k]
+        rel = cache[key] = torch.tensor([v / v0 for v in vals], dtype=torch.float32, device=device)
+    return rel * v0
+
+
+def _accumulate(acc, chunk, bits, row_offset, N, D, cache=None, ck=None) -> torch.Tensor:
+    """acc + the sum over the chunk's features of gate * F_hat (rows of the stream; acc None: a new sum)."""
+    Y = _rows(torch.stack([it.R for it in chunk]), row_offset, N)  # (F, *batch, N, D), fresh
+    Y = Y.float() if Y.dtype != torch.float32 else Y
+    lead, dev = Y.shape[1:-2], Y.device
+    if bits:
+        vals = code_values(_rows(torch.stack([it.codes for it in chunk]), row_offset, N), D, bits)
+        S = _rows(torch.stack([it.scales for it in chunk]), row_offset, N)  # (F, *batch, N, 1)
+        d = [it.dr_scale for it in chunk]
+        if _uniform(d):  # one gain for all features (the default)
+            Y.addcmul_(vals, S, value=float(d[0]))
+        else:
+            Y.addcmul_(vals, S.mul_(_scalars(d, dev, cache).view(-1, *([1] * (S.dim() - 1)))))
+    gates = [it.gate for it in chunk]
+    if any(g is None for g in gates):
+        ones = Y.new_ones(D)
+        gates = [ones.expand(*lead, 1, D) if g is None else g for g in gates]
+    G = torch.stack([g if g.dim() == Y.dim() - 1 else g.unsqueeze(-2) for g in gates])  # (F, *batch, 1, D)
+    G = G.float() if G.dtype != torch.float32 else G
+    Y.mul_(G)
+    acc = Y.sum(0) if acc is None else acc.add_(Y.sum(0))
+    # subspace parts: one GEMM per number of terms over the concatenated coefficients of its features
+    by_terms: dict[int, list] = {}
+    for f, it in enumerate(chunk):
+        if it.terms:
+            by_terms.setdefault(len(it.terms), []).append((f, it))
+    for n, sub in by_terms.items():
+        _subspace(acc, G, sub, n, row_offset, N, D, dev, cache, (ck, n))
+    return acc
+
+
+def _subspace(acc, G, sub, n, row_offset, N, D, dev, cache, ck) -> None:
+    """acc += sum_f (sum_i w_fi T_fi) V_f^T * g_f = [P_1 .. P_F] @ [V_1^T * g_1; ..] (one GEMM)."""
+    lead = acc.shape[:-2]
+    idx = cache.get(ck) if cache is not None else None
+    if idx is None:  # basis row -> (feature in the chunk, feature in sub)
+        ks = torch.tensor([it.V.shape[1] for _, it in sub], device=dev)
+        idx = (torch.repeat_interleave(torch.tensor([f for f, _ in sub], device=dev), ks),
+               torch.repeat_interleave(torch.arange(len(sub), device=dev), ks))
+        if cache is not None:
+            cache[ck] = idx
+    ws = [[it.weights[i] for _, it in sub] for i in range(n)]
+    alpha = 1.0
+    if all(_uniform(w) for w in ws) and ws[0][0] != 0.0:  # one gain for all: P = w0 (T0 + (w1 / w0) T1)
+        alpha = float(ws[0][0])
+        P = torch.cat([it.terms[0] for _, it in sub], dim=-1)
+        for i in range(1, n):
+            P.add_(torch.cat([it.terms[i] for _, it in sub], dim=-1), alpha=float(ws[i][0]) / alpha)
+    else:
+        P = None
+        for i in range(n):
+            T = torch.cat([it.terms[i] for _, it in sub], dim=-1)  # (*batch, rows, sum k), fresh
+            w = _scalars(ws[i], dev, cache).index_select(0, idx[1])
+            P = T.mul_(w) if P is None else P.addcmul_(T, w)
+    Pc = _rows(P, row_offset, N)
+    VT = torch.cat([it.V for _, it in sub], dim=1).t()  # (sum k, D)
+    VT = VT.float() if VT.dtype != torch.float32 else VT
+    Gr = G.squeeze(-2).index_select(0, idx[0])  # (sum k, *batch, D): each basis row's gate
+    Vg = Gr.mul_(VT.reshape(VT.shape[0], *([1] * len(lead)), D)).movedim(0, -2)  # (*batch, sum k, D)
+    B = acc.numel() // (N * D)
+    a3 = acc.view(B, N, D)
+    # out= rather than baddbmm_: torch's FLOP counter (the runtime's count of the model's own FLOPs is
+    # what it saw less the cache's) does not see the in-place variant
+    torch.baddbmm(a3, Pc.reshape(B, N, -1), Vg.reshape(B, -1, D), alpha=alpha, out=a3)
