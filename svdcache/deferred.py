@@ -71,9 +71,9 @@ class DeferredSum:
         self.until = None
         N = x.shape[-2]
         bound = _bound(st, items, x, K.resolve_backend(hook.cfg.backend, x) == "torch")
-        t = st.t
+        ts = (st.t, st.partner.t if st.partner is not None else st.t)
         # the weights of this step, once per kind of state (all features of a context share their times)
-        wd = [fc.forecast_terms(t)[1::2] for fc in bound.reps]
+        wd = [fc.forecast_terms(ts[which])[1::2] for fc, which in bound.reps]
         SumTerm = K.SumTerm
         terms = [SumTerm(V, R, T, wd[g][0], gate, codes, scales, bits, wd[g][1] if codes is not None else 0.0, rows)
                  for _, _, V, R, T, codes, scales, bits, gate, rows, g in bound.members]
@@ -83,8 +83,11 @@ class DeferredSum:
         if bound.rest:
             if y is x:
                 y = x.clone() if out is None else out.copy_(x)
-            for name, gate, rows in bound.rest:
-                fh = hook.forecast(name)  # the feature itself (any form), then added with its gate
+            for name, gate, rows, whole in bound.rest:
+                if whole:  # in place on the stream, as a per-block forecast would
+                    hook.forecast(name, x=y, gate=gate, out=y)
+                    continue
+                fh = hook.forecast(name)  # the feature itself (any form), then its rows added with the gate
                 if fh is None:
                     continue
                 fh = fh[..., rows:rows + N, :]
@@ -101,63 +104,76 @@ class DeferredSum:
 class _Bound:
     """The tensors a context's deferred sum reads, as bound at its first cached call after a full step
     (views of the stream's rows of each feature's state): the states only change at full steps, which
-    drop it (``ContextState.sum_bound``), so no view outlives the state it shows."""
+    drop it (``ContextState.sum_bound``; a partner's full step renews its state keys, checked), so no
+    view outlives the state it shows."""
 
-    __slots__ = ("items", "plain", "layout", "members", "rest", "flops", "names", "reps")
+    __slots__ = ("items", "partner", "layout", "members", "rest", "flops", "names", "reps")
+
+
+def _parts(st, name, fc, lead, rows, N):
+    """The summed forms whose sum is this feature's forecast ((cache, whose time: 0 own, 1 the partner's)):
+    [fc] for its own state; None where it is not of the summed form (then it is forecast on its own).
+    The unconditional branch's difference form (F_hat = F_cond_hat + D_hat, svdcache.guidance) could be
+    two terms here, but guidance's own forecast sums both in k dims for one GEMM, and two stacked terms
+    cost two more passes over the feature (measured 14% slower on the embedded demo): forecast apart."""
+    if not isinstance(fc, SubspaceCache) or fc.relative or fc.shape is None or fc.shape[:-2] != lead \
+            or fc.shape[-2] < rows + N:
+        return None
+    return [(fc, 0)]
 
 
 def _bound(st, items, x, views: bool) -> _Bound:
     """``views``: the stream's rows of each state as views (the torch ops read any strides); else as views
     where they flatten to rows (batch 1), the whole states with their row offsets otherwise."""
     b = st.sum_bound
-    feats = st.features
-    plain = st.partner is None
-    if (b is not None and b.plain == plain and b.layout == (x.shape, x.device) and len(b.items) == len(items)
+    if (b is not None and b.partner is st.partner and b.layout == (x.shape, x.device) and len(b.items) == len(items)
             and all(a is c for a, c in zip(items, b.items))
-            and all(feats.get(m[-1]) is m[0] for m in b.names)):
+            and all(src.get(n) is fc and getattr(fc, "_state_key", None) is sk for src, n, fc, sk in b.names)):
         return b
+    feats = st.features
     b = _Bound()
-    b.items, b.plain, b.layout = list(items), plain, (x.shape, x.device)
+    b.items, b.partner, b.layout = list(items), st.partner, (x.shape, x.device)
     b.members, b.rest, b.flops = [], [], 0
-    b.names = None
     lead, N = tuple(x.shape[:-2]), x.shape[-2]
     names = []
-    kinds: dict = {}  # weights_key -> index into b.reps
+    kinds: dict = {}  # (weights_key, whose time) -> index into b.reps
     b.reps = []
+    t = (st.t, st.partner.t if st.partner is not None else st.t)
     for name, gate, rows in items:
         fc = feats.get(name, _MISSING)
         if fc is _MISSING:
             raise RuntimeError(f"svdcache: no cached state for feature {name!r} on a cached step")
-        names.append((fc, name))
+        names.append((feats, name, fc, getattr(fc, "_state_key", None)))
         if fc is None:
             continue
-        ft = None
-        if plain and not fc.relative and isinstance(fc, SubspaceCache):
-            shape = fc.shape
-            if shape is not None and shape[:-2] == lead and shape[-2] >= rows + N:
-                ft = fc.forecast_terms(st.t)
-        if ft is None:
-            b.rest.append((name, gate, rows))
+        parts = _parts(st, name, fc, lead, rows, N)
+        fts = None if parts is None else [c.forecast_terms(t[which]) for c, which in parts]
+        if fts is None or any(ft is None for ft in fts):
+            b.rest.append((name, gate, rows, rows == 0 and fc.shape == tuple(x.shape)))
             continue
-        terms, _, dRq, _ = ft
-        ts = (fc.R, *terms, *(dRq[:2] if dRq is not None else ()))
-        whole = rows == 0 and fc.shape[-2] == N
-        if not whole:  # the stream's rows as views, where the backend reads them (kernels: as flat rows)
-            cut = [u[..., rows:rows + N, :] for u in ts]
-            if views or all(_flat(u) for u in cut):
-                ts, whole = cut, True
-        R, terms_b = ts[0], tuple(ts[1:1 + len(terms)])
-        codes, scales, bits = (ts[-2], ts[-1], dRq[2]) if dRq is not None else (None, None, 8)
-        g = kinds.get(fc.weights_key())
-        if g is None:
-            g = kinds[fc.weights_key()] = len(b.reps)
-            b.reps.append(fc)
-        b.members.append((fc, rows, fc.V, R, terms_b, codes, scales, bits, gate, 0 if whole else rows, g))
-        if terms:
-            # what runs (the GEMM over the rows the op reads): torch's FLOP counter sees the torch ops, and
-            # the model's own count is what it saw less this
-            rows_run = R.numel() // R.shape[-1]
-            b.flops += 2 * rows_run * fc.V.shape[0] * fc.V.shape[1]
+        for (c, which), ft in zip(parts, fts):
+            if which:
+                names.append((st.partner.features, name, c, c._state_key))
+            terms, _, dRq, _ = ft
+            ts = (c.R, *terms, *(dRq[:2] if dRq is not None else ()))
+            whole = rows == 0 and c.shape[-2] == N
+            if not whole:  # the stream's rows as views, where the backend reads them (kernels: as flat rows)
+                cut = [u[..., rows:rows + N, :] for u in ts]
+                if views or all(_flat(u) for u in cut):
+                    ts, whole = cut, True
+            R, terms_b = ts[0], tuple(ts[1:1 + len(terms)])
+            codes, scales, bits = (ts[-2], ts[-1], dRq[2]) if dRq is not None else (None, None, 8)
+            kk = (c.weights_key(), which)
+            g = kinds.get(kk)
+            if g is None:
+                g = kinds[kk] = len(b.reps)
+                b.reps.append((c, which))
+            b.members.append((c, rows, c.V, R, terms_b, codes, scales, bits, gate, 0 if whole else rows, g))
+            if terms:
+                # what runs (the GEMM over the rows the op reads): torch's FLOP counter sees the torch ops,
+                # and the model's own count is what it saw less this
+                rows_run = R.numel() // R.shape[-1]
+                b.flops += 2 * rows_run * c.V.shape[0] * c.V.shape[1]
     b.names = names
     st.sum_bound = b
     return b

@@ -175,6 +175,7 @@ class _WholeStack:
         self.first, self.last_module = id(every[0]), every[-1]
         self.last = id(every[-1])
         self._views = None  # (gate buffer, text length, GEMM outputs, deferred items)
+        self._rows = [None] * (len(self.double) + len(self.single))  # checked gate-row views per block
 
     def defer_all(self, forecast, temb: torch.Tensor, L: int) -> None:
         nd, ns = len(self.double), len(self.single)
@@ -194,8 +195,9 @@ class _WholeStack:
             self._views = v = (G, L, outs, items)
         outs = v[2]
         s = s2 = None
-        for (_, block, lin), o in zip(self.double, outs):
-            wb = _gate_weights(block, lin, 6, True)
+        rows = self._rows
+        for i, ((_, block, lin), o) in enumerate(zip(self.double, outs)):
+            wb = self._gate_rows(rows, i, block, lin, 6, True)
             if wb is None:  # e.g. int8 Linears: the whole modulation
                 _, _, g1, _, _, g2 = _gates(block.norm1, temb, 6)
                 o.copy_(torch.stack([g1, g2]))
@@ -205,8 +207,8 @@ class _WholeStack:
                 s2 = _SILU.twice(temb)
                 s2 = s2.to(Wt.dtype) if s2.dtype != Wt.dtype else s2
             torch.baddbmm(b, s2, Wt, out=o) if b is not None else torch.bmm(s2, Wt, out=o)
-        for (_, block, lin), o in zip(self.single, outs[nd:]):
-            wb = _gate_weights(block, lin, 3, False)
+        for i, ((_, block, lin), o) in enumerate(zip(self.single, outs[nd:]), nd):
+            wb = self._gate_rows(rows, i, block, lin, 3, False)
             if wb is None:
                 o.copy_(_gates(block.norm, temb, 3)[2])
                 continue
@@ -216,6 +218,21 @@ class _WholeStack:
                 s = s.to(Wt.dtype) if s.dtype != Wt.dtype else s
             torch.addmm(b, s, Wt, out=o) if b is not None else torch.mm(s, Wt, out=o)
         forecast.defer_all(v[3], until=self.last_module)
+
+    @staticmethod
+    def _gate_rows(rows, i, block, lin, n_chunks, pairs):
+        """:func:`_gate_weights`, re-checked by the weight's identity, version and address alone (one
+        dict read each instead of module attribute lookups: 57 blocks per cached call)."""
+        p = lin._parameters
+        w, b = p.get("weight"), p.get("bias")
+        rec = rows[i]
+        if (rec is not None and rec[0] is w and rec[1] == w._version and rec[2] == w.data_ptr() and rec[3] is b
+                and (b is None or rec[4] == b._version)):
+            return rec[5]
+        wb = _gate_weights(block, lin, n_chunks, pairs)
+        plain = wb is not None and type(w) is torch.nn.Parameter
+        rows[i] = (w, w._version, w.data_ptr(), b, None if b is None else b._version, wb) if plain else None
+        return wb
 
 
 def _whole_stack(model, blocks):

@@ -11,6 +11,7 @@ import torch
 from kernel_testutils import DTYPES, TOL, assert_close, basis, dname, gen, poison, randn
 from svdcache.residual_cache import dequantize_rows, quantize_rows
 from svdcache_kernels import ReconstructSumPlan, SumTerm, reconstruct_sum, reconstruct_sum_reference
+from svdcache_kernels.ops.reconstruct_sum import reference as sum_ref
 from svdcache_kernels.ops.reconstruct_sum.reference import reconstruct_sum_compute
 
 
@@ -61,7 +62,11 @@ MIXED = [  # (k, n_terms, bits, rows, gate form)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dname)
 @pytest.mark.parametrize("bshape", [(2,), (2, 3)], ids=["B2", "B2x3"])
 @pytest.mark.parametrize("uniform", [False, True], ids=["gains", "one-gain"])
-def test_reference_matches_definition(dtype, bshape, uniform):
+@pytest.mark.parametrize("stack", [True, False], ids=["stacked", "one-by-one"])
+def test_reference_matches_definition(dtype, bshape, uniform, stack, monkeypatch):
+    """Both ways the reference sums: stacked (small features) and one feature at a time (large ones)."""
+    if not stack:
+        monkeypatch.setattr(sum_ref, "STACK_ELEMS", 0)
     g = gen(11 + DTYPES.index(dtype) + 7 * len(bshape) + 3 * uniform)
     N, D = 13, 37
     items = make_items(bshape, N, D, dtype, g, MIXED, uniform)

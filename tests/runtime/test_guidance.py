@@ -279,3 +279,32 @@ def test_interval_one_computes_both_branches_every_step(tiny_pipe, basis):
     svdcache.enable(tiny_pipe, basis=basis, interval=1, uncond_interval=2)
     run_pipe(tiny_pipe, steps=STEPS, **CFG)
     assert svdcache.stats(tiny_pipe).last_generation.cached_steps > 0
+
+
+def test_shared_uncond_step_is_summed_with_the_stack(tiny_pipe, basis, monkeypatch):
+    """FLUX's whole-stack cached call with the unconditional branch shared: the conditional branch's
+    cached calls are summed at once (no per-feature forecast), the shared unconditional ones forecast
+    each feature with guidance's merged forecast inside the same sum; the same images as the per-block
+    forecasts (up to fp32 summation order and the 4-bit code flips it may cause)."""
+    from svdcache.adapters import last_plan
+    from svdcache.hooks import SVDCacheHook
+
+    calls = []
+    real = SVDCacheHook.forecast
+    monkeypatch.setattr(SVDCacheHook, "forecast", lambda self, name, **kw: calls.append(name) or real(self, name, **kw))
+    outs, stats = {}, {}
+    for defer in (True, False):
+        svdcache.enable(tiny_pipe, basis=basis, interval=3, warmup=1, uncond_interval=2, schedule="uniform")
+        for _, _, a in last_plan(tiny_pipe.transformer).blocks:
+            a.defer_sum = defer
+        calls.clear()
+        outs[defer] = run_pipe(tiny_pipe, steps=STEPS, **CFG)
+        stats[defer] = (svdcache.stats(tiny_pipe).last_generation, len(calls))
+        svdcache.disable(tiny_pipe)
+    (g1, n1), (g2, n2) = stats[True], stats[False]
+    assert g1.shared_steps == g2.shared_steps > 0 and g1.cached_steps == g2.cached_steps
+    n_img = 2 * len(tiny_pipe.transformer.transformer_blocks) + len(tiny_pipe.transformer.single_transformer_blocks)
+    uncond_cached = STEPS - len(full_steps(STEPS, interval=3, warmup=1)[::2])  # all in the difference form
+    assert n1 == n_img * uncond_cached  # the unconditional branch's calls only
+    assert n2 > n1
+    assert _rel(outs[True], outs[False]) < 1e-3

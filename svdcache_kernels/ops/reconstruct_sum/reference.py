@@ -25,10 +25,15 @@ from typing import NamedTuple, Sequence
 import torch
 
 from ..._checks import check_activation
-from ..reconstruct.reference import check_reconstruct_args, code_values, gate_rows_shape
+from ..reconstruct.reference import check_reconstruct_args, code_values, gate_rows_shape, reconstruct_compute
 
 #: fp32 elements of the stacked work tensor of one chunk (256 MiB)
 CHUNK_ELEMS = 1 << 26
+#: stream elements (B N D) up to which features are stacked; above, each is summed on its own (the same
+#: fused ops as a per-feature reconstruct). Stacking saves ops but costs about two passes over each
+#: feature: on the 2-core CPU it wins at 512 elements (the FLUX-shaped host-overhead proxy: 0.11x -> 0.09x
+#: of an uncached call) and is a wash at 82K (the embedded demo's batch of 10).
+STACK_ELEMS = 1 << 15
 
 
 class SumTerm(NamedTuple):
@@ -96,15 +101,31 @@ def reconstruct_sum_compute(x, items, out, chunk_elems=CHUNK_ELEMS, cache=None) 
     # features with the same rows (offset and count), residual kind and dtype are stacked together
     groups: dict = {}
     for it in items:
-        q = it.bits if it.codes is not None and it.dr_scale != 0.0 else 0
+        q = it.bits if it.codes is not None else 0  # not by dr_scale's value: a plan's groups stay fixed
         groups.setdefault((it.rows, it.R.shape[-2], q, it.R.dtype), []).append(it)
     acc = None  # fp32 sum of the gated forecasts; x is added last (x may be out)
     for gk, group in groups.items():
+        if x.numel() > STACK_ELEMS:
+            acc = _accumulate_each(acc, group, gk[0], N, x)
+            continue
         for i in range(0, len(group), per):
             acc = _accumulate(acc, group[i:i + per], gk[2], gk[0], N, D, cache, (gk, i))
     if out is None:
         return acc.add_(x).to(x.dtype) if x.dtype != torch.float32 else acc.add_(x)
     return torch.add(x, acc, out=out)
+
+
+def _accumulate_each(acc, group, row_offset, N, x) -> torch.Tensor:
+    """acc + sum of gate * F_hat, one feature at a time (large features: no stacking copies)."""
+    if acc is None:
+        acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for it in group:
+        rs = lambda t: None if t is None else _rows(t, row_offset, N)  # noqa: E731
+        dRq = (rs(it.codes), rs(it.scales), it.bits) if it.codes is not None else None
+        ones = None if it.gate is not None else acc.new_ones(x.shape[-1]).expand(*x.shape[:-2], 1, x.shape[-1])
+        reconstruct_compute(it.V, rs(it.R), tuple(rs(t) for t in it.terms), tuple(it.weights), None, it.dr_scale,
+                            acc, it.gate if it.gate is not None else ones, acc, dRq)
+    return acc
 
 
 def _rows(t: torch.Tensor, row_offset: int, N: int) -> torch.Tensor:
