@@ -30,7 +30,7 @@ _MISSING = object()
 class DeferredSum:
     """The terms deferred in the cached call in progress, and the prepared sums (by layout)."""
 
-    __slots__ = ("items", "plans", "last", "until")
+    __slots__ = ("items", "plans", "last", "until", "undo")
 
     def __init__(self):
         self.items: list = []  # (feature name, gate, row offset)
@@ -39,13 +39,18 @@ class DeferredSum:
         # the block that sums the deferred terms: the blocks before it (after the one that deferred them
         # all) pass their inputs on, without entering their adapters (BlockHook)
         self.until = None
+        self.undo: list = []  # callables restoring what an adapter changed for this call (run by clear)
 
     def add(self, name: str, gate, rows: int = 0) -> None:
         self.items.append((name, gate, rows))
 
     def clear(self) -> None:
+        """Forget the call's terms and undo what its adapters changed (at the start and end of every call,
+        and when one raises)."""
         self.items.clear()
         self.until = None
+        while self.undo:
+            self.undo.pop()()
 
     def _plan(self, hook, y, out, bound, terms):
         """The prepared sum for this layout: the same bound members (same states, gates and rows) and the
@@ -126,11 +131,11 @@ def _bound(st, items, x, views: bool) -> _Bound:
     """``views``: the stream's rows of each state as views (the torch ops read any strides); else as views
     where they flatten to rows (batch 1), the whole states with their row offsets otherwise."""
     b = st.sum_bound
+    feats = st.features
     if (b is not None and b.partner is st.partner and b.layout == (x.shape, x.device) and len(b.items) == len(items)
             and all(a is c for a, c in zip(items, b.items))
-            and all(src.get(n) is fc and getattr(fc, "_state_key", None) is sk for src, n, fc, sk in b.names)):
+            and all(feats.get(n) is fc and getattr(fc, "_state_key", None) is sk for n, fc, sk in b.names)):
         return b
-    feats = st.features
     b = _Bound()
     b.items, b.partner, b.layout = list(items), st.partner, (x.shape, x.device)
     b.members, b.rest, b.flops = [], [], 0
@@ -143,7 +148,7 @@ def _bound(st, items, x, views: bool) -> _Bound:
         fc = feats.get(name, _MISSING)
         if fc is _MISSING:
             raise RuntimeError(f"svdcache: no cached state for feature {name!r} on a cached step")
-        names.append((feats, name, fc, getattr(fc, "_state_key", None)))
+        names.append((name, fc, getattr(fc, "_state_key", None)))
         if fc is None:
             continue
         parts = _parts(st, name, fc, lead, rows, N)
@@ -152,8 +157,6 @@ def _bound(st, items, x, views: bool) -> _Bound:
             b.rest.append((name, gate, rows, rows == 0 and fc.shape == tuple(x.shape)))
             continue
         for (c, which), ft in zip(parts, fts):
-            if which:
-                names.append((st.partner.features, name, c, c._state_key))
             terms, _, dRq, _ = ft
             ts = (c.R, *terms, *(dRq[:2] if dRq is not None else ()))
             whole = rows == 0 and c.shape[-2] == N

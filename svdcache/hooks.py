@@ -166,12 +166,15 @@ class Forecaster:
             name = self.names[local] = self.prefix + local
         self.controller.deferred_sum.add(name, gate, rows)
 
-    def defer_all(self, items, until=None) -> None:
+    def defer_all(self, items, until=None, undo=None) -> None:
         """Deferred terms of any blocks of the call: ``(full feature name, gate, rows)``; ``until``: the
-        block module that will flush them (the blocks called before it pass their inputs on)."""
+        block module that will flush them (the blocks called before it pass their inputs on); ``undo``: a
+        callable run when the call ends, however it ends (an adapter's change to the model for this call)."""
         ds = self.controller.deferred_sum
         ds.items.extend(items)
         ds.until = until
+        if undo is not None:
+            ds.undo.append(undo)
 
     def flush(self, x, out=None):
         return self.controller.deferred_sum.flush(self.controller, x, out)
@@ -395,6 +398,7 @@ class SVDCacheHook(ModelHook):
         self._warn_once(key, msg + " (warned once)")
         self.cur.fallbacks += 1
         st.features = {}
+        st.sum_bound = None
         st.ready = False
         st.hist = 0
         st.mode = "full"
@@ -486,9 +490,10 @@ class SVDCacheHook(ModelHook):
                 self._deferred.clear()
                 for bh, local, F in items:
                     bh._record(local, F)
-            if st.mode == "cached" and self.deferred_sum.items:
+            pending = bool(self.deferred_sum.items)
+            self.deferred_sum.clear()  # first: a full forward below must see the model as it is
+            if st.mode == "cached" and pending:
                 # terms deferred to a last block that never summed them: the output lacks them
-                self.deferred_sum.clear()
                 self._fall_back(st, "the model's forward did not reach the block that sums the deferred forecasts;"
                                 " this step is computed in full", key="deferred")
                 st.call_cache_flops = st.call_torch_flops = 0
@@ -521,6 +526,7 @@ class SVDCacheHook(ModelHook):
             st.new_generation()  # e.g. the fallback's full forward raised: no partial state is kept
             raise
         finally:
+            self.deferred_sum.clear()  # nothing an adapter changed for the call outlives it
             self._state = None
             st.mode = None
             self._lock.release()

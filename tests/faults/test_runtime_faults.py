@@ -229,7 +229,7 @@ def test_a_call_that_raises_leaves_no_state(loop):
 
     def boom(mod, inp):
         calls["n"] += 1
-        if calls["n"] == 5:
+        if calls["n"] == 2:  # the second full step (warm-up): a cached call passes this middle block by
             raise KeyboardInterrupt  # e.g. Ctrl-C in the middle of a full step's blocks
 
     handle = loop.tr.single_transformer_blocks[2].register_forward_pre_hook(boom)

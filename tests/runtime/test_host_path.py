@@ -363,3 +363,63 @@ def test_gpu_policy_state_flag_is_computed_at_full_steps(model, basis, gpu_polic
     g = svdcache.stats(model).last_generation
     assert g.fallbacks == 0 and g.cached_steps > 0
     assert len(calls) == g.full_steps  # once per full step, never on a cached one
+
+
+def test_bypassed_blocks_are_restored_after_every_call(model, basis, monkeypatch):
+    """The blocks between the first and the last are a pass-through module only while a whole-stack cached
+    call runs: after it, and after a call that raised inside the sum, the lists hold the model's blocks."""
+    loop = FluxLoop(model, batch=2)
+    blocks = list(model.transformer_blocks) + list(model.single_transformer_blocks)
+    same = lambda: [*model.transformer_blocks, *model.single_transformer_blocks] == blocks  # noqa: E731
+    seen = []
+    real = flux_mod._WholeStack.defer_all
+
+    def spy(self, forecast, temb, L):
+        real(self, forecast, temb, L)
+        seen.append(type(model.single_transformer_blocks[0]).__name__)  # while the call runs
+
+    monkeypatch.setattr(flux_mod._WholeStack, "defer_all", spy)
+    svdcache.enable(model, basis=basis, interval=3, warmup=2)
+    loop.run(10)
+    assert seen and all(n == "_Pass" for n in seen) and same()
+    import svdcache.deferred as deferred_mod
+
+    def boom(self, hook, x, out=None):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(deferred_mod.DeferredSum, "flush", boom)
+    h = loop.x.clone()
+    with pytest.raises(RuntimeError, match="injected"):
+        for i in range(10):
+            h = h - loop.call(h, 1.0 - i / 10) / 10
+    assert same()
+
+
+def test_whole_stack_keeps_controlnet_residuals(model, basis):
+    """ControlNet residuals are added to the image stream between blocks: the bypassed blocks keep the
+    lists' lengths and indices, so the sum sees every residual, as the per-block forecasts do."""
+    loop = FluxLoop(model, batch=2)
+    g = torch.Generator().manual_seed(3)
+    D = model.config.num_attention_heads * model.config.attention_head_dim
+    cn = [0.1 * torch.randn(2, 64, D, generator=g) for _ in range(2)]
+    cn_single = [0.1 * torch.randn(2, 64, D, generator=g)]
+
+    def run():
+        h = loop.x.clone()
+        for i in range(10):
+            out = model(hidden_states=h, encoder_hidden_states=loop.e, pooled_projections=loop.p,
+                        timestep=torch.full((2,), 1.0 - i / 10), img_ids=loop.img_ids, txt_ids=loop.txt_ids,
+                        controlnet_block_samples=cn, controlnet_single_block_samples=cn_single,
+                        return_dict=False)[0]
+            h = h - out / 10
+        return h, svdcache.stats(model).last_generation
+
+    res = {}
+    for defer in (True, False):
+        svdcache.enable(model, basis=basis, interval=3, warmup=2, residual="reuse")
+        _defer(model, defer)
+        res[defer] = run()
+        svdcache.disable(model)
+    (a, ga), (b, gb) = res[True], res[False]
+    assert ga.cached_steps == gb.cached_steps >= 4
+    assert float((a - b).abs().max()) <= 1e-5 * float(b.abs().max())
