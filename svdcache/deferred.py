@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 import svdcache_kernels as K
+from svdcache_kernels.ops.reconstruct_sum import reference as _sum_ref
 from svdcache_kernels.plan import layout
 
 from .predictors import SubspaceCache
@@ -83,8 +84,11 @@ class DeferredSum:
         terms = [SumTerm(V, R, T, wd[g][0], gate, codes, scales, bits, wd[g][1] if codes is not None else 0.0, rows)
                  for _, _, V, R, T, codes, scales, bits, gate, rows, g in bound.members]
         y = x
+        for grp in bound.stacked:  # small features whose states live stacked (one op per kind of state)
+            y = grp.run(y, out, wd)
+            out = y if out is None else out
         if terms:
-            y = self._plan(hook, x, out, bound, terms)(x, terms, out)
+            y = self._plan(hook, y, out, bound, terms)(y, terms, out)
         if bound.rest:
             if y is x:
                 y = x.clone() if out is None else out.copy_(x)
@@ -112,7 +116,7 @@ class _Bound:
     drop it (``ContextState.sum_bound``; a partner's full step renews its state keys, checked), so no
     view outlives the state it shows."""
 
-    __slots__ = ("items", "partner", "layout", "members", "rest", "flops", "names", "reps")
+    __slots__ = ("items", "partner", "layout", "members", "rest", "flops", "names", "reps", "stacked")
 
 
 def _parts(st, name, fc, lead, rows, N):
@@ -178,8 +182,134 @@ def _bound(st, items, x, views: bool) -> _Bound:
                 rows_run = R.numel() // R.shape[-1]
                 b.flops += 2 * rows_run * c.V.shape[0] * c.V.shape[1]
     b.names = names
+    b.stacked = _stack_groups(st, b, x) if views and x.numel() <= _sum_ref.STACK_ELEMS else []
     st.sum_bound = b
     return b
+
+
+class _Arena:
+    """Stacked storage of the states of a group of small features of one context: ``t[attr]`` is a
+    (F, ...) tensor and each cache's ``attr`` a view of its slot, so the caches keep working as before
+    (a full step writes D1, D2 and the residual codes in place) and a cached call reads each kind of
+    state as one tensor. Only the anchor is copied in at each interval's first cached call (a full
+    step holds the new feature itself): a few features' worth of small tensors, by construction."""
+
+    __slots__ = ("fcs", "attrs", "t", "views")
+
+
+_ATTRS = ("R", "D1", "D2", "rq", "rs")
+
+
+def _arena(st, key, fcs) -> _Arena:
+    arenas = st.sum_arena
+    ar = arenas.get(key)
+    if ar is None or len(ar.fcs) != len(fcs) or any(a is not c for a, c in zip(ar.fcs, fcs)):
+        ids = {id(fc) for fc in fcs}
+        for k in [k for k, a in arenas.items() if any(id(fc) in ids for fc in a.fcs)]:
+            del arenas[k]  # a feature lives in one arena
+        f0 = fcs[0]
+        ar = _Arena()
+        ar.fcs = list(fcs)
+        ar.attrs = [a for a in _ATTRS if getattr(f0, a, None) is not None]
+        ar.t = {a: torch.empty((len(fcs), *getattr(f0, a).shape), dtype=getattr(f0, a).dtype,
+                               device=getattr(f0, a).device) for a in ar.attrs}
+        ar.views = {a: list(ar.t[a].unbind(0)) for a in ar.attrs}
+        arenas[key] = ar
+    for a in ar.attrs:
+        cur = [getattr(fc, a) for fc in fcs]
+        vs = ar.views[a]
+        if all(c is v for c, v in zip(cur, vs)):
+            continue
+        if any(c is v for c, v in zip(cur, vs)):
+            for c, v in zip(cur, vs):
+                if c is not v:
+                    v.copy_(c)
+        else:
+            torch.stack(cur, out=ar.t[a])
+        for fc, v in zip(fcs, vs):
+            setattr(fc, a, v)
+    for fc, v in zip(fcs, ar.views["R"]):
+        fc._own = {}  # its layout cache held the replaced tensors
+        lp = fc.__dict__.get("_lprev")
+        if lp is not None:
+            fc._lprev = (v, lp[1])  # the anchor's layout, on the arena's view (the old tensor is released)
+    return ar
+
+
+class _Stacked:
+    """One group of a bound sum whose states live in an arena: the call's weights, then one
+    :func:`svdcache_kernels.reconstruct_stacked`."""
+
+    __slots__ = ("ar", "gs", "rows", "gates", "Vs", "nt", "bits", "cache")
+
+    def run(self, y, out, wd):
+        g0 = self.gs[0]
+        same = all(g == g0 for g in self.gs)
+        if same:
+            w, d = wd[g0]
+            weights = [float(u) for u in w]
+        else:
+            w = [wd[g][0] for g in self.gs]
+            weights = [_vec(self.cache, [u[i] for u in w], y.device) for i in range(self.nt)]
+            d = _vec(self.cache, [wd[g][1] for g in self.gs], y.device)
+        t = self.ar.t
+        G = self.gates if isinstance(self.gates, torch.Tensor) else torch.stack(self.gates)
+        V = torch.stack(self.Vs)
+        T = [t[a] for a in ("D1", "D2")[:self.nt]]
+        codes = t.get("rq") if self.bits else None
+        return K.reconstruct_stacked(y, t["R"], T, weights, G, V, codes, t.get("rs") if self.bits else None,
+                                     self.bits or 8, d if self.bits else 0.0, self.rows, out=out)
+
+
+def _vec(cache, vals, device):
+    return _sum_ref._scalars(vals, device, cache)
+
+
+def _stack_groups(st, b, x) -> list:
+    """Move the bound's small features of one kind (shapes, rank, terms, residual, rows) into arenas:
+    groups of two or more leave ``b.members`` for a :class:`_Stacked`."""
+    groups: dict = {}
+    for i, m in enumerate(b.members):
+        c, rows, V, R, T, codes, scales, bits, gate, _, g = m
+        if gate is None or gate.dim() != x.dim():
+            continue
+        key = (tuple(c.R.shape), c.R.dtype, tuple(V.shape), V.dtype, len(T), c.D2 is not None,
+               None if codes is None else (bits, tuple(c.rq.shape)), rows)
+        groups.setdefault(key, []).append(i)
+    out, taken = [], set()
+    for key, idx in groups.items():
+        if len(idx) < 2:
+            continue
+        ms = [b.members[i] for i in idx]
+        fcs = [m[0] for m in ms]
+        grp = _Stacked()
+        grp.ar = _arena(st, key, fcs)
+        grp.gs = [m[10] for m in ms]
+        grp.rows = key[-1]
+        grp.gates = _consecutive([m[8] for m in ms])
+        grp.Vs = [m[2] for m in ms]
+        grp.nt = len(ms[0][4])
+        grp.bits = ms[0][7] if ms[0][5] is not None else 0
+        grp.cache = {}
+        out.append(grp)
+        taken.update(idx)
+    b.members = [m for i, m in enumerate(b.members) if i not in taken]
+    return out
+
+
+def _consecutive(ts):
+    """The tensors as one (F, ...) view where they are consecutive slots of one buffer (the runtime's
+    gate buffer), else the list (stacked per call)."""
+    t0 = ts[0]
+    base = t0._base
+    if base is None or not base.is_contiguous():
+        return ts
+    step = t0.numel()
+    if any(t._base is not base or t.shape != t0.shape or not t.is_contiguous()
+           or t.data_ptr() != t0.data_ptr() + i * step * t0.element_size() for i, t in enumerate(ts)):
+        return ts
+    off = t0.storage_offset()
+    return base.as_strided((len(ts), *t0.shape), (step, *t0.stride()), off)
 
 
 def _flat(t: torch.Tensor) -> bool:

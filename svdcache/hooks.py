@@ -399,6 +399,7 @@ class SVDCacheHook(ModelHook):
         self.cur.fallbacks += 1
         st.features = {}
         st.sum_bound = None
+        st.sum_arena = {}
         st.ready = False
         st.hist = 0
         st.mode = "full"

@@ -41,6 +41,7 @@ class ContextState(BaseState):
         self.full_calls = 0  # full calls so far in this generation
         self.partner = None  # the conditional branch's state, while the unconditional one runs (guidance)
         self.sum_bound = None  # what the deferred sum of a cached call reads (svdcache.deferred), until a full step
+        self.sum_arena: dict = {}  # stacked storage of small features' states (svdcache.deferred)
 
     def new_generation(self) -> None:
         self.features = {}

@@ -12,7 +12,7 @@ Ops (each ``op(...)`` dispatches; ``op_reference`` and ``op_triton`` share its s
 from .dispatch import resolve_backend
 from .ops.gram import basis_from_gram, gram_update, gram_update_reference, rank_for_energy
 from .ops.reconstruct import reconstruct, reconstruct_reference
-from .ops.reconstruct_sum import SumTerm, reconstruct_sum, reconstruct_sum_reference
+from .ops.reconstruct_sum import SumTerm, reconstruct_stacked, reconstruct_sum, reconstruct_sum_reference
 from .ops.split import split, split_reference
 from .plan import ReconstructPlan, ReconstructSumPlan, SplitPlan
 
@@ -30,6 +30,7 @@ __all__ = [
     "ReconstructSumPlan",
     "SumTerm",
     "reconstruct_sum",
+    "reconstruct_stacked",
     "reconstruct_sum_reference",
     "SplitPlan",
 ]

@@ -151,3 +151,36 @@ def test_bad_inputs_fail_with_one_line_errors():
         reconstruct_sum_reference(x, [it], out=torch.empty(2, N, D + 1))
     with pytest.raises(ValueError, match="cannot be flattened to rows"):  # the kernels read rows
         reconstruct_sum(x, [it._replace(R=it.R[:, 1:])], backend="triton")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dname)
+@pytest.mark.parametrize("one_gain", [True, False], ids=["one-gain", "gains"])
+@pytest.mark.parametrize("rows", [0, 4])
+def test_stacked_matches_the_list_form(dtype, one_gain, rows):
+    """reconstruct_stacked (states stacked along F, as the runtime's arenas hold them) = the list form."""
+    from svdcache_kernels import reconstruct_stacked
+
+    g = gen(80 + DTYPES.index(dtype) + 2 * one_gain + rows)
+    N, D, k, F = 11, 21, 5, 6
+    Nf = rows + N + 1  # one row more than the stream reads
+    items = []
+    for f in range(F):
+        gain = 1.0 if one_gain else 0.5 + 0.2 * f
+        r = torch.randn(2, Nf, D, generator=g) * 0.3
+        codes, scales = quantize_rows(r, 4)
+        items.append(SumTerm(basis(D, k, dtype, g), randn((2, Nf, D), dtype, g=g),
+                             [randn((2, Nf, k), g=g, scale=2.0) for _ in range(2)], [0.7 * gain, -0.3 * gain],
+                             randn((2, 1, D), dtype, g=g), codes, scales, 4, 1.1 * gain, rows))
+    x = randn((2, N, D), dtype, g=g, scale=3.0)
+    ref = expected(x, items)
+    st = lambda f: torch.stack([f(it) for it in items])  # noqa: E731
+    if one_gain:
+        weights, d = list(items[0].weights), items[0].dr_scale
+    else:
+        weights = [torch.tensor([it.weights[i] for it in items]) for i in range(2)]
+        d = torch.tensor([it.dr_scale for it in items])
+    out = poison(x.shape, dtype)
+    reconstruct_stacked(x, st(lambda it: it.R), [st(lambda it, i=i: it.terms[i]) for i in range(2)], weights,
+                        st(lambda it: it.gate), st(lambda it: it.V), st(lambda it: it.codes), st(lambda it: it.scales),
+                        4, d, rows, out=out)
+    assert_close(out, ref, TOL[dtype], "stacked")

@@ -1,4 +1,4 @@
-from .reference import SumTerm, reconstruct_sum_reference
+from .reference import SumTerm, reconstruct_stacked, reconstruct_sum_reference
 
 
 def reconstruct_sum(x, items, *, out=None, backend=None):
@@ -13,4 +13,4 @@ def reconstruct_sum(x, items, *, out=None, backend=None):
     return reconstruct_sum_reference(x, items, out=out)
 
 
-__all__ = ["SumTerm", "reconstruct_sum", "reconstruct_sum_reference"]
+__all__ = ["SumTerm", "reconstruct_stacked", "reconstruct_sum", "reconstruct_sum_reference"]

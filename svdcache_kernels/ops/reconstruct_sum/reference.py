@@ -220,3 +220,50 @@ def _subspace(acc, G, sub, n, row_offset, N, D, dev, cache, ck) -> None:
     # out= rather than baddbmm_: torch's FLOP counter (the runtime's count of the model's own FLOPs is
     # what it saw less the cache's) does not see the in-place variant
     torch.baddbmm(a3, Pc.reshape(B, N, -1), Vg.reshape(B, -1, D), alpha=alpha, out=a3)
+
+
+@torch.no_grad()
+def reconstruct_stacked(x, R, terms, weights, gates, V, codes=None, scales=None, bits: int = 8, dr_scales=0.0,
+                        rows: int = 0, out=None) -> torch.Tensor:
+    """:func:`reconstruct_sum_reference` for features whose states are stacked along a first dim F (a
+    runtime that keeps them so: svdcache.deferred): ``R`` (F, *batch, Nf, D); ``terms`` (F, *batch, Nf, k)
+    each, one rank k for all; ``weights[i]`` a float (one for all features) or a (F,) fp32 tensor;
+    ``gates`` (F, *batch, 1, D); ``V`` (F, D, k); ``codes`` / ``scales`` (F, *batch, Nf, D or D/2) / (..., 1)
+    with ``dr_scales`` a float or (F,) tensor; the stream reads rows ``rows : rows + N`` of each feature.
+    A handful of ops for all F features, none of them a stack or a concatenation: the per-call cost of
+    the list form (one stack per kind of state) is gone. Arguments are the runtime's, not checked."""
+    N, D = x.shape[-2], x.shape[-1]
+    Fn = R.shape[0]
+    sl = (lambda t: t) if rows == 0 and R.shape[-2] == N else (lambda t: t[..., rows:rows + N, :])  # noqa: E731
+    Y = sl(R)
+    Y = Y.float() if Y.dtype != torch.float32 else Y.clone()  # (F, *batch, N, D), fresh
+    one = [1] * (Y.dim() - 1)
+    if codes is not None:
+        vals = code_values(sl(codes), D, bits)
+        if isinstance(dr_scales, torch.Tensor):
+            Y.addcmul_(vals, sl(scales) * dr_scales.view(-1, *one))
+        elif dr_scales:
+            Y.addcmul_(vals, sl(scales), value=float(dr_scales))
+    if terms:
+        k = V.shape[-1]
+        alpha = 1.0
+        if all(not isinstance(w, torch.Tensor) for w in weights) and float(weights[0]) != 0.0:
+            alpha = float(weights[0])
+            P = sl(terms[0])
+            P = P.clone() if len(terms) == 1 else torch.add(P, sl(terms[1]), alpha=float(weights[1]) / alpha)
+            for w, T in zip(weights[2:], terms[2:]):
+                P.add_(sl(T), alpha=float(w) / alpha)
+        else:
+            P = None
+            for w, T in zip(weights, terms):
+                wv = w.view(-1, *one) if isinstance(w, torch.Tensor) else float(w)
+                P = sl(T) * wv if P is None else P.add_(sl(T) * wv)
+        Y3 = Y.view(Fn, -1, D)
+        Vt = V.float().transpose(1, 2) if V.dtype != torch.float32 else V.transpose(1, 2)
+        # out= rather than baddbmm_: torch's FLOP counter does not see the in-place variant
+        torch.baddbmm(Y3, P.reshape(Fn, -1, k), Vt, alpha=alpha, out=Y3)
+    Y.mul_(gates.float() if gates.dtype != torch.float32 else gates)
+    acc = Y.sum(0)
+    if out is None:
+        return acc.add_(x).to(x.dtype) if x.dtype != torch.float32 else acc.add_(x)
+    return torch.add(x, acc, out=out)
