@@ -206,7 +206,8 @@ def _arena(st, key, fcs) -> _Arena:
     if ar is None or len(ar.fcs) != len(fcs) or any(a is not c for a, c in zip(ar.fcs, fcs)):
         ids = {id(fc) for fc in fcs}
         for k in [k for k, a in arenas.items() if any(id(fc) in ids for fc in a.fcs)]:
-            del arenas[k]  # a feature lives in one arena
+            for fc in arenas.pop(k).fcs:  # a feature lives in one arena
+                st.sum_arena_of.pop(id(fc), None)
         f0 = fcs[0]
         ar = _Arena()
         ar.fcs = list(fcs)
@@ -215,6 +216,8 @@ def _arena(st, key, fcs) -> _Arena:
                                device=getattr(f0, a).device) for a in ar.attrs}
         ar.views = {a: list(ar.t[a].unbind(0)) for a in ar.attrs}
         arenas[key] = ar
+        for f, fc in enumerate(fcs):
+            st.sum_arena_of[id(fc)] = (ar, f)
     for a in ar.attrs:
         cur = [getattr(fc, a) for fc in fcs]
         vs = ar.views[a]

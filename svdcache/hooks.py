@@ -17,6 +17,7 @@ from .distributed import plain_feature, reduce_partial, sees_shards
 from . import guidance
 from .flops import count_flops
 from .guards import CONTINUATION_TOL, concurrent_use_error, continuation_residual, refuse_foreign_cache
+from .batched_update import defer_update, flush_updates
 from .deferred import DeferredSum
 from .predictors import SubspaceCache, make_feature_cache
 from .schedule import Schedule
@@ -400,6 +401,8 @@ class SVDCacheHook(ModelHook):
         st.features = {}
         st.sum_bound = None
         st.sum_arena = {}
+        st.sum_arena_of = {}
+        st.pending_updates = []
         st.ready = False
         st.hist = 0
         st.mode = "full"
@@ -513,6 +516,8 @@ class SVDCacheHook(ModelHook):
                 self._fall_back(st, "a forecast")
                 st.call_cache_flops = st.call_torch_flops = 0
                 out = self.fn_ref.original_forward(*args, **kwargs)
+            if st.pending_updates:  # the held updates of small features, batched per arena
+                flush_updates(self, st)
             self.cur.full_steps += 1
             self._account(st)
             st.hist = min(st.hist + 1, 3)
@@ -661,6 +666,9 @@ class SVDCacheHook(ModelHook):
             fc.relative = relative
         elif isinstance(fc, SubspaceCache) and (fc.V.dtype != F.dtype or fc.V.device != F.device):
             fc.V = self._basis_V(name, F)
+        elif st is self._state and defer_update(st, fc, F, t):  # with its arena at the end of the call
+            st.updated.add(name)
+            return
         try:
             fc.update(F, t)
         except (ValueError, TypeError) as e:

@@ -42,6 +42,8 @@ class ContextState(BaseState):
         self.partner = None  # the conditional branch's state, while the unconditional one runs (guidance)
         self.sum_bound = None  # what the deferred sum of a cached call reads (svdcache.deferred), until a full step
         self.sum_arena: dict = {}  # stacked storage of small features' states (svdcache.deferred)
+        self.sum_arena_of: dict = {}  # id(cache) -> (its arena, its slot)
+        self.pending_updates: list = []  # full-step updates held for their arena's batch (svdcache.batched_update)
 
     def new_generation(self) -> None:
         self.features = {}

@@ -425,40 +425,68 @@ def test_whole_stack_keeps_controlnet_residuals(model, basis):
     assert float((a - b).abs().max()) <= 1e-5 * float(b.abs().max())
 
 
-def test_small_feature_states_live_in_one_stacked_tensor(model, basis):
-    """Small features (the dispatch-bound regime): at the first cached call after a full step each
-    cache's anchor, D1, D2 and residual codes become views of one stacked tensor per kind (the anchor
-    copied in, the model's own feature tensor released: no memory added), which the full steps then
-    update in place; the next generation starts over."""
+def test_small_feature_states_live_in_one_stacked_tensor(model, basis, monkeypatch):
+    """Small features (the dispatch-bound regime): from the first cached call after a full step each
+    cache's anchor, D1, D2 and residual codes are views of one stacked tensor per kind (the anchor copied
+    in, the model's own feature tensor released: no memory added); later full steps update the group in
+    one pass (svdcache.batched_update), copying the new features in; the next generation starts over."""
     import gc
     import weakref
 
     loop = FluxLoop(model, batch=2)
     svdcache.enable(model, basis=basis, interval=3, warmup=2)
     hook = model._diffusers_hook.get_hook("svdcache")
+    seen = []  # weak references to the model's own feature tensors, as recorded
+    real = SVDCacheHook._update
+
+    def spy(self, st, name, F, t):
+        if name == "transformer_blocks.0.attn.img":
+            seen.append(weakref.ref(F))
+        return real(self, st, name, F, t)
+
+    monkeypatch.setattr(SVDCacheHook, "_update", spy)
     h = loop.x.clone()
-    released, last_full = [], False
-    for i in range(10):
-        st = hook.state_manager.get_state()
-        fc = st.features.get("transformer_blocks.0.attn.img")
-        # after a full step the anchor is the model's own feature tensor, not yet in the arena
-        anchor = weakref.ref(fc.R) if last_full and fc is not None and fc.R is not None else None
-        before = hook.cur.cached_steps
-        with torch.no_grad():  # inference: no autograd graph keeps the features alive
+    views = []
+    with torch.no_grad():  # inference: no autograd graph keeps the features alive
+        for i in range(10):
             h = h - loop.call(h, 1.0 - i / 10) / 10
-        cached = hook.cur.cached_steps > before
-        if cached and anchor is not None and fc.D1 is not None and fc.n >= 3:
-            gc.collect()
-            released.append(anchor() is None)
+            st = hook.state_manager.get_state()
             fcs = [st.features[f"transformer_blocks.{b}.{n}"] for b in range(2) for n in ("attn.img", "ff")]
-            for attr in ("R", "D1", "D2", "rq", "rs"):
-                if getattr(fcs[0], attr) is None:  # D2 at order 1
-                    continue
-                bases = {getattr(fc, attr)._base.data_ptr() for fc in fcs}
-                assert len(bases) == 1, attr  # one stacked tensor per kind of state
-        last_full = not cached
-    assert released and all(released)
-    assert st.sum_arena
+            if all(fc.R._base is not None and fc.D1._base is not None for fc in fcs):
+                for attr in ("R", "D1", "D2", "rq", "rs"):
+                    if getattr(fcs[0], attr) is None:  # D2 at order 1, codes before the second full step
+                        continue
+                    assert len({getattr(fc, attr)._base.data_ptr() for fc in fcs}) == 1, attr
+                views.append(i)
+    gc.collect()
+    assert len(seen) == svdcache.stats(model).last_generation.full_steps and views and st.sum_arena
+    assert all(r() is None for r in seen[:-1])  # every feature but the last one released
     with torch.no_grad():
         loop.run(10)  # a new generation: new caches, new arenas
     assert not any(fc in hook.state_manager.get_state().features.values() for fc in fcs)
+
+
+def test_batched_full_step_updates_equal_one_by_one(model, basis, monkeypatch):
+    """The arena's full-step update in one pass gives the per-feature updates' states and outputs (the
+    same fp32 arithmetic, batched), the same FLOPs and memory."""
+    import svdcache.batched_update as bu
+    import svdcache.hooks as hooks
+
+    loop = FluxLoop(model, batch=2)
+    calls = []
+    real = bu._batched
+    monkeypatch.setattr(bu, "_batched", lambda *a: calls.append(1) or real(*a))
+    res = {}
+    for batched in (True, False):
+        if not batched:
+            monkeypatch.setattr(hooks, "defer_update", lambda *a: False)
+        svdcache.enable(model, basis=basis, interval=3, warmup=2)
+        with torch.no_grad():
+            outs, g = _generation(loop, model, steps=12)
+        res[batched] = (outs, g)
+        svdcache.disable(model)
+    assert calls  # the batched path ran
+    (o1, g1), (o2, g2) = res[True], res[False]
+    for a, b in zip(o1, o2):
+        assert float((a - b).abs().max()) <= 1e-3 * float(b.abs().max())  # int4 code flips at most
+    assert g1.flops == g2.flops and g1.cache_bytes == g2.cache_bytes and g1.cached_steps == g2.cached_steps

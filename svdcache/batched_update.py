@@ -1,0 +1,131 @@
+"""Full steps of small features in one pass: the caches of an arena (svdcache.deferred: a group of like
+small features whose states are stacked) are updated together at the end of the full call.
+
+Each feature's update is a few small ops (the difference to the last feature, its projection on the
+basis, the order-2 divided difference, the residual difference and its 4-bit codes): on features of a
+few thousand elements their dispatch is the cost. The arena already holds the last features (the
+anchors), D1, D2 and the codes stacked, so the whole group is the same ops once: one stack of the new
+features, one batched GEMM per projection, one quantization, the same arithmetic as the per-feature
+fast path (``SplitPlan``: ``D2 = (dF V / h1 - D1) / h2``, ``D1 += h2 D2``; the residual as one GEMM into
+the difference). The updates wait for the end of the call holding nothing more than they would (each
+new feature is the next anchor anyway; the last ones are in the arena).
+
+Anything else (a first full step, another shape, a feature not yet in an arena, mixed histories,
+16-bit features, the unconditional branch's difference form) is updated one by one as it is recorded.
+"""
+from __future__ import annotations
+
+import torch
+
+from .predictors import SubspaceCache
+from .residual_cache import QuantizedResidualCache, quantize_rows_into
+
+
+def defer_update(st, fc, F: torch.Tensor, t: float) -> bool:
+    """Hold ``fc``'s update with ``F`` for the end of the call if it can join its arena's batched one."""
+    ent = st.sum_arena_of.get(id(fc))
+    if ent is None:
+        return False
+    ar, f = ent
+    if ar.fcs[f] is not fc or fc.R is not ar.views["R"][f] or F.dtype != torch.float32:
+        return False
+    if type(fc) not in (SubspaceCache, QuantizedResidualCache) or not fc.anchor_form or fc.relative:
+        return False
+    if fc.cfg.predictor != "taylor" or tuple(F.shape) != fc.shape or F.device != fc.R.device or fc.D1 is None:
+        return False
+    st.pending_updates.append((fc, F, t))
+    return True
+
+
+def flush_updates(hook, st) -> None:
+    """Run the held updates: batched per arena whose members are all held with one history, else one by
+    one (their ``update``)."""
+    pending, st.pending_updates = st.pending_updates, []
+    groups: dict = {}
+    for fc, F, t in pending:
+        ar, f = st.sum_arena_of[id(fc)]
+        groups.setdefault(id(ar), (ar, {}))[1][f] = (fc, F, t)
+    for ar, held in groups.values():
+        entries = [held.get(f) for f in range(len(ar.fcs))]
+        if not _batchable(ar, entries):
+            for e in entries:
+                if e is not None:
+                    _one(hook, st, *e)
+            continue
+        _batched(hook, st, ar, entries)
+
+
+def _one(hook, st, fc, F, t) -> None:
+    try:
+        fc.update(F, t)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"svdcache feature {fc.name!r}: {e}") from None
+    hook._add_cache_flops(st, fc, fc.update_flops)
+
+
+def _batchable(ar, entries) -> bool:
+    if any(e is None for e in entries) or len(entries) < 2:
+        return False
+    fc0, _, t0 = entries[0]
+    if fc0.n < 1:
+        return False
+    times, cfg, kind = fc0.times, fc0.cfg, type(fc0)
+    for fc, F, t in entries:
+        if t != t0 or fc.times != times or fc.cfg is not cfg or type(fc) is not kind:
+            return False
+    if kind is QuantizedResidualCache:
+        codes = fc0.bits and fc0.n + 1 >= 2
+        if codes:  # the codes are written into the arena's: they must be there, of the kind the update makes
+            if "rq" not in ar.t or fc0.bits not in (4, 8) or (fc0.bits == 4 and fc0.shape[-1] % 2):
+                return False
+            if any(fc.rq is not ar.views["rq"][f] or fc.rs is not ar.views["rs"][f] or fc.bits != fc0.bits
+                   for f, (fc, _, _) in enumerate(entries)):
+                return False
+    return True
+
+
+@torch.no_grad()
+def _batched(hook, st, ar, entries) -> None:
+    fcs = [e[0] for e in entries]
+    fc0, t = fcs[0], entries[0][2]
+    cfg = fc0.cfg
+    h1, h2 = fc0._steps(t)  # raises on a repeated time, as update does
+    order = min(cfg.order, fc0.n)
+    W = len(fcs)
+    R = ar.t["R"]
+    D = R.shape[-1]
+    M = R[0].numel() // D
+    k = fc0.V.shape[1]
+    Fs = torch.stack([e[1] for e in entries])
+    diff = torch.sub(Fs.view(W, M, D), R.view(W, M, D))  # F - F_prev, fp32
+    V = torch.stack([fc.V for fc in fcs])  # (W, D, k)
+    T0 = ar.t["D1"].view(W, M, k)
+    if order == 1:  # D1 = (F - F_prev) V / h1
+        torch.baddbmm(T0, diff, V, beta=0.0, alpha=1.0 / h1, out=T0)
+    elif order >= 2:  # D2 = (dF V / h1 - D1) / h2 in one GEMM, then D1 += h2 D2
+        T1 = ar.t["D2"].view(W, M, k)
+        torch.baddbmm(T0, diff, V, beta=-1.0 / h2, alpha=1.0 / (h1 * h2), out=T1)
+        T0.add_(T1, alpha=h2)
+    proj = 2 * M * D * k if order >= 1 else 0
+    R.copy_(Fs)  # the new anchors, in the arena: the model's feature tensors are released
+    codes = type(fc0) is QuantizedResidualCache and fc0.bits and order >= 1
+    for f, fc in enumerate(fcs):
+        fc.R = ar.views["R"][f]
+        fc._push_time(entries[f][1], t)
+        fc.update_flops = proj
+        fc._state_key = tuple(fc._layout(u) for u in (fc.V, fc.R, fc.C, fc.D1, fc.D2, fc.E, fc.dR))
+        fc._lprev = (fc.R, fc._state_key[1])
+    if codes and fc0.n >= 2:
+        h = fc0.times[-1] - fc0.times[-2]
+        # the residual difference dF / h - D1 V^T, into the difference; then its codes into the arena
+        r = torch.baddbmm(diff, T0, V.transpose(1, 2), beta=1.0 / h, alpha=-1.0, out=diff)
+        Q, S = ar.t["rq"], ar.t["rs"]
+        quantize_rows_into(r.view(W * M, D), fc0.bits, Q.view(W * M, -1), S.view(W * M, 1))
+        for fc in fcs:
+            fc._state_key = (*fc._state_key, fc._layout(fc.rq), fc._layout(fc.rs))
+            fc.update_flops += proj
+    elif type(fc0) is QuantizedResidualCache:
+        for fc in fcs:  # no residual difference yet (as update: none kept)
+            fc.rq = fc.rs = None
+    for fc in fcs:
+        hook._add_cache_flops(st, fc, fc.update_flops)
