@@ -2,6 +2,11 @@
 feed-forward of both streams in the double blocks and the pre-gate proj_out output of the single
 blocks are cached. On a cached step only the AdaLN gates are computed (for the current step) and
 the gated residual adds are fused into the reconstruction; attention and MLPs are skipped.
+
+With every block of the exact class planned here (:func:`_whole_stack`), a cached call is one
+operation for the whole stack: the first block computes all gates and defers every image-stream
+feature, the blocks in between are bypassed, the last one sums all forecasts into the image stream
+(svdcache.deferred); the text stream, which the model drops after its blocks, holds no state.
 """
 from __future__ import annotations
 
