@@ -36,14 +36,11 @@ class DeferredSum:
     def __init__(self):
         self.items: list = []  # (feature name, gate, row offset)
         self.plans: dict = {}
-        self.last = None  # (plan, state keys, gates, layouts, rows) of the last sum
+        self.last = None  # (plan, bound, stream layouts) of the last sum
         # the block that sums the deferred terms: the blocks before it (after the one that deferred them
         # all) pass their inputs on, without entering their adapters (BlockHook)
         self.until = None
         self.undo: list = []  # callables restoring what an adapter changed for this call (run by clear)
-
-    def add(self, name: str, gate, rows: int = 0) -> None:
-        self.items.append((name, gate, rows))
 
     def clear(self) -> None:
         """Forget the call's terms and undo what its adapters changed (at the start and end of every call,
@@ -77,9 +74,8 @@ class DeferredSum:
         self.until = None
         N = x.shape[-2]
         bound = _bound(st, items, x, K.resolve_backend(hook.cfg.backend, x) == "torch")
-        ts = (st.t, st.partner.t if st.partner is not None else st.t)
         # the weights of this step, once per kind of state (all features of a context share their times)
-        wd = [fc.forecast_terms(ts[which])[1::2] for fc, which in bound.reps]
+        wd = [fc.forecast_terms(st.t)[1::2] for fc in bound.reps]
         SumTerm = K.SumTerm
         terms = [SumTerm(V, R, T, wd[g][0], gate, codes, scales, bits, wd[g][1] if codes is not None else 0.0, rows)
                  for _, _, V, R, T, codes, scales, bits, gate, rows, g in bound.members]
@@ -113,22 +109,18 @@ class DeferredSum:
 class _Bound:
     """The tensors a context's deferred sum reads, as bound at its first cached call after a full step
     (views of the stream's rows of each feature's state): the states only change at full steps, which
-    drop it (``ContextState.sum_bound``; a partner's full step renews its state keys, checked), so no
-    view outlives the state it shows."""
+    drop it (``ContextState.sum_bound``), so no view outlives the state it shows."""
 
-    __slots__ = ("items", "partner", "layout", "members", "rest", "flops", "names", "reps", "stacked")
+    __slots__ = ("items", "layout", "members", "rest", "flops", "names", "reps", "stacked")
 
 
-def _parts(st, name, fc, lead, rows, N):
-    """The summed forms whose sum is this feature's forecast ((cache, whose time: 0 own, 1 the partner's)):
-    [fc] for its own state; None where it is not of the summed form (then it is forecast on its own).
-    The unconditional branch's difference form (F_hat = F_cond_hat + D_hat, svdcache.guidance) could be
-    two terms here, but guidance's own forecast sums both in k dims for one GEMM, and two stacked terms
-    cost two more passes over the feature (measured 14% slower on the embedded demo): forecast apart."""
-    if not isinstance(fc, SubspaceCache) or fc.relative or fc.shape is None or fc.shape[:-2] != lead \
-            or fc.shape[-2] < rows + N:
-        return None
-    return [(fc, 0)]
+def _summable(fc, lead, rows, N) -> bool:
+    """The feature's forecast is of the summed form (its own anchor-form state). The unconditional
+    branch's difference form (F_hat = F_cond_hat + D_hat, svdcache.guidance) could be two terms here, but
+    guidance's own forecast sums both in k dims for one GEMM, and two stacked terms cost two more passes
+    over the feature (measured 14% slower on the embedded demo): it is forecast apart."""
+    return (isinstance(fc, SubspaceCache) and not fc.relative and fc.shape is not None
+            and fc.shape[:-2] == lead and fc.shape[-2] >= rows + N)
 
 
 def _bound(st, items, x, views: bool) -> _Bound:
@@ -136,18 +128,17 @@ def _bound(st, items, x, views: bool) -> _Bound:
     where they flatten to rows (batch 1), the whole states with their row offsets otherwise."""
     b = st.sum_bound
     feats = st.features
-    if (b is not None and b.partner is st.partner and b.layout == (x.shape, x.device) and len(b.items) == len(items)
+    if (b is not None and b.layout == (x.shape, x.device) and len(b.items) == len(items)
             and all(a is c for a, c in zip(items, b.items))
             and all(feats.get(n) is fc and getattr(fc, "_state_key", None) is sk for n, fc, sk in b.names)):
         return b
     b = _Bound()
-    b.items, b.partner, b.layout = list(items), st.partner, (x.shape, x.device)
+    b.items, b.layout = list(items), (x.shape, x.device)
     b.members, b.rest, b.flops = [], [], 0
     lead, N = tuple(x.shape[:-2]), x.shape[-2]
     names = []
-    kinds: dict = {}  # (weights_key, whose time) -> index into b.reps
+    kinds: dict = {}  # weights_key -> index into b.reps
     b.reps = []
-    t = (st.t, st.partner.t if st.partner is not None else st.t)
     for name, gate, rows in items:
         fc = feats.get(name, _MISSING)
         if fc is _MISSING:
@@ -155,32 +146,29 @@ def _bound(st, items, x, views: bool) -> _Bound:
         names.append((name, fc, getattr(fc, "_state_key", None)))
         if fc is None:
             continue
-        parts = _parts(st, name, fc, lead, rows, N)
-        fts = None if parts is None else [c.forecast_terms(t[which]) for c, which in parts]
-        if fts is None or any(ft is None for ft in fts):
+        ft = fc.forecast_terms(st.t) if _summable(fc, lead, rows, N) else None
+        if ft is None:
             b.rest.append((name, gate, rows, rows == 0 and fc.shape == tuple(x.shape)))
             continue
-        for (c, which), ft in zip(parts, fts):
-            terms, _, dRq, _ = ft
-            ts = (c.R, *terms, *(dRq[:2] if dRq is not None else ()))
-            whole = rows == 0 and c.shape[-2] == N
-            if not whole:  # the stream's rows as views, where the backend reads them (kernels: as flat rows)
-                cut = [u[..., rows:rows + N, :] for u in ts]
-                if views or all(_flat(u) for u in cut):
-                    ts, whole = cut, True
-            R, terms_b = ts[0], tuple(ts[1:1 + len(terms)])
-            codes, scales, bits = (ts[-2], ts[-1], dRq[2]) if dRq is not None else (None, None, 8)
-            kk = (c.weights_key(), which)
-            g = kinds.get(kk)
-            if g is None:
-                g = kinds[kk] = len(b.reps)
-                b.reps.append((c, which))
-            b.members.append((c, rows, c.V, R, terms_b, codes, scales, bits, gate, 0 if whole else rows, g))
-            if terms:
-                # what runs (the GEMM over the rows the op reads): torch's FLOP counter sees the torch ops,
-                # and the model's own count is what it saw less this
-                rows_run = R.numel() // R.shape[-1]
-                b.flops += 2 * rows_run * c.V.shape[0] * c.V.shape[1]
+        terms, _, dRq, _ = ft
+        ts = (fc.R, *terms, *(dRq[:2] if dRq is not None else ()))
+        whole = rows == 0 and fc.shape[-2] == N
+        if not whole:  # the stream's rows as views, where the backend reads them (kernels: as flat rows)
+            cut = [u[..., rows:rows + N, :] for u in ts]
+            if views or all(_flat(u) for u in cut):
+                ts, whole = cut, True
+        R, terms_b = ts[0], tuple(ts[1:1 + len(terms)])
+        codes, scales, bits = (ts[-2], ts[-1], dRq[2]) if dRq is not None else (None, None, 8)
+        wk = fc.weights_key()
+        g = kinds.get(wk)
+        if g is None:
+            g = kinds[wk] = len(b.reps)
+            b.reps.append(fc)
+        b.members.append((fc, rows, fc.V, R, terms_b, codes, scales, bits, gate, 0 if whole else rows, g))
+        if terms:
+            # what runs (the GEMM over the rows the op reads): torch's FLOP counter sees the torch ops, and
+            # the model's own count is what it saw less this
+            b.flops += 2 * (R.numel() // R.shape[-1]) * fc.V.shape[0] * fc.V.shape[1]
     b.names = names
     b.stacked = _stack_groups(st, b, x) if views and x.numel() <= _sum_ref.STACK_ELEMS else []
     st.sum_bound = b
@@ -253,8 +241,8 @@ class _Stacked:
             weights = [float(u) for u in w]
         else:
             w = [wd[g][0] for g in self.gs]
-            weights = [_vec(self.cache, [u[i] for u in w], y.device) for i in range(self.nt)]
-            d = _vec(self.cache, [wd[g][1] for g in self.gs], y.device)
+            weights = [_sum_ref._scalars([u[i] for u in w], y.device, self.cache) for i in range(self.nt)]
+            d = _sum_ref._scalars([wd[g][1] for g in self.gs], y.device, self.cache)
         t = self.ar.t
         G = self.gates if isinstance(self.gates, torch.Tensor) else torch.stack(self.gates)
         V = torch.stack(self.Vs)
@@ -262,10 +250,6 @@ class _Stacked:
         codes = t.get("rq") if self.bits else None
         return K.reconstruct_stacked(y, t["R"], T, weights, G, V, codes, t.get("rs") if self.bits else None,
                                      self.bits or 8, d if self.bits else 0.0, self.rows, out=out)
-
-
-def _vec(cache, vals, device):
-    return _sum_ref._scalars(vals, device, cache)
 
 
 def _stack_groups(st, b, x) -> list:

@@ -142,8 +142,8 @@ class Forecaster:
     """What a block's cached forward calls: ``forecast(local_name, x=, gate=, out=)``, plus
     ``buffer(key, shape, dtype, device)``, a work tensor owned by the runtime and reused every
     cached call (adapters write block outputs into it instead of allocating, or concatenating), and
-    ``defer(local_name, gate=, rows=)`` / ``flush(x, out)``: a gated forecast added to the stream
-    later, with every other deferred one in one batched sum (svdcache.deferred)."""
+    ``defer_all(items, until=, undo=)`` / ``flush(x, out)``: gated forecasts added to the stream later,
+    all in one batched sum (svdcache.deferred)."""
 
     __slots__ = ("controller", "prefix", "names")
 
@@ -160,12 +160,6 @@ class Forecaster:
 
     def buffer(self, key: str, shape, dtype, device):
         return self.controller.buffer(key, shape, dtype, device)
-
-    def defer(self, local: str, gate=None, rows: int = 0) -> None:
-        name = self.names.get(local)
-        if name is None:
-            name = self.names[local] = self.prefix + local
-        self.controller.deferred_sum.add(name, gate, rows)
 
     def defer_all(self, items, until=None, undo=None) -> None:
         """Deferred terms of any blocks of the call: ``(full feature name, gate, rows)``; ``until``: the
@@ -398,11 +392,7 @@ class SVDCacheHook(ModelHook):
         msg = f"svdcache: {what} is not finite; this step is computed in full" if key == "fallback" else f"svdcache: {what}"
         self._warn_once(key, msg + " (warned once)")
         self.cur.fallbacks += 1
-        st.features = {}
-        st.sum_bound = None
-        st.sum_arena = {}
-        st.sum_arena_of = {}
-        st.pending_updates = []
+        st.drop_caches()
         st.ready = False
         st.hist = 0
         st.mode = "full"

@@ -170,10 +170,9 @@ class SubspaceCache(FeatureCache):
     def _split(self, F, V, *, backend=None, **kw) -> None:
         """K.split through a plan: arguments validated once per layout (a few per feature: the first
         full steps have less history), not on every full step."""
-        lay = self._layout
-        key = (tuple(lay(u) for u in (F, V, kw.get("C"), kw.get("D1"), kw.get("D2"), kw.get("E"), kw.get("R"),
-                                      kw.get("dR"), kw.get("F_prev"))),
-               kw.get("order", 0), bool(kw.get("ema_init", False)))  # = K.SplitPlan.key_of, layouts read once
+        key = K.SplitPlan.key_of(F, V, kw.get("C"), kw.get("D1"), kw.get("D2"), kw.get("E"), kw.get("R"),
+                                 kw.get("dR"), kw.get("F_prev"), kw.get("order", 0), kw.get("ema_init", False),
+                                 lay=self._layout)  # layouts read once per owned tensor
         plans = self.plans  # shared by this feature's caches across generations (see hooks)
         plan = plans.get(key)
         if plan is None:

@@ -20,7 +20,6 @@ class DefaultContextStateManager(StateManager):
 
 class ContextState(BaseState):
     def __init__(self):
-        self.features = {}  # feature name -> FeatureCache (None: the stream is absent)
         self.signature = None
         self.generation = 0
         self._new_generation()
@@ -40,13 +39,18 @@ class ContextState(BaseState):
         self.last_full = -1  # step index of this context's last full call
         self.full_calls = 0  # full calls so far in this generation
         self.partner = None  # the conditional branch's state, while the unconditional one runs (guidance)
+        self.drop_caches()
+
+    def drop_caches(self) -> None:
+        """Forget every feature's state and what is built on them (a new generation, a fallback to full
+        compute)."""
+        self.features = {}  # feature name -> FeatureCache (None: the stream is absent)
         self.sum_bound = None  # what the deferred sum of a cached call reads (svdcache.deferred), until a full step
         self.sum_arena: dict = {}  # stacked storage of small features' states (svdcache.deferred)
         self.sum_arena_of: dict = {}  # id(cache) -> (its arena, its slot)
         self.pending_updates: list = []  # full-step updates held for their arena's batch (svdcache.batched_update)
 
     def new_generation(self) -> None:
-        self.features = {}
         self.generation += 1
         self._new_generation()
 

@@ -189,8 +189,10 @@ class SplitPlan:
                 self._M, self._D = F.numel() // F.shape[-1], F.shape[-1]
 
     @staticmethod
-    def key_of(F, V, C, D1, D2, E, R, dR, F_prev, order, ema_init) -> tuple:
-        return (tuple(layout(t) for t in (F, V, C, D1, D2, E, R, dR, F_prev)), order, bool(ema_init))
+    def key_of(F, V, C, D1, D2, E, R, dR, F_prev, order, ema_init, lay=None) -> tuple:
+        """``lay``: the layout function (a caller that caches layouts passes its own)."""
+        lay = layout if lay is None else lay
+        return (tuple(lay(t) for t in (F, V, C, D1, D2, E, R, dR, F_prev)), order, bool(ema_init))
 
     def __call__(self, F, V, *, C=None, D1=None, D2=None, E=None, R=None, dR=None, h1=1.0, h2=1.0, beta=0.9,
                  ema_init=False, F_prev=None):

@@ -50,23 +50,24 @@ class _SiluOnce:
 _SILU = _SiluOnce()
 
 
-def _gate_weights(block: torch.nn.Module, lin: torch.nn.Linear, n_chunks: int, pairs: bool):
+def _gate_weights(lin: torch.nn.Linear, n_chunks: int, pairs: bool):
     """Views (no copies) of the gate rows of an AdaLN linear, transposed for a GEMM, and its bias:
     the gate chunk of AdaLayerNormZeroSingle (chunk 2 of 3) as (dim, D) and (D,); gate_msa and
     gate_mlp of AdaLayerNormZero (chunks 2 and 5 of 6: one strided view) as (2, dim, D) and
     (2, 1, D). Made once per module and re-made when the weight is replaced or changed in place
     (a LoRA fuse), so a cached step reads only the gate rows (1/3 of the modulation weights). None for
-    weights whose rows cannot be viewed (see :func:`_plain_weights`)."""
-    w, bias = lin.weight, lin.bias
-    cache = block.__dict__.get("_svdcache_gates")
-    ent = None if cache is None else cache.get(id(lin))
+    weights whose rows cannot be viewed (see :func:`_plain_weights`). Re-checked by the weight's and
+    bias's identity, version and address, read from ``_parameters`` (57 blocks per cached call)."""
+    params = lin._parameters
+    w, bias = params.get("weight"), params.get("bias")
+    if w is None:  # not a parameter (a dynamic-quantized Linear's weight() method, a plain tensor attribute)
+        w, bias = lin.weight, lin.bias
+    ent = lin.__dict__.get("_svdcache_gate_rows")
     if (ent is not None and ent[0] is w and ent[1] == w._version and ent[3] is bias
             and (ent[5] is None or ent[2] == w.data_ptr()) and (bias is None or ent[4] == bias._version)):
         return ent[5]
-    if cache is None:
-        cache = block.__dict__.setdefault("_svdcache_gates", {})
     if not _plain_weights(lin):
-        cache[id(lin)] = (w, getattr(w, "_version", None), _ptr(w), bias, getattr(bias, "_version", None), None)
+        lin.__dict__["_svdcache_gate_rows"] = (w, getattr(w, "_version", None), _ptr(w), bias, getattr(bias, "_version", None), None)
         return None
     W = w.detach()
     D, dim = W.shape[0] // n_chunks, W.shape[1]
@@ -78,7 +79,8 @@ def _gate_weights(block: torch.nn.Module, lin: torch.nn.Linear, n_chunks: int, p
         Wt = W[2 * D:3 * D].t()
         b = None if b is None else b[2 * D:3 * D]
     # the weight and bias objects are held (so their addresses are not reused), with their versions
-    cache[id(lin)] = (w, w._version, w.data_ptr(), bias, None if bias is None else bias._version, (Wt, b))
+    lin.__dict__["_svdcache_gate_rows"] = (w, w._version, w.data_ptr(), bias, None if bias is None else bias._version,
+                                           (Wt, b))
     return Wt, b
 
 
@@ -102,18 +104,17 @@ def _plain_weights(*lins) -> bool:
     return True
 
 
-def _double_gates(block, temb, buffer, text=True, key="flux.gates.double"):
+def _double_gates(block, temb, buffer, text=True):
     """gate_msa, gate_mlp, c_gate_msa, c_gate_mlp of a cached step, each (B, 1, D): two batched
-    GEMMs on the gate rows only, written into one runtime buffer (no allocation per block; ``key``
-    names it: a block whose gates are read after the next block runs has its own). Without
+    GEMMs on the gate rows only, written into one runtime buffer (no allocation per block). Without
     ``text`` the text stream's pair is not computed (None)."""
     if not _plain_weights(block.norm1.linear, block.norm1_context.linear):  # e.g. int8 Linears: whole modulation
         _, _, g1, _, _, g2 = _gates(block.norm1, temb, 6)
         _, _, c1, _, _, c2 = _gates(block.norm1_context, temb, 6)
         return g1.unsqueeze(1), g2.unsqueeze(1), c1.unsqueeze(1), c2.unsqueeze(1)
     s2 = _SILU.twice(temb)
-    Wt, b = _gate_weights(block, block.norm1.linear, 6, True)
-    Wc, bc = _gate_weights(block, block.norm1_context.linear, 6, True)
+    Wt, b = _gate_weights(block.norm1.linear, 6, True)
+    Wc, bc = _gate_weights(block.norm1_context.linear, 6, True)
     B, D = temb.shape[0], Wt.shape[-1]
     if s2.dtype != Wt.dtype:
         s2 = s2.to(Wt.dtype)
@@ -121,7 +122,7 @@ def _double_gates(block, temb, buffer, text=True, key="flux.gates.double"):
         g = torch.baddbmm(b, s2, Wt) if b is not None else torch.bmm(s2, Wt)
         gc = torch.baddbmm(bc, s2, Wc) if bc is not None else torch.bmm(s2, Wc)
         return g[0].unsqueeze(1), g[1].unsqueeze(1), gc[0].unsqueeze(1), gc[1].unsqueeze(1)
-    gb = buffer(key, (4, B, 1, D), Wt.dtype, temb.device)
+    gb = buffer("flux.gates.double", (4, B, 1, D), Wt.dtype, temb.device)
     views = _VIEWS.get(("d", id(gb)))
     if views is None or views[0] is not gb:
         views = (gb, gb[0:2].view(2, B, D), gb[2:4].view(2, B, D), gb.unbind(0))
@@ -134,19 +135,18 @@ def _double_gates(block, temb, buffer, text=True, key="flux.gates.double"):
     return gates
 
 
-def _single_gate(block, temb, buffer, key="flux.gates.single"):
-    """The single block's gate of a cached step, (B, 1, D): one GEMM on its gate rows (into the
-    runtime buffer ``key``)."""
+def _single_gate(block, temb, buffer):
+    """The single block's gate of a cached step, (B, 1, D): one GEMM on its gate rows."""
     if not _plain_weights(block.norm.linear):
         return _gates(block.norm, temb, 3)[2].unsqueeze(1)
     s = _SILU(temb)
-    Wt, b = _gate_weights(block, block.norm.linear, 3, False)
+    Wt, b = _gate_weights(block.norm.linear, 3, False)
     if s.dtype != Wt.dtype:
         s = s.to(Wt.dtype)
     if buffer is None:
         return (torch.addmm(b, s, Wt) if b is not None else torch.mm(s, Wt)).unsqueeze(1)
     B, D = temb.shape[0], Wt.shape[-1]
-    gb = buffer(key, (B, 1, D), Wt.dtype, temb.device)
+    gb = buffer("flux.gates.single", (B, 1, D), Wt.dtype, temb.device)
     views = _VIEWS.get(("s", id(gb)))
     if views is None or views[0] is not gb:
         views = (gb, gb.view(B, D))
@@ -170,7 +170,7 @@ class _WholeStack:
     of all blocks (one GEMM each on the gate rows, into one runtime buffer) and defers every image-stream
     feature at once; the blocks in between pass the streams on as they came (the runtime returns their
     inputs without entering the adapter) and the last one sums the forecasts into the image stream
-    (svdcache.deferred). Per block a cached call then costs its hook dispatch and one gate GEMM."""
+    (svdcache.deferred). Per block a cached call then costs one gate GEMM."""
 
     def __init__(self, model, blocks):
         names = {id(b): n for n, b, _ in blocks}
@@ -180,7 +180,6 @@ class _WholeStack:
         self.first, self.last_module = id(every[0]), every[-1]
         self.last = id(every[-1])
         self._views = None  # (gate buffer, text length, GEMM outputs, deferred items)
-        self._rows = [None] * (len(self.double) + len(self.single))  # checked gate-row views per block
         # (list, first, end) of the blocks between the first and the last one
         nd, ns = len(self.double), len(self.single)
         self._middle = [(model.transformer_blocks, 1, nd - (ns == 0)), (model.single_transformer_blocks,
@@ -204,9 +203,8 @@ class _WholeStack:
             self._views = v = (G, L, outs, items)
         outs = v[2]
         s = s2 = None
-        rows = self._rows
-        for i, ((_, block, lin), o) in enumerate(zip(self.double, outs)):
-            wb = self._gate_rows(rows, i, block, lin, 6, True)
+        for (_, block, lin), o in zip(self.double, outs):
+            wb = _gate_weights(lin, 6, True)
             if wb is None:  # e.g. int8 Linears: the whole modulation
                 _, _, g1, _, _, g2 = _gates(block.norm1, temb, 6)
                 o.copy_(torch.stack([g1, g2]))
@@ -216,8 +214,8 @@ class _WholeStack:
                 s2 = _SILU.twice(temb)
                 s2 = s2.to(Wt.dtype) if s2.dtype != Wt.dtype else s2
             torch.baddbmm(b, s2, Wt, out=o) if b is not None else torch.bmm(s2, Wt, out=o)
-        for i, ((_, block, lin), o) in enumerate(zip(self.single, outs[nd:]), nd):
-            wb = self._gate_rows(rows, i, block, lin, 3, False)
+        for (_, block, lin), o in zip(self.single, outs[nd:]):
+            wb = _gate_weights(lin, 3, False)
             if wb is None:
                 o.copy_(_gates(block.norm, temb, 3)[2])
                 continue
@@ -244,21 +242,6 @@ class _WholeStack:
             for mods, key, m in swapped:
                 mods[key] = m
         return undo
-
-    @staticmethod
-    def _gate_rows(rows, i, block, lin, n_chunks, pairs):
-        """:func:`_gate_weights`, re-checked by the weight's identity, version and address alone (one
-        dict read each instead of module attribute lookups: 57 blocks per cached call)."""
-        p = lin._parameters
-        w, b = p.get("weight"), p.get("bias")
-        rec = rows[i]
-        if (rec is not None and rec[0] is w and rec[1] == w._version and rec[2] == w.data_ptr() and rec[3] is b
-                and (b is None or rec[4] == b._version)):
-            return rec[5]
-        wb = _gate_weights(block, lin, n_chunks, pairs)
-        plain = wb is not None and type(w) is torch.nn.Parameter
-        rows[i] = (w, w._version, w.data_ptr(), b, None if b is None else b._version, wb) if plain else None
-        return wb
 
 
 class _Pass(torch.nn.Module):
