@@ -60,10 +60,17 @@ def _install(model, controller, granularity, root_name: str = ROOT_HOOK, blocks=
         blocks, dims = _plan(model, granularity)
     else:
         dims = {f"{n}.{loc}": D for n, b, a in blocks for loc, D in a.feature_dims(b).items()}
+    # features no cached step reads are not captured (a module none of whose outputs is read gets no hook),
+    # except while a basis is built online: it learns every feature
+    skip = getattr(controller, "unread", set()) if getattr(controller, "online", None) is None else set()
     for name, block, adapter in blocks:
         bh = BlockHook(controller, name, adapter)
         HookRegistry.check_if_exists_or_initialize(block).register_hook(bh, BLOCK_HOOK)
         for _, sub, outputs in adapter.capture_points(block):
+            if not callable(outputs):
+                outputs = [(n, i) for n, i in outputs if f"{name}.{n}" not in skip]
+                if not outputs:
+                    continue
             hook = outputs(bh) if callable(outputs) else CaptureHook(bh, outputs)  # an adapter's own hook
             HookRegistry.check_if_exists_or_initialize(sub).register_hook(hook, CAPTURE_HOOK)
     registry = HookRegistry.check_if_exists_or_initialize(model)

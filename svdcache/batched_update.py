@@ -73,14 +73,13 @@ def _batchable(ar, entries) -> bool:
     for fc, F, t in entries:
         if t != t0 or fc.times != times or fc.cfg is not cfg or type(fc) is not kind:
             return False
-    if kind is QuantizedResidualCache:
-        codes = fc0.bits and fc0.n + 1 >= 2
-        if codes:  # the codes are written into the arena's: they must be there, of the kind the update makes
-            if "rq" not in ar.t or fc0.bits not in (4, 8) or (fc0.bits == 4 and fc0.shape[-1] % 2):
-                return False
-            if any(fc.rq is not ar.views["rq"][f] or fc.rs is not ar.views["rs"][f] or fc.bits != fc0.bits
-                   for f, (fc, _, _) in enumerate(entries)):
-                return False
+    if kind is QuantizedResidualCache and fc0.bits and fc0.n + 1 >= 2:  # the update makes codes
+        if fc0.bits not in (4, 8) or (fc0.bits == 4 and fc0.shape[-1] % 2):
+            return False
+        if any(fc.bits != fc0.bits for fc, _, _ in entries):
+            return False
+        if "rq" in ar.t:  # written into the arena's: they must be its views
+            return all(fc.rq is ar.views["rq"][f] and fc.rs is ar.views["rs"][f] for f, (fc, _, _) in enumerate(entries))
     return True
 
 
@@ -98,7 +97,7 @@ def _batched(hook, st, ar, entries) -> None:
     k = fc0.V.shape[1]
     Fs = torch.stack([e[1] for e in entries])
     diff = torch.sub(Fs.view(W, M, D), R.view(W, M, D))  # F - F_prev, fp32
-    V = torch.stack([fc.V for fc in fcs])  # (W, D, k)
+    V = ar.stacked_V()  # (W, D, k)
     T0 = ar.t["D1"].view(W, M, k)
     if order == 1:  # D1 = (F - F_prev) V / h1
         torch.baddbmm(T0, diff, V, beta=0.0, alpha=1.0 / h1, out=T0)
@@ -108,24 +107,36 @@ def _batched(hook, st, ar, entries) -> None:
         T0.add_(T1, alpha=h2)
     proj = 2 * M * D * k if order >= 1 else 0
     R.copy_(Fs)  # the new anchors, in the arena: the model's feature tensors are released
-    codes = type(fc0) is QuantizedResidualCache and fc0.bits and order >= 1
-    for f, fc in enumerate(fcs):
-        fc.R = ar.views["R"][f]
-        fc._push_time(entries[f][1], t)
-        fc.update_flops = proj
-        fc._state_key = tuple(fc._layout(u) for u in (fc.V, fc.R, fc.C, fc.D1, fc.D2, fc.E, fc.dR))
-        fc._lprev = (fc.R, fc._state_key[1])
-    if codes and fc0.n >= 2:
-        h = fc0.times[-1] - fc0.times[-2]
-        # the residual difference dF / h - D1 V^T, into the difference; then its codes into the arena
+    codes = type(fc0) is QuantizedResidualCache and fc0.bits and order >= 1 and fc0.n >= 1
+    if codes:
+        h = t - fc0.times[-1]
+        # the residual difference dF / h - D1 V^T, into the difference; then its codes into the arena (the
+        # first ones: into storage the arena grows for them)
         r = torch.baddbmm(diff, T0, V.transpose(1, 2), beta=1.0 / h, alpha=-1.0, out=diff)
+        if "rq" not in ar.t:
+            Dq = D if fc0.bits == 8 else D // 2
+            ar.grow("rq", torch.empty((W, *fc0.shape[:-1], Dq), dtype=torch.int8 if fc0.bits == 8 else torch.uint8,
+                                      device=R.device))
+            ar.grow("rs", torch.empty((W, *fc0.shape[:-1], 1), dtype=torch.float32, device=R.device))
         Q, S = ar.t["rq"], ar.t["rs"]
+        qv, sv = ar.views["rq"], ar.views["rs"]
         quantize_rows_into(r.view(W * M, D), fc0.bits, Q.view(W * M, -1), S.view(W * M, 1))
-        for fc in fcs:
-            fc._state_key = (*fc._state_key, fc._layout(fc.rq), fc._layout(fc.rs))
-            fc.update_flops += proj
-    elif type(fc0) is QuantizedResidualCache:
-        for fc in fcs:  # no residual difference yet (as update: none kept)
-            fc.rq = fc.rs = None
-    for fc in fcs:
-        hook._add_cache_flops(st, fc, fc.update_flops)
+        proj *= 2
+    times = (fc0.times + [t])[-3:]  # one list for the group (never changed in place: _push_time makes a new one)
+    nbytes = Fs[0].numel() * Fs.element_size()
+    views = ar.views["R"]
+    for f, fc in enumerate(fcs):
+        fc.R = views[f]
+        fc.times = times
+        fc.feature_nbytes = nbytes
+        fc.update_flops = proj
+        if codes:
+            fc.rq, fc.rs = qv[f], sv[f]
+            src = (fc.V, fc.R, fc.C, fc.D1, fc.D2, fc.E, fc.dR, fc.rq, fc.rs)
+        else:
+            if type(fc0) is QuantizedResidualCache:
+                fc.rq = fc.rs = None  # no residual difference yet (as update: none kept)
+            src = (fc.V, fc.R, fc.C, fc.D1, fc.D2, fc.E, fc.dR)
+        fc._state_key = sk = ar.state_key(f, fc, src)
+        fc._lprev = (fc.R, sk[1])
+    hook._add_cache_flops(st, fc0, proj * W)  # the group's

@@ -17,6 +17,8 @@ terms still pending is computed in full (the root hook checks), never returned w
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 
 import svdcache_kernels as K
@@ -182,28 +184,73 @@ class _Arena:
     state as one tensor. Only the anchor is copied in at each interval's first cached call (a full
     step holds the new feature itself): a few features' worth of small tensors, by construction."""
 
-    __slots__ = ("fcs", "attrs", "t", "views")
+    __slots__ = ("fcs", "attrs", "t", "views", "keys", "_V")
+
+    def stacked_V(self) -> torch.Tensor:
+        """The members' bases as one (F, D, k) tensor, stacked again only when a member's basis is replaced
+        (a dtype or device change): the bases are fixed for a cache's life."""
+        Vs = [fc.V for fc in self.fcs]
+        held = self._V
+        if held is None or not all(map(operator.is_, held[0], Vs)):
+            held = self._V = (Vs, torch.stack(Vs))
+        return held[1]
+
+    def state_key(self, f: int, fc, src: tuple):
+        """Slot ``f``'s state key (``SubspaceCache._state_key``: the layouts of ``src``), the same object
+        while the same tensors hold the state: the arena's views, written in place at every full step."""
+        ent = self.keys[f]
+        if ent is None or len(ent[0]) != len(src) or not all(map(operator.is_, ent[0], src)):
+            ent = self.keys[f] = (src, tuple(fc._layout(u) for u in src))
+        return ent[1]
+
+    def grow(self, attr: str, t: torch.Tensor) -> None:
+        """Storage for one more kind of state (``t``: (F, ...)), e.g. the first residual codes, written by a
+        full step's batched update (svdcache.batched_update)."""
+        self.attrs.append(attr)
+        self.t[attr] = t
+        self.views[attr] = list(t.unbind(0))
 
 
 _ATTRS = ("R", "D1", "D2", "rq", "rs")
 
 
-def _arena(st, key, fcs) -> _Arena:
-    arenas = st.sum_arena
-    ar = arenas.get(key)
-    if ar is None or len(ar.fcs) != len(fcs) or any(a is not c for a, c in zip(ar.fcs, fcs)):
-        ids = {id(fc) for fc in fcs}
-        for k in [k for k, a in arenas.items() if any(id(fc) in ids for fc in a.fcs)]:
-            for fc in arenas.pop(k).fcs:  # a feature lives in one arena
-                st.sum_arena_of.pop(id(fc), None)
+def _fits(ar: _Arena, fcs) -> bool:
+    """``ar`` holds exactly these caches, in this order, with storage of the kind of each of their states."""
+    if len(ar.fcs) != len(fcs) or any(a is not c for a, c in zip(ar.fcs, fcs)):
+        return False
+    f0 = fcs[0]
+    for a in _ATTRS:
+        u, t = getattr(f0, a, None), ar.t.get(a)
+        if (u is None) != (t is None):
+            return False
+        if u is not None and (t.shape[1:] != u.shape or t.dtype != u.dtype or t.device != u.device):
+            return False
+    return True
+
+
+def _arena(st, fcs) -> _Arena:
+    """The arena of these caches: found by its members (an arena outlives the changes of the sum's grouping
+    as histories grow: one more term, the first codes), else a new one, which the caches' states move to."""
+    ent = st.sum_arena_of.get(id(fcs[0]))
+    ar = ent[0] if ent is not None else None
+    if ar is None or not _fits(ar, fcs):
+        for fc in fcs:  # a feature lives in one arena: those holding any of these go
+            old = st.sum_arena_of.get(id(fc))
+            if old is not None:
+                st.sum_arena.pop(id(old[0]), None)
+                for g in old[0].fcs:
+                    st.sum_arena_of.pop(id(g), None)
         f0 = fcs[0]
         ar = _Arena()
         ar.fcs = list(fcs)
-        ar.attrs = [a for a in _ATTRS if getattr(f0, a, None) is not None]
-        ar.t = {a: torch.empty((len(fcs), *getattr(f0, a).shape), dtype=getattr(f0, a).dtype,
-                               device=getattr(f0, a).device) for a in ar.attrs}
-        ar.views = {a: list(ar.t[a].unbind(0)) for a in ar.attrs}
-        arenas[key] = ar
+        ar.attrs, ar.t, ar.views = [], {}, {}
+        for a in _ATTRS:
+            u = getattr(f0, a, None)
+            if u is not None:
+                ar.grow(a, torch.empty((len(fcs), *u.shape), dtype=u.dtype, device=u.device))
+        ar.keys = [None] * len(fcs)
+        ar._V = None
+        st.sum_arena[id(ar)] = ar
         for f, fc in enumerate(fcs):
             st.sum_arena_of[id(fc)] = (ar, f)
     for a in ar.attrs:
@@ -231,7 +278,7 @@ class _Stacked:
     """One group of a bound sum whose states live in an arena: the call's weights, then one
     :func:`svdcache_kernels.reconstruct_stacked`."""
 
-    __slots__ = ("ar", "gs", "rows", "gates", "Vs", "nt", "bits", "cache")
+    __slots__ = ("ar", "gs", "rows", "gates", "nt", "bits", "cache")
 
     def run(self, y, out, wd):
         g0 = self.gs[0]
@@ -245,7 +292,7 @@ class _Stacked:
             d = _sum_ref._scalars([wd[g][1] for g in self.gs], y.device, self.cache)
         t = self.ar.t
         G = self.gates if isinstance(self.gates, torch.Tensor) else torch.stack(self.gates)
-        V = torch.stack(self.Vs)
+        V = self.ar.stacked_V()
         T = [t[a] for a in ("D1", "D2")[:self.nt]]
         codes = t.get("rq") if self.bits else None
         return K.reconstruct_stacked(y, t["R"], T, weights, G, V, codes, t.get("rs") if self.bits else None,
@@ -270,11 +317,10 @@ def _stack_groups(st, b, x) -> list:
         ms = [b.members[i] for i in idx]
         fcs = [m[0] for m in ms]
         grp = _Stacked()
-        grp.ar = _arena(st, key, fcs)
+        grp.ar = _arena(st, fcs)
         grp.gs = [m[10] for m in ms]
         grp.rows = key[-1]
         grp.gates = _consecutive([m[8] for m in ms])
-        grp.Vs = [m[2] for m in ms]
         grp.nt = len(ms[0][4])
         grp.bits = ms[0][7] if ms[0][5] is not None else 0
         grp.cache = {}

@@ -206,7 +206,7 @@ class SVDCacheHook(ModelHook):
         self._buffers: dict[str, torch.Tensor] = {}  # cached forwards' output buffers (see buffer)
         self._plans: dict[str, dict] = {}  # per feature: prepared split / reconstruct calls by layout
         self.deferred_sum = DeferredSum()  # gated forecasts of the cached call in progress, summed at its last block
-        self.unread: set[str] = set()  # features no cached step forecasts (adapters' unread_features): no cache
+        self.unread: set[str] = set()  # features no cached step forecasts (adapters' unread_features): not captured, no cache
         self.online = None
         self.schedule = Schedule(config, basis if schedule_basis is None else schedule_basis)  # full space: plans only
         self._bits: dict[str, int] = {}  # residual bits per feature chosen by a memory budget
@@ -530,10 +530,14 @@ class SVDCacheHook(ModelHook):
     def _measure_memory(self) -> None:
         cache = feats = 0
         for s in self.state_manager.states():
-            for fc in s.features.values():
-                if fc is not None:
-                    cache += fc.nbytes()
-                    feats += fc.feature_nbytes
+            m = s.mem
+            if m is None:
+                fcs = [fc for fc in s.features.values() if fc is not None]
+                m = (sum(fc.nbytes() for fc in fcs), sum(fc.feature_nbytes for fc in fcs))
+                if all(fc.n >= 3 for fc in fcs):  # every state allocated (D2, codes): sizes fixed from here on
+                    s.mem = m
+            cache += m[0]
+            feats += m[1]
         if cache > self.cur.cache_bytes:
             self.cur.cache_bytes, self.cur.feature_bytes = cache, feats
 
@@ -564,7 +568,7 @@ class SVDCacheHook(ModelHook):
         return not isinstance(hs, torch.Tensor) or resolve_backend(self.cfg.backend, hs) == "torch"
 
     def _all_updated(self, st: ContextState) -> bool:
-        missing = [n for n in self.feature_dims if n not in st.updated]
+        missing = [n for n in self.feature_dims if n not in st.updated and n not in self.unread]
         if missing and (self.online is None or self.online.done):
             self._warn_once("missing", f"svdcache: features {missing[:3]} were not produced by a full step; "
                             "every step is computed in full")
@@ -652,6 +656,7 @@ class SVDCacheHook(ModelHook):
         if fc is None:
             V = self._basis_V(name, F) if self.cfg.space == "svd" else None
             fc = st.features[name] = make_feature_cache(name, self.cfg, V, self.gains.get(name), self._bits.get(name))
+            st.mem = None  # measured again (_measure_memory)
             fc.plans = self._plans.setdefault(name, {})  # validated kernel calls outlive a generation
             fc.relative = relative
         elif isinstance(fc, SubspaceCache) and (fc.V.dtype != F.dtype or fc.V.device != F.device):
@@ -687,7 +692,9 @@ class SVDCacheHook(ModelHook):
     def forecast(self, name: str, *, x=None, gate=None, out=None):
         st = self._state
         fc = st.features.get(name, _MISSING)
-        if fc is _MISSING:  # ready implies every feature was updated
+        if fc is _MISSING:  # ready implies every feature was updated (or is unread: none held)
+            if name in self.unread:
+                return None
             raise RuntimeError(f"svdcache: no cached state for feature {name!r} on a cached step")
         if fc is None:
             return None

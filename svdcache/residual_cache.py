@@ -41,10 +41,11 @@ def quantize_rows(r: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.T
 
 def quantize_rows_into(r: torch.Tensor, bits: int, q: torch.Tensor, scale: torch.Tensor) -> None:
     """:func:`quantize_rows` of an fp32 (M, D) ``r`` (clobbered) into ``q`` / ``scale`` (M, D or D/2) / (M, 1),
-    the same codes in a third of its ops: absmax as an inf-norm, the 4-bit pair packed in fp32 as
-    ``q0 + 16 q1 + 136`` (= ``(q0 + 8) | (q1 + 8) << 4``, exact) and converted once. Even D only for 4 bits."""
+    the same codes in a third of its ops: the 4-bit pair packed in fp32 as ``q0 + 16 q1 + 136``
+    (= ``(q0 + 8) | (q1 + 8) << 4``, exact) and converted once. Even D only for 4 bits."""
     L = 127.0 if bits == 8 else 7.0
-    torch.linalg.vector_norm(r, float("inf"), dim=-1, keepdim=True, out=scale)
+    # absmax as abs + amax: the CPU's inf-norm along a dim is ~12x slower (measured at 912 x 32 fp32)
+    torch.amax(r.abs(), dim=-1, keepdim=True, out=scale)
     scale.clamp_min_(1e-30).div_(L)
     r.div_(scale).round_()  # |r| / (max |r| / L) rounds to at most L: no clamp needed
     if bits == 8:

@@ -162,10 +162,16 @@ def test_cached_step_skips_the_text_stream_nothing_reads(model, basis, monkeypat
     svdcache.enable(model, basis=basis, interval=3, warmup=2, residual=residual)
     assert all(a.text_unused for a in _double_adapters(model))
     _defer(model, False)  # the per-block path (the whole-stack sum is compared below)
+    blk = model.transformer_blocks[0]
+    assert not getattr(getattr(blk.ff_context, "_diffusers_hook", None), "hooks", {})  # nothing read of it: no hook
+    assert hooks_mod.CAPTURE_HOOK in blk.ff._diffusers_hook.hooks
     skip, names_skip, g_skip = run()
+    # the text features captured and held (as before), and forecast
+    monkeypatch.setattr(flux_mod.FluxDoubleBlockAdapter, "unread_features", lambda self, block: set())
+    svdcache.enable(model, basis=basis, interval=3, warmup=2, residual=residual)
+    _defer(model, False)
     for a in _double_adapters(model):
-        a.text_unused = False  # the forecasts of the text stream, as before
-    model._diffusers_hook.get_hook("svdcache").unread = set()  # and their states
+        a.text_unused = False
     full, names_full, g_full = run()
     assert g_skip.cache_bytes < g_full.cache_bytes  # the text features held no state
     assert g_skip.cached_steps == g_full.cached_steps >= 4
