@@ -22,31 +22,31 @@ from .residual_cache import QuantizedResidualCache, quantize_rows_into
 
 
 def defer_update(st, fc, F: torch.Tensor, t: float) -> bool:
-    """Hold ``fc``'s update with ``F`` for the end of the call if it can join its arena's batched one."""
+    """Hold ``fc``'s update with ``F`` for the end of the call if it can join its arena's batched one. An
+    arena holds caches of the summed form only (anchor-form Taylor in a basis, svdcache.deferred._summable),
+    so what is checked per call is that the cache still lives there and ``F`` is of its kind."""
     ent = st.sum_arena_of.get(id(fc))
     if ent is None:
         return False
     ar, f = ent
-    if ar.fcs[f] is not fc or fc.R is not ar.views["R"][f] or F.dtype != torch.float32:
+    if ar.fcs[f] is not fc or fc.R is not ar.views["R"][f] or F.dtype is not torch.float32 or F.shape != fc.shape:
         return False
-    if type(fc) not in (SubspaceCache, QuantizedResidualCache) or not fc.anchor_form or fc.relative:
+    if F.get_device() != fc.R.get_device():
         return False
-    if fc.cfg.predictor != "taylor" or tuple(F.shape) != fc.shape or F.device != fc.R.device or fc.D1 is None:
-        return False
-    st.pending_updates.append((fc, F, t))
+    held = ar.held
+    if held is None:
+        held = ar.held = [None] * len(ar.fcs)
+        st.pending_updates.append(ar)
+    held[f] = (fc, F, t)
     return True
 
 
 def flush_updates(hook, st) -> None:
     """Run the held updates: batched per arena whose members are all held with one history, else one by
     one (their ``update``)."""
-    pending, st.pending_updates = st.pending_updates, []
-    groups: dict = {}
-    for fc, F, t in pending:
-        ar, f = st.sum_arena_of[id(fc)]
-        groups.setdefault(id(ar), (ar, {}))[1][f] = (fc, F, t)
-    for ar, held in groups.values():
-        entries = [held.get(f) for f in range(len(ar.fcs))]
+    arenas, st.pending_updates = st.pending_updates, []
+    for ar in arenas:
+        entries, ar.held = ar.held, None
         if not _batchable(ar, entries):
             for e in entries:
                 if e is not None:

@@ -184,7 +184,7 @@ class _Arena:
     state as one tensor. Only the anchor is copied in at each interval's first cached call (a full
     step holds the new feature itself): a few features' worth of small tensors, by construction."""
 
-    __slots__ = ("fcs", "attrs", "t", "views", "keys", "_V")
+    __slots__ = ("fcs", "attrs", "t", "views", "keys", "_V", "held")
 
     def stacked_V(self) -> torch.Tensor:
         """The members' bases as one (F, D, k) tensor, stacked again only when a member's basis is replaced
@@ -250,6 +250,7 @@ def _arena(st, fcs) -> _Arena:
                 ar.grow(a, torch.empty((len(fcs), *u.shape), dtype=u.dtype, device=u.device))
         ar.keys = [None] * len(fcs)
         ar._V = None
+        ar.held = None  # a full step's updates of its members, held for one batch (svdcache.batched_update)
         st.sum_arena[id(ar)] = ar
         for f, fc in enumerate(fcs):
             st.sum_arena_of[id(fc)] = (ar, f)

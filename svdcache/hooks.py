@@ -61,7 +61,7 @@ class CaptureHook(ModelHook):
     def post_forward(self, module, output):
         record = self.block_hook.active_record
         if record is not None:
-            if type(output) is not torch.Tensor:
+            if type(output) is not torch.Tensor and type(output) is not tuple:
                 output = reduce_partial(output)  # tensor parallelism: a row-parallel linear's partial sum
             for name, idx in self.outputs:
                 record(name, output if idx is None else output[idx])
@@ -84,7 +84,8 @@ class BlockHook(ModelHook):
         self._names: dict[str, str] = {}  # local -> full feature name (no string concatenation per call)
 
     def _record(self, local: str, F) -> None:
-        if torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        if compiling:
             deferred = getattr(self.controller, "_deferred", None)
             if deferred is not None:
                 # traced: hand the feature out of the graph, the root hook's _end records it eagerly
@@ -102,10 +103,10 @@ class BlockHook(ModelHook):
             declare = getattr(ctl, "declare", None)
             if declare is not None:
                 declare(name, None if F is None else F.shape[-1])
-        if torch.compiler.is_compiling():
+        if compiling:
             ctl.record(name, F)  # behind a graph break
         else:  # the same, without the compiler-disable wrapper per feature
-            getattr(ctl, "_record_eager", ctl.record)(name, F)
+            (getattr(ctl, "_record_eager", None) or ctl.record)(name, F)
 
     def new_forward(self, module, *args, **kwargs):
         mode = self.controller.mode()
@@ -625,6 +626,10 @@ class SVDCacheHook(ModelHook):
             return
         if type(F) is not torch.Tensor:  # tensor parallelism: a pending all-reduce or a DTensor
             F = plain_feature(name, F)
+        fc = st.features.get(name)
+        if fc is not None and st.partner is None and defer_update(st, fc, F, st.t):
+            st.updated.add(name)  # with its arena's batched update at the end of the call
+            return
         if self.cfg.space == "svd" and name not in self.bases:
             # zero-setup: hold the feature until its online basis exists, then replay it, so the
             # first generation's caches start with the whole warm-up history
@@ -661,9 +666,6 @@ class SVDCacheHook(ModelHook):
             fc.relative = relative
         elif isinstance(fc, SubspaceCache) and (fc.V.dtype != F.dtype or fc.V.device != F.device):
             fc.V = self._basis_V(name, F)
-        elif st is self._state and defer_update(st, fc, F, t):  # with its arena at the end of the call
-            st.updated.add(name)
-            return
         try:
             fc.update(F, t)
         except (ValueError, TypeError) as e:

@@ -443,14 +443,14 @@ def test_small_feature_states_live_in_one_stacked_tensor(model, basis, monkeypat
     svdcache.enable(model, basis=basis, interval=3, warmup=2)
     hook = model._diffusers_hook.get_hook("svdcache")
     seen = []  # weak references to the model's own feature tensors, as recorded
-    real = SVDCacheHook._update
+    real = SVDCacheHook._record_eager
 
-    def spy(self, st, name, F, t):
+    def spy(self, name, F):
         if name == "transformer_blocks.0.attn.img":
             seen.append(weakref.ref(F))
-        return real(self, st, name, F, t)
+        return real(self, name, F)
 
-    monkeypatch.setattr(SVDCacheHook, "_update", spy)
+    monkeypatch.setattr(SVDCacheHook, "_record_eager", spy)
     h = loop.x.clone()
     views = []
     with torch.no_grad():  # inference: no autograd graph keeps the features alive
