@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import torch
 
-from .predictors import SubspaceCache
 from .residual_cache import QuantizedResidualCache, quantize_rows_into
 
 
@@ -132,11 +131,9 @@ def _batched(hook, st, ar, entries) -> None:
         fc.update_flops = proj
         if codes:
             fc.rq, fc.rs = qv[f], sv[f]
-            src = (fc.V, fc.R, fc.C, fc.D1, fc.D2, fc.E, fc.dR, fc.rq, fc.rs)
-        else:
-            if type(fc0) is QuantizedResidualCache:
-                fc.rq = fc.rs = None  # no residual difference yet (as update: none kept)
-            src = (fc.V, fc.R, fc.C, fc.D1, fc.D2, fc.E, fc.dR)
+        elif type(fc0) is QuantizedResidualCache:
+            fc.rq = fc.rs = None  # no residual difference yet (as update: none kept)
+        src = (fc.V, fc.R, fc.C, fc.D1, fc.D2, fc.E, fc.dR) + ((fc.rq, fc.rs) if codes else ())
         fc._state_key = sk = ar.state_key(f, fc, src)
         fc._lprev = (fc.R, sk[1])
     hook._add_cache_flops(st, fc0, proj * W)  # the group's

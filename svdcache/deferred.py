@@ -186,6 +186,18 @@ class _Arena:
 
     __slots__ = ("fcs", "attrs", "t", "views", "keys", "_V", "held")
 
+    def __init__(self, fcs):
+        self.fcs = list(fcs)
+        self.attrs, self.t, self.views = [], {}, {}
+        f0 = self.fcs[0]
+        for a in _ATTRS:
+            u = getattr(f0, a, None)
+            if u is not None:
+                self.grow(a, torch.empty((len(self.fcs), *u.shape), dtype=u.dtype, device=u.device))
+        self.keys = [None] * len(self.fcs)  # per slot: (state tensors, state key)
+        self._V = None
+        self.held = None  # a full step's updates of its members, held for one batch (svdcache.batched_update)
+
     def stacked_V(self) -> torch.Tensor:
         """The members' bases as one (F, D, k) tensor, stacked again only when a member's basis is replaced
         (a dtype or device change): the bases are fixed for a cache's life."""
@@ -216,7 +228,7 @@ _ATTRS = ("R", "D1", "D2", "rq", "rs")
 
 def _fits(ar: _Arena, fcs) -> bool:
     """``ar`` holds exactly these caches, in this order, with storage of the kind of each of their states."""
-    if len(ar.fcs) != len(fcs) or any(a is not c for a, c in zip(ar.fcs, fcs)):
+    if len(ar.fcs) != len(fcs) or not all(map(operator.is_, ar.fcs, fcs)):
         return False
     f0 = fcs[0]
     for a in _ATTRS:
@@ -240,17 +252,7 @@ def _arena(st, fcs) -> _Arena:
                 st.sum_arena.pop(id(old[0]), None)
                 for g in old[0].fcs:
                     st.sum_arena_of.pop(id(g), None)
-        f0 = fcs[0]
-        ar = _Arena()
-        ar.fcs = list(fcs)
-        ar.attrs, ar.t, ar.views = [], {}, {}
-        for a in _ATTRS:
-            u = getattr(f0, a, None)
-            if u is not None:
-                ar.grow(a, torch.empty((len(fcs), *u.shape), dtype=u.dtype, device=u.device))
-        ar.keys = [None] * len(fcs)
-        ar._V = None
-        ar.held = None  # a full step's updates of its members, held for one batch (svdcache.batched_update)
+        ar = _Arena(fcs)
         st.sum_arena[id(ar)] = ar
         for f, fc in enumerate(fcs):
             st.sum_arena_of[id(fc)] = (ar, f)
