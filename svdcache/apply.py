@@ -73,6 +73,8 @@ def _install(model, controller, granularity, root_name: str = ROOT_HOOK, blocks=
                     continue
             hook = outputs(bh) if callable(outputs) else CaptureHook(bh, outputs)  # an adapter's own hook
             HookRegistry.check_if_exists_or_initialize(sub).register_hook(hook, CAPTURE_HOOK)
+            if isinstance(hook, CaptureHook) and hasattr(controller, "captures"):
+                controller.captures.append(hook)
     registry = HookRegistry.check_if_exists_or_initialize(model)
     registry.register_hook(controller, root_name)
     registry.invalidate_child_registries_cache()

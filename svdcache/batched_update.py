@@ -15,6 +15,9 @@ Anything else (a first full step, another shape, a feature not yet in an arena, 
 """
 from __future__ import annotations
 
+import operator
+from itertools import chain
+
 import torch
 
 from .residual_cache import QuantizedResidualCache, quantize_rows_into
@@ -40,26 +43,79 @@ def defer_update(st, fc, F: torch.Tensor, t: float) -> bool:
     return True
 
 
-def flush_updates(hook, st) -> None:
+def flush_updates(hook, st) -> bool:
     """Run the held updates: batched per arena whose members are all held with one history, else one by
-    one (their ``update``)."""
+    one (their ``update``). True when every arena was batched."""
     arenas, st.pending_updates = st.pending_updates, []
+    every = True
     for ar in arenas:
         entries, ar.held = ar.held, None
-        if not _batchable(ar, entries):
+        if not _batchable(ar, entries) or not _batched(hook, st, ar, entries):
+            every = st.capture_plan = None  # the members' states may have left the arena's views
             for e in entries:
                 if e is not None:
-                    _one(hook, st, *e)
+                    hook._update(st, e[0].name, e[1], e[2])  # its checks and errors
+    return every is True
+
+
+def capture_plan(st, captures) -> tuple | None:
+    """Where each capture hook's features go once every one of them lives in an arena: ({capture hook:
+    ((output index, arena, slot, cache, feature name), ...)}, the arenas); None while any does not (see
+    record_captured)."""
+    plan, arenas = {}, {}
+    for h in captures:
+        slots = []
+        for local, idx in h.outputs:
+            name = h.block_hook.prefix + local
+            fc = st.features.get(name)
+            ent = None if fc is None else st.sum_arena_of.get(id(fc))
+            if ent is None:
+                return None
+            slots.append((idx, ent[0], ent[1], fc, name))
+            arenas[id(ent[0])] = ent[0]
+        plan[h] = tuple(slots)
+    return (plan, tuple(arenas.items())) if plan else None
+
+
+def record_captured(hook, st, sink: list) -> None:
+    """A full step's features as its capture hooks handed them over (``sink``: capture hook, output, ...),
+    held in their arenas by the state's capture plan (learnt at a full step whose updates were all batched:
+    the same caches in the same arenas); what the plan does not cover is recorded one by one. What costs a
+    host op per feature (dtype, shape, device) is checked on the stacked group (_batched)."""
+    plan, arenas = st.capture_plan
+    if not all(st.sum_arena.get(i) is ar for i, ar in arenas):
+        plan = {}  # an arena was rebuilt (the sum regrouped): one by one, and the plan learnt again
+        st.capture_plan = None
+    for _, ar in arenas:
+        if ar.held is None:
+            ar.held = [None] * len(ar.fcs)
+            st.pending_updates.append(ar)
+    t, updated = st.t, st.updated
+    for i in range(0, len(sink), 2):
+        h, out = sink[i], sink[i + 1]
+        slots = plan.get(h)
+        if slots is None:
+            for local, idx in h.outputs:
+                h.block_hook._record(local, out if idx is None else out[idx])
             continue
-        _batched(hook, st, ar, entries)
+        for idx, ar, f, fc, name in slots:
+            F = out if idx is None else out[idx]
+            if type(F) is not torch.Tensor:  # tensor parallelism: the per-feature path gathers it
+                h.block_hook._record(name[len(h.block_hook.prefix):], F)
+            elif ar.held[f] is None:
+                ar.held[f] = (fc, F, t)
+                updated.add(name)
+            else:  # the module ran twice in the block: a feature is recorded once per call
+                raise RuntimeError(f"svdcache: feature {name!r} recorded twice in one call")
 
 
-def _one(hook, st, fc, F, t) -> None:
-    try:
-        fc.update(F, t)
-    except (ValueError, TypeError) as e:
-        raise type(e)(f"svdcache feature {fc.name!r}: {e}") from None
-    hook._add_cache_flops(st, fc, fc.update_flops)
+_STATE = ("V", "R", "C", "D1", "D2", "E", "dR")
+_STATES = {False: operator.attrgetter(*_STATE), True: operator.attrgetter(*_STATE, "rq", "rs")}
+
+
+def _state_of(fc):
+    """(fc) -> its state tensors, as a tuple."""
+    return _STATES[type(fc) is QuantizedResidualCache]
 
 
 def _batchable(ar, entries) -> bool:
@@ -83,18 +139,24 @@ def _batchable(ar, entries) -> bool:
 
 
 @torch.no_grad()
-def _batched(hook, st, ar, entries) -> None:
+def _batched(hook, st, ar, entries) -> bool:
+    """The arena's update; False (nothing changed) when the new features do not stack into its kind."""
     fcs = [e[0] for e in entries]
     fc0, t = fcs[0], entries[0][2]
+    R = ar.t["R"]
+    try:
+        Fs = torch.stack([e[1] for e in entries])
+    except RuntimeError:  # shapes or devices differ
+        return False
+    if Fs.dtype is not torch.float32 or Fs.shape != R.shape or Fs.device != R.device:
+        return False
     cfg = fc0.cfg
     h1, h2 = fc0._steps(t)  # raises on a repeated time, as update does
     order = min(cfg.order, fc0.n)
     W = len(fcs)
-    R = ar.t["R"]
     D = R.shape[-1]
     M = R[0].numel() // D
     k = fc0.V.shape[1]
-    Fs = torch.stack([e[1] for e in entries])
     diff = torch.sub(Fs.view(W, M, D), R.view(W, M, D))  # F - F_prev, fp32
     V = ar.stacked_V()  # (W, D, k)
     T0 = ar.t["D1"].view(W, M, k)
@@ -122,18 +184,26 @@ def _batched(hook, st, ar, entries) -> None:
         quantize_rows_into(r.view(W * M, D), fc0.bits, Q.view(W * M, -1), S.view(W * M, 1))
         proj *= 2
     times = (fc0.times + [t])[-3:]  # one list for the group (never changed in place: _push_time makes a new one)
-    nbytes = Fs[0].numel() * Fs.element_size()
-    views = ar.views["R"]
-    for f, fc in enumerate(fcs):
-        fc.R = views[f]
+    for fc in fcs:
         fc.times = times
-        fc.feature_nbytes = nbytes
-        fc.update_flops = proj
-        if codes:
-            fc.rq, fc.rs = qv[f], sv[f]
-        elif type(fc0) is QuantizedResidualCache:
-            fc.rq = fc.rs = None  # no residual difference yet (as update: none kept)
-        src = (fc.V, fc.R, fc.C, fc.D1, fc.D2, fc.E, fc.dR) + ((fc.rq, fc.rs) if codes else ())
-        fc._state_key = sk = ar.state_key(f, fc, src)
-        fc._lprev = (fc.R, sk[1])
+    nbytes = Fs.numel() // W * Fs.element_size()
+    state = _state_of(fc0)
+    settled = (bool(codes), proj, nbytes)
+    if ar.settled != settled or not all(map(operator.is_, chain.from_iterable(map(state, fcs)), chain.from_iterable(ar.srcs))):
+        # the members' states are not those this arena's last batch left (its first batches, a member
+        # updated on its own): set them and their state keys; else every one is as it was
+        views = ar.views["R"]
+        for f, fc in enumerate(fcs):
+            fc.R = views[f]
+            fc.feature_nbytes = nbytes
+            fc.update_flops = proj
+            if codes:
+                fc.rq, fc.rs = qv[f], sv[f]
+            elif type(fc0) is QuantizedResidualCache:
+                fc.rq = fc.rs = None  # no residual difference yet (as update: none kept)
+            src = (fc.V, fc.R, fc.C, fc.D1, fc.D2, fc.E, fc.dR) + ((fc.rq, fc.rs) if codes else ())
+            fc._state_key = sk = ar.state_key(f, fc, src)
+            fc._lprev = (fc.R, sk[1])
+        ar.settled, ar.srcs = settled, list(map(state, fcs))
     hook._add_cache_flops(st, fc0, proj * W)  # the group's
+    return True

@@ -184,7 +184,7 @@ class _Arena:
     state as one tensor. Only the anchor is copied in at each interval's first cached call (a full
     step holds the new feature itself): a few features' worth of small tensors, by construction."""
 
-    __slots__ = ("fcs", "attrs", "t", "views", "keys", "_V", "held")
+    __slots__ = ("fcs", "attrs", "t", "views", "keys", "_V", "held", "settled", "srcs")
 
     def __init__(self, fcs):
         self.fcs = list(fcs)
@@ -197,6 +197,7 @@ class _Arena:
         self.keys = [None] * len(self.fcs)  # per slot: (state tensors, state key)
         self._V = None
         self.held = None  # a full step's updates of its members, held for one batch (svdcache.batched_update)
+        self.settled = self.srcs = None  # what the last batch left: its kind and the members' state tensors
 
     def stacked_V(self) -> torch.Tensor:
         """The members' bases as one (F, D, k) tensor, stacked again only when a member's basis is replaced

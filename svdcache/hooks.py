@@ -17,7 +17,7 @@ from .distributed import plain_feature, reduce_partial, sees_shards
 from . import guidance
 from .flops import count_flops
 from .guards import CONTINUATION_TOL, concurrent_use_error, continuation_residual, refuse_foreign_cache
-from .batched_update import defer_update, flush_updates
+from .batched_update import capture_plan, defer_update, flush_updates, record_captured
 from .deferred import DeferredSum
 from .predictors import SubspaceCache, make_feature_cache
 from .schedule import Schedule
@@ -59,7 +59,12 @@ class CaptureHook(ModelHook):
         self.outputs = outputs
 
     def post_forward(self, module, output):
-        record = self.block_hook.active_record
+        bh = self.block_hook
+        sink = bh.active_sink
+        if sink is not None and (type(output) is torch.Tensor or type(output) is tuple):
+            sink += (self, output)  # recorded with the others at the end of the call (record_captured)
+            return output
+        record = bh.active_record
         if record is not None:
             if type(output) is not torch.Tensor and type(output) is not tuple:
                 output = reduce_partial(output)  # tensor parallelism: a row-parallel linear's partial sum
@@ -77,6 +82,7 @@ class BlockHook(ModelHook):
         self.name = name
         self.adapter = adapter
         self.active_record = None
+        self.active_sink = None  # an eager full step's list of (capture hook, output), when its plan holds
         self.active_forecast = None  # set during a cached forward (submodule hooks read it)
         self.prefix = name + "."
         self._forecast = Forecaster(controller, self.prefix)
@@ -121,10 +127,11 @@ class BlockHook(ModelHook):
         if mode is None:  # called outside a managed transformer call
             return self.fn_ref.original_forward(*args, **kwargs)
         self.active_record = self._record
+        self.active_sink = getattr(self.controller, "sink", None)
         try:
             return self.adapter.full_forward(module, self.fn_ref.original_forward, args, kwargs, self._record)
         finally:
-            self.active_record = None
+            self.active_record = self.active_sink = None
 
     def _cached_forward_eager(self, module, args, kwargs):
         if getattr(self.adapter, "needs_forward", False):  # the block's own forward runs (submodule level)
@@ -214,6 +221,8 @@ class SVDCacheHook(ModelHook):
         self.scheduler = None  # the pipeline's scheduler (set by enable): the step count of each run
         self._lock = threading.Lock()  # held for the length of a call: a second thread's call is refused
         self._deferred: list = []  # (block hook, feature, F) recorded inside a compiled graph, for _end
+        self.captures: list = []  # the capture hooks pointing here (apply._install)
+        self.sink: list | None = None  # [capture hook, output, ...] of the eager full call in progress
         self._owner = None  # the thread holding it
         self.explicit = 0  # > 0 inside ``with svdcache.generation(model)``: one generation, no guessing
         self._model = None
@@ -446,6 +455,9 @@ class SVDCacheHook(ModelHook):
             else:
                 out = self.fn_ref.original_forward(*args, **kwargs)
             return self._end(st, out, args, kwargs)
+        # small features of an eager full step are handed over by their capture hooks and recorded in bulk
+        # at the end of the call, where the state's capture plan holds (svdcache.batched_update)
+        self.sink = [] if st.mode == "full" and st.capture_plan is not None and st.partner is None else None
         try:
             if self._wants_count(st):
                 out, counted = count_flops(self.fn_ref.original_forward, *args, **kwargs)
@@ -468,6 +480,7 @@ class SVDCacheHook(ModelHook):
         st.new_generation()
         st.mode = None
         self._state = None
+        self.sink = None
         self._deferred.clear()
         self.deferred_sum.clear()
         self._lock.release()
@@ -507,8 +520,12 @@ class SVDCacheHook(ModelHook):
                 self._fall_back(st, "a forecast")
                 st.call_cache_flops = st.call_torch_flops = 0
                 out = self.fn_ref.original_forward(*args, **kwargs)
+            sink, self.sink = self.sink, None
+            if sink:
+                record_captured(self, st, sink)
             if st.pending_updates:  # the held updates of small features, batched per arena
-                flush_updates(self, st)
+                if flush_updates(self, st) and sink is None:
+                    st.capture_plan = capture_plan(st, self.captures)
             self.cur.full_steps += 1
             self._account(st)
             st.hist = min(st.hist + 1, 3)
@@ -524,6 +541,7 @@ class SVDCacheHook(ModelHook):
             raise
         finally:
             self.deferred_sum.clear()  # nothing an adapter changed for the call outlives it
+            self.sink = None
             self._state = None
             st.mode = None
             self._lock.release()

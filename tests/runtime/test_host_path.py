@@ -15,7 +15,7 @@ import torch
 import svdcache
 import svdcache.hooks as hooks_mod
 from svdcache.adapters import flux as flux_mod
-from svdcache.hooks import SVDCacheHook
+from svdcache.hooks import CaptureHook, SVDCacheHook
 from svdcache.schedule import is_full_step
 
 from flux_helpers import FluxLoop
@@ -440,17 +440,17 @@ def test_small_feature_states_live_in_one_stacked_tensor(model, basis, monkeypat
     import weakref
 
     loop = FluxLoop(model, batch=2)
+    seen = []  # weak references to the model's own feature tensors, as captured
+    real = CaptureHook.post_forward
+
+    def spy(self, module, output):
+        if self.block_hook.name == "transformer_blocks.0" and ("attn.img", 0) in self.outputs:
+            seen.append(weakref.ref(output[0]))
+        return real(self, module, output)
+
+    monkeypatch.setattr(CaptureHook, "post_forward", spy)  # before enable: the registry binds it
     svdcache.enable(model, basis=basis, interval=3, warmup=2)
     hook = model._diffusers_hook.get_hook("svdcache")
-    seen = []  # weak references to the model's own feature tensors, as recorded
-    real = SVDCacheHook._record_eager
-
-    def spy(self, name, F):
-        if name == "transformer_blocks.0.attn.img":
-            seen.append(weakref.ref(F))
-        return real(self, name, F)
-
-    monkeypatch.setattr(SVDCacheHook, "_record_eager", spy)
     h = loop.x.clone()
     views = []
     with torch.no_grad():  # inference: no autograd graph keeps the features alive
@@ -474,14 +474,17 @@ def test_small_feature_states_live_in_one_stacked_tensor(model, basis, monkeypat
 
 def test_batched_full_step_updates_equal_one_by_one(model, basis, monkeypatch):
     """The arena's full-step update in one pass gives the per-feature updates' states and outputs (the
-    same fp32 arithmetic, batched), the same FLOPs and memory."""
+    same fp32 arithmetic, batched), the same FLOPs and memory; so do full steps whose features are handed
+    over by their capture hooks and held by the state's capture plan (no per-feature record call)."""
     import svdcache.batched_update as bu
     import svdcache.hooks as hooks
 
     loop = FluxLoop(model, batch=2)
-    calls = []
+    calls, bulk = [], []
     real = bu._batched
     monkeypatch.setattr(bu, "_batched", lambda *a: calls.append(1) or real(*a))
+    real_bulk = bu.record_captured
+    monkeypatch.setattr(hooks, "record_captured", lambda *a: bulk.append(1) or real_bulk(*a))
     res = {}
     for batched in (True, False):
         if not batched:
@@ -491,7 +494,7 @@ def test_batched_full_step_updates_equal_one_by_one(model, basis, monkeypatch):
             outs, g = _generation(loop, model, steps=12)
         res[batched] = (outs, g)
         svdcache.disable(model)
-    assert calls  # the batched path ran
+    assert calls and bulk  # the batched path ran, its later full steps recorded in bulk (a capture plan)
     (o1, g1), (o2, g2) = res[True], res[False]
     for a, b in zip(o1, o2):
         assert float((a - b).abs().max()) <= 1e-3 * float(b.abs().max())  # int4 code flips at most
