@@ -13,7 +13,9 @@ Reported per kind of call (median over calls of 4 generations x 25 steps, interv
 - full (cache on): a computed step that records its features and projects them (split);
 - cached: a forecast step (gates + reconstruction only);
 - full, steady state: full steps after a warmed-up interval, sampled many times (the "full" median pools
-  the first full steps of each generation too, which allocate the caches and check for foreign caches).
+  the first full steps of each generation too, which allocate the caches and check for foreign caches),
+  the two calls of each pair in alternating order;
+- A/A control: two copies of the uncached model paired the same ways (the pairing's own bias).
 
 "torch ops" counts every aten op a call dispatches (TorchDispatchMode; each is a kernel launch on a
 GPU unless it is a view); "non-view ops" leaves the views out. Targets (issue 12): cached <= 0.10 x
@@ -210,26 +212,40 @@ def count_ops(model, kw, steps, root=None):
 def steady_full(model, ref, kw, basis, args, extra, calls: int = 60) -> list[float]:
     """Paired full/uncached ratios of full steps in steady state: a generation warmed up with cached steps
     (arenas, plans, codes in place), then every call computed in full at timesteps 1/1000 apart (no new
-    generation): the full step between cached ones, sampled many times without first-steps of a generation."""
+    generation): the full step between cached ones, sampled many times without first-steps of a generation.
+    The two calls of a pair alternate in order (the second call of a pair runs ~1% slower: see aa_control)."""
     svdcache.enable(model, basis=basis, interval=args.interval, rank=args.rank, **extra)
     root = model._diffusers_hook.get_hook("svdcache")
+    ratios = _paired(model, ref, kw, calls, warm=lambda i: i == 12 and setattr(root.schedule, "is_full", lambda *a, **k: True))
+    svdcache.disable(model)
+    return ratios
+
+
+def aa_control(ref, kw, calls: int = 60) -> tuple[list[float], list[float]]:
+    """The pairing's own bias: an uncached copy against the uncached model, both orders (ref first as in
+    the generation rows, and alternating as in steady_full)."""
+    other = copy.deepcopy(ref)
+    return _paired(other, ref, kw, calls, alternate=False), _paired(other, ref, kw, calls)
+
+
+def _paired(model, ref, kw, calls, warm=None, alternate=True) -> list[float]:
     h, ratios = kw["hidden_states"], []
     for i in range(12 + calls):
-        if i == 12:
-            root.schedule.is_full = lambda *a, **k: True
+        if warm is not None:
+            warm(i)
         t = torch.full((1,), 1.0 - i / 1000, dtype=h.dtype)
         a = {**kw, "hidden_states": h}
-        t0 = time.perf_counter()
-        with torch.no_grad(), _ctx(ref):
-            ref(**a, timestep=t)
-        tu = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        with torch.no_grad(), _ctx(model):
-            out = model(**a, timestep=t)[0]
+        dt = {}
+        for m in ((model, ref) if alternate and i % 2 else (ref, model)):
+            t0 = time.perf_counter()
+            with torch.no_grad(), _ctx(m):
+                o = m(**a, timestep=t)[0]
+            dt[m] = time.perf_counter() - t0
+            if m is model:
+                out = o
         if i >= 14:
-            ratios.append((time.perf_counter() - t0) / tu)
+            ratios.append(dt[model] / dt[ref])
         h = h - out / 1000
-    svdcache.disable(model)
     return ratios
 
 
@@ -289,6 +305,7 @@ def main(argv=None) -> int:
         svdcache.reset(model)
     svdcache.disable(model)
     steady = steady_full(model, ref, kw, basis, args, extra)
+    aa_first, aa_alt = aa_control(ref, kw)
 
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     lines = [
@@ -315,6 +332,8 @@ def main(argv=None) -> int:
                  f"| {r:.3f} | | | | |")
     lines.append(f"| full, steady state ({len(steady)} full calls after a warmed-up interval; see steady_full) | "
                  f"| {statistics.median(steady):.3f} | | | | <= 1.05x |")
+    lines.append(f"| A/A control: an uncached copy vs the uncached model (uncached first / alternating order) | "
+                 f"| {statistics.median(aa_first):.3f} / {statistics.median(aa_alt):.3f} | | | | ~1.00 |")
     lines += ["", f"stats: {st.last_generation.full_steps} full / {st.last_generation.cached_steps} cached steps per "
               f"generation, FLOPs ratio {st.last_generation.flops_uncached / max(st.last_generation.flops, 1):.2f}x", ""]
     text = "\n".join(lines)

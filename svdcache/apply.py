@@ -63,6 +63,8 @@ def _install(model, controller, granularity, root_name: str = ROOT_HOOK, blocks=
     # features no cached step reads are not captured (a module none of whose outputs is read gets no hook),
     # except while a basis is built online: it learns every feature
     skip = getattr(controller, "unread", set()) if getattr(controller, "online", None) is None else set()
+    captures = getattr(controller, "captures", [])
+    model.__dict__.setdefault("_svdcache_captures", {})[root_name] = captures  # detached by _uninstall
     for name, block, adapter in blocks:
         bh = BlockHook(controller, name, adapter)
         HookRegistry.check_if_exists_or_initialize(block).register_hook(bh, BLOCK_HOOK)
@@ -71,10 +73,12 @@ def _install(model, controller, granularity, root_name: str = ROOT_HOOK, blocks=
                 outputs = [(n, i) for n, i in outputs if f"{name}.{n}" not in skip]
                 if not outputs:
                     continue
-            hook = outputs(bh) if callable(outputs) else CaptureHook(bh, outputs)  # an adapter's own hook
-            HookRegistry.check_if_exists_or_initialize(sub).register_hook(hook, CAPTURE_HOOK)
-            if isinstance(hook, CaptureHook) and hasattr(controller, "captures"):
-                controller.captures.append(hook)
+            if callable(outputs):  # an adapter's own hook
+                HookRegistry.check_if_exists_or_initialize(sub).register_hook(outputs(bh), CAPTURE_HOOK)
+                continue
+            hook = CaptureHook(bh, outputs)
+            hook.attach(sub)
+            captures.append(hook)
     registry = HookRegistry.check_if_exists_or_initialize(model)
     registry.register_hook(controller, root_name)
     registry.invalidate_child_registries_cache()
@@ -88,6 +92,8 @@ def _uninstall(model, root_name: str = ROOT_HOOK) -> bool:
     registry.remove_hook(root_name, recurse=False)
     registry.remove_hook(BLOCK_HOOK, recurse=True)
     registry.remove_hook(CAPTURE_HOOK, recurse=True)
+    for hook in reversed(model.__dict__.get("_svdcache_captures", {}).pop(root_name, [])):
+        hook.detach()
     registry.invalidate_child_registries_cache()
     return True
 

@@ -86,10 +86,11 @@ def record_captured(hook, st, sink: list) -> None:
     if not all(st.sum_arena.get(i) is ar for i, ar in arenas):
         plan = {}  # an arena was rebuilt (the sum regrouped): one by one, and the plan learnt again
         st.capture_plan = None
+    pending = st.pending_updates
     for _, ar in arenas:
-        if ar.held is None:
+        if not any(p is ar for p in pending):  # else its held slots are this call's (an adapter's own hook)
             ar.held = [None] * len(ar.fcs)
-            st.pending_updates.append(ar)
+            pending.append(ar)
     t, updated = st.t, st.updated
     for i in range(0, len(sink), 2):
         h, out = sink[i], sink[i + 1]

@@ -3,6 +3,7 @@ step is computed or forecast; block hooks run the block or its forecast; capture
 module outputs of full steps to the feature caches (or to calibration)."""
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -50,13 +51,23 @@ def _timestep_value(t) -> float | None:
     return float(t)
 
 
-class CaptureHook(ModelHook):
-    """On a submodule: during a full step of its block, record the listed outputs as features."""
+class _Inert:
+    """What a detached capture still wrapped by another forward wrapper points at: it records nothing."""
+
+    active_sink = active_record = None
+
+
+class CaptureHook:
+    """On a submodule: during a full step of its block, record the listed outputs as features.
+
+    Attached as a thin wrapper of the submodule's ``forward`` (one frame per call), not a diffusers registry
+    hook (four frames and the packing of the arguments per call): every captured module runs at every full
+    step, and on a dispatch-bound model those frames are a measurable share of it (issue 12)."""
 
     def __init__(self, block_hook: "BlockHook", outputs: list[tuple[str, int | None]]):
-        super().__init__()
         self.block_hook = block_hook
         self.outputs = outputs
+        self._attached = None  # (module, our forward, the instance forward it replaced or None)
 
     def post_forward(self, module, output):
         bh = self.block_hook
@@ -71,6 +82,39 @@ class CaptureHook(ModelHook):
             for name, idx in self.outputs:
                 record(name, output if idx is None else output[idx])
         return output
+
+    def attach(self, module: torch.nn.Module) -> None:
+        inner, own = module.forward, module.__dict__.get("forward")
+        post = self.post_forward
+
+        @functools.wraps(inner)  # inspect.signature (torch.export) follows __wrapped__ to the real one
+        def forward(*args, **kwargs):
+            out = inner(*args, **kwargs)
+            bh = self.block_hook
+            sink = bh.active_sink
+            if sink is not None and (type(out) is torch.Tensor or type(out) is tuple):
+                sink += (self, out)  # post_forward's first branch, inline
+                return out
+            return out if bh.active_record is None else post(module, out)
+
+        forward._svdcache_capture, forward._svdcache_own = self, own
+        module.forward = forward
+        self._attached = (module, forward, own)
+
+    def detach(self) -> None:
+        if self._attached is None:
+            return
+        module, forward, own = self._attached
+        self._attached = None
+        self.block_hook = _Inert()
+        if module.__dict__.get("forward") is not forward:
+            return  # another wrapper took ours in: it stays in that chain, recording nothing
+        while getattr(own, "_svdcache_capture", None) is not None and own._svdcache_capture._attached is None:
+            own = own._svdcache_own  # an inert capture under ours goes too
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
 
 
 class BlockHook(ModelHook):
@@ -88,6 +132,9 @@ class BlockHook(ModelHook):
         self._forecast = Forecaster(controller, self.prefix)
         self._sum = getattr(controller, "deferred_sum", None)
         self._names: dict[str, str] = {}  # local -> full feature name (no string concatenation per call)
+        self._rec = self._record  # one bound method, not one per call
+        self._sinks = hasattr(controller, "sink")  # a controller that takes a full step's captures in bulk
+        self._plain = getattr(adapter, "plain_full_forward", False)  # its full forward is the block's own
 
     def _record(self, local: str, F) -> None:
         compiling = torch.compiler.is_compiling()
@@ -126,10 +173,12 @@ class BlockHook(ModelHook):
             return self._cached_forward_eager(module, args, kwargs)
         if mode is None:  # called outside a managed transformer call
             return self.fn_ref.original_forward(*args, **kwargs)
-        self.active_record = self._record
-        self.active_sink = getattr(self.controller, "sink", None)
+        self.active_record = rec = self._rec
+        self.active_sink = self.controller.sink if self._sinks else None
         try:
-            return self.adapter.full_forward(module, self.fn_ref.original_forward, args, kwargs, self._record)
+            if self._plain:
+                return self.fn_ref.original_forward(*args, **kwargs)
+            return self.adapter.full_forward(module, self.fn_ref.original_forward, args, kwargs, rec)
         finally:
             self.active_record = self.active_sink = None
 

@@ -15,6 +15,8 @@ class BlockAdapter:
 
     #: cache granularity this adapter implements ("module" or "block")
     granularity = "block"
+    #: the full forward is the block's own forward (capture hooks record): the runtime calls it directly
+    plain_full_forward = False
 
     def feature_dims(self, block: torch.nn.Module) -> dict[str, int]:
         """Local feature name -> channel dim D."""

@@ -368,6 +368,7 @@ class FluxDoubleBlockAdapter(_StackMixin, BlockAdapter):
 
 class FluxSingleBlockAdapter(_StackMixin, BlockAdapter):
     granularity = "module"
+    plain_full_forward = True  # proj_out's capture hook records
 
     def feature_dims(self, block):
         return {"proj_out": block.proj_out.out_features}

@@ -15,7 +15,7 @@ import torch
 import svdcache
 import svdcache.hooks as hooks_mod
 from svdcache.adapters import flux as flux_mod
-from svdcache.hooks import CaptureHook, SVDCacheHook
+from svdcache.hooks import SVDCacheHook
 from svdcache.schedule import is_full_step
 
 from flux_helpers import FluxLoop
@@ -163,8 +163,8 @@ def test_cached_step_skips_the_text_stream_nothing_reads(model, basis, monkeypat
     assert all(a.text_unused for a in _double_adapters(model))
     _defer(model, False)  # the per-block path (the whole-stack sum is compared below)
     blk = model.transformer_blocks[0]
-    assert not getattr(getattr(blk.ff_context, "_diffusers_hook", None), "hooks", {})  # nothing read of it: no hook
-    assert hooks_mod.CAPTURE_HOOK in blk.ff._diffusers_hook.hooks
+    assert not hasattr(blk.ff_context.forward, "_svdcache_capture")  # nothing read of it: not captured
+    assert isinstance(blk.ff.forward._svdcache_capture, hooks_mod.CaptureHook)
     skip, names_skip, g_skip = run()
     # the text features captured and held (as before), and forecast
     monkeypatch.setattr(flux_mod.FluxDoubleBlockAdapter, "unread_features", lambda self, block: set())
@@ -440,15 +440,8 @@ def test_small_feature_states_live_in_one_stacked_tensor(model, basis, monkeypat
     import weakref
 
     loop = FluxLoop(model, batch=2)
-    seen = []  # weak references to the model's own feature tensors, as captured
-    real = CaptureHook.post_forward
-
-    def spy(self, module, output):
-        if self.block_hook.name == "transformer_blocks.0" and ("attn.img", 0) in self.outputs:
-            seen.append(weakref.ref(output[0]))
-        return real(self, module, output)
-
-    monkeypatch.setattr(CaptureHook, "post_forward", spy)  # before enable: the registry binds it
+    seen = []  # weak references to the model's own feature tensors, as the block's attention returns them
+    spy = model.transformer_blocks[0].attn.register_forward_hook(lambda m, a, out: seen.append(weakref.ref(out[0])))
     svdcache.enable(model, basis=basis, interval=3, warmup=2)
     hook = model._diffusers_hook.get_hook("svdcache")
     h = loop.x.clone()
@@ -464,6 +457,7 @@ def test_small_feature_states_live_in_one_stacked_tensor(model, basis, monkeypat
                         continue
                     assert len({getattr(fc, attr)._base.data_ptr() for fc in fcs}) == 1, attr
                 views.append(i)
+    spy.remove()
     gc.collect()
     assert len(seen) == svdcache.stats(model).last_generation.full_steps and views and st.sum_arena
     assert all(r() is None for r in seen[:-1])  # every feature but the last one released
@@ -499,3 +493,39 @@ def test_batched_full_step_updates_equal_one_by_one(model, basis, monkeypatch):
     for a, b in zip(o1, o2):
         assert float((a - b).abs().max()) <= 1e-3 * float(b.abs().max())  # int4 code flips at most
     assert g1.flops == g2.flops and g1.cache_bytes == g2.cache_bytes and g1.cached_steps == g2.cached_steps
+
+def test_capture_wrappers_come_off_with_disable_and_under_another_wrapper(model, basis):
+    """Captures wrap their module's forward (not a registry hook): disable restores the module's own forward;
+    a wrapper put on a captured module after enable keeps working after disable (ours, inside it, goes
+    inert: it records nothing), and a second enable captures through it."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    loop = FluxLoop(model, batch=2)
+    with torch.no_grad():
+        ref = loop.call(loop.x, 1.0).clone()
+    ff = model.transformer_blocks[0].ff
+    svdcache.enable(model, basis=basis, interval=3, warmup=2)
+    assert "forward" in ff.__dict__ and ff.forward._svdcache_capture is not None
+    svdcache.disable(model)
+    assert not any(hasattr(m.forward, "_svdcache_capture") for m in model.modules())
+    assert "forward" not in ff.__dict__  # a captured module's forward is its class's again
+
+    calls = []
+
+    class Counting(ModelHook):
+        def post_forward(self, module, output):
+            calls.append(1)
+            return output
+
+    svdcache.enable(model, basis=basis, interval=3, warmup=2)
+    HookRegistry.check_if_exists_or_initialize(ff).register_hook(Counting(), "counting")
+    svdcache.disable(model)
+    with torch.no_grad():
+        out = loop.call(loop.x, 1.0)
+    assert calls and torch.equal(out, ref)  # the other wrapper runs; ours records nothing, changes nothing
+    svdcache.enable(model, basis=basis, interval=3, warmup=2)
+    with torch.no_grad():
+        loop.run(10)
+    assert svdcache.stats(model).last_generation.cached_steps >= 4  # captured through the other wrapper
+    svdcache.disable(model)
+    HookRegistry.check_if_exists_or_initialize(ff).remove_hook("counting")
