@@ -68,6 +68,9 @@ def _install(model, controller, granularity, root_name: str = ROOT_HOOK, blocks=
     for name, block, adapter in blocks:
         bh = BlockHook(controller, name, adapter)
         HookRegistry.check_if_exists_or_initialize(block).register_hook(bh, BLOCK_HOOK)
+        bh.entry = getattr(getattr(bh, "fn_ref", None), "forward", None)  # the registry's reference to our forward
+        if bh._plain and hasattr(controller, "plain_blocks"):
+            controller.plain_blocks.append(bh)
         for _, sub, outputs in adapter.capture_points(block):
             if not callable(outputs):
                 outputs = [(n, i) for n, i in outputs if f"{name}.{n}" not in skip]

@@ -135,6 +135,7 @@ class BlockHook(ModelHook):
         self._rec = self._record  # one bound method, not one per call
         self._sinks = hasattr(controller, "sink")  # a controller that takes a full step's captures in bulk
         self._plain = getattr(adapter, "plain_full_forward", False)  # its full forward is the block's own
+        self.entry = None  # the registry's reference to new_forward (apply._install; see _bypass_plain_blocks)
 
     def _record(self, local: str, F) -> None:
         compiling = torch.compiler.is_compiling()
@@ -272,6 +273,8 @@ class SVDCacheHook(ModelHook):
         self._deferred: list = []  # (block hook, feature, F) recorded inside a compiled graph, for _end
         self.captures: list = []  # the capture hooks pointing here (apply._install)
         self.sink: list | None = None  # [capture hook, output, ...] of the eager full call in progress
+        self.plain_blocks: list = []  # block hooks of plain_full_forward adapters (apply._install)
+        self._bypassed: list = []  # those the call in progress runs without their hook (_bypass_plain_blocks)
         self._owner = None  # the thread holding it
         self.explicit = 0  # > 0 inside ``with svdcache.generation(model)``: one generation, no guessing
         self._model = None
@@ -507,6 +510,8 @@ class SVDCacheHook(ModelHook):
         # small features of an eager full step are handed over by their capture hooks and recorded in bulk
         # at the end of the call, where the state's capture plan holds (svdcache.batched_update)
         self.sink = [] if st.mode == "full" and st.capture_plan is not None and st.partner is None else None
+        if self.sink is not None:
+            self._bypass_plain_blocks(self.sink)
         try:
             if self._wants_count(st):
                 out, counted = count_flops(self.fn_ref.original_forward, *args, **kwargs)
@@ -517,6 +522,25 @@ class SVDCacheHook(ModelHook):
             self._abort(st)
             raise
         return self._end(st, out, args, kwargs)
+
+    def _bypass_plain_blocks(self, sink: list) -> None:
+        """For an eager full call that records in bulk: blocks whose full forward is the block's own
+        (plain_full_forward) run it straight from their registry entry, their captures handed the call's sink
+        for the whole call (no hook frame per block: 38 of FLUX.1's 57). The registry's forward reference is
+        swapped only where it is still the one our hook was registered with."""
+        for bh in self.plain_blocks:
+            ref = getattr(bh, "fn_ref", None)
+            if ref is not None and ref.forward is bh.entry:
+                ref.forward = ref.original_forward
+                bh.active_record, bh.active_sink = bh._rec, sink
+                self._bypassed.append(bh)
+
+    def _restore_plain_blocks(self) -> None:
+        self.sink = None
+        for bh in self._bypassed:
+            bh.fn_ref.forward = bh.entry
+            bh.active_record = bh.active_sink = None
+        self._bypassed.clear()
 
     @torch.compiler.disable
     def _eager_forward(self, *args, **kwargs):
@@ -529,7 +553,7 @@ class SVDCacheHook(ModelHook):
         st.new_generation()
         st.mode = None
         self._state = None
-        self.sink = None
+        self._restore_plain_blocks()
         self._deferred.clear()
         self.deferred_sum.clear()
         self._lock.release()
@@ -569,7 +593,8 @@ class SVDCacheHook(ModelHook):
                 self._fall_back(st, "a forecast")
                 st.call_cache_flops = st.call_torch_flops = 0
                 out = self.fn_ref.original_forward(*args, **kwargs)
-            sink, self.sink = self.sink, None
+            sink = self.sink
+            self._restore_plain_blocks()
             if sink:
                 record_captured(self, st, sink)
             if st.pending_updates:  # the held updates of small features, batched per arena
@@ -590,7 +615,7 @@ class SVDCacheHook(ModelHook):
             raise
         finally:
             self.deferred_sum.clear()  # nothing an adapter changed for the call outlives it
-            self.sink = None
+            self._restore_plain_blocks()
             self._state = None
             st.mode = None
             self._lock.release()

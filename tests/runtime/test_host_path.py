@@ -529,3 +529,38 @@ def test_capture_wrappers_come_off_with_disable_and_under_another_wrapper(model,
     assert svdcache.stats(model).last_generation.cached_steps >= 4  # captured through the other wrapper
     svdcache.disable(model)
     HookRegistry.check_if_exists_or_initialize(ff).remove_hook("counting")
+
+
+def test_plain_blocks_bypassed_on_bulk_full_steps_and_restored(model, basis):
+    """A full step recording in bulk runs the single blocks (plain full forward) from their registry entry
+    without their hook frame: the same outputs and stats as through the hook, every entry restored after
+    each call, and after a call that raised."""
+    loop = FluxLoop(model, batch=2)
+    res, bypassed = {}, []
+    for bypass in (True, False):
+        svdcache.enable(model, basis=basis, interval=3, warmup=2)
+        root = model._diffusers_hook.get_hook("svdcache")
+        assert len(root.plain_blocks) == 2
+        if not bypass:
+            root.plain_blocks = []
+        real = root._bypass_plain_blocks
+        root._bypass_plain_blocks = lambda sink: (real(sink), bypassed.append(len(root._bypassed)))
+        with torch.no_grad():
+            res[bypass] = _generation(loop, model, steps=12)
+        assert all(bh.fn_ref.forward is bh.entry and bh.active_sink is None for bh in root.plain_blocks)
+        if bypass:
+            assert 2 in bypassed  # some full steps ran the single blocks straight
+            hd = model.single_transformer_blocks[1].proj_out.register_forward_pre_hook(
+                lambda m, a: (_ for _ in ()).throw(KeyboardInterrupt))
+            root.schedule.is_full = lambda *a, **k: True
+            n = len(bypassed)
+            with pytest.raises(KeyboardInterrupt), torch.no_grad():
+                loop.call(loop.x, 0.01)  # a bulk full step of the same generation
+            hd.remove()
+            assert bypassed[n:] == [2]
+            assert all(bh.fn_ref.forward is bh.entry and bh.active_sink is None for bh in root.plain_blocks)
+            assert not root._bypassed
+        svdcache.disable(model)
+    (o1, g1), (o2, g2) = res[True], res[False]
+    assert all(torch.equal(a, b) for a, b in zip(o1, o2))
+    assert g1.flops == g2.flops and g1.cached_steps == g2.cached_steps >= 4
