@@ -8,6 +8,7 @@ import torch
 from diffusers.hooks import HookRegistry
 
 from .adapters import basis_granularity, find_blocks, last_plan
+from .adapters.base import BlockAdapter
 from .basis import Basis, load_basis
 from .config import SVDCacheConfig
 from .distributed import check_parallel_model, gather_stats, parallel_of
@@ -71,6 +72,9 @@ def _install(model, controller, granularity, root_name: str = ROOT_HOOK, blocks=
         bh.entry = getattr(getattr(bh, "fn_ref", None), "forward", None)  # the registry's reference to our forward
         if bh._plain and hasattr(controller, "plain_blocks"):
             controller.plain_blocks.append(bh)
+        checks = getattr(controller, "call_checks", None)
+        if checks is not None and type(adapter).check_call is not BlockAdapter.check_call and adapter not in checks:
+            checks.append(adapter)
         for _, sub, outputs in adapter.capture_points(block):
             if not callable(outputs):
                 outputs = [(n, i) for n, i in outputs if f"{name}.{n}" not in skip]

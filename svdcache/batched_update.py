@@ -156,7 +156,7 @@ def _batched(hook, st, ar, entries) -> bool:
     order = min(cfg.order, fc0.n)
     W = len(fcs)
     D = R.shape[-1]
-    M = R[0].numel() // D
+    M = R.numel() // (W * D)
     k = fc0.V.shape[1]
     diff = torch.sub(Fs.view(W, M, D), R.view(W, M, D))  # F - F_prev, fp32
     V = ar.stacked_V()  # (W, D, k)

@@ -17,7 +17,7 @@ def foreign_cache(model: torch.nn.Module) -> str | None:
     if cfg is not None:
         return type(cfg).__name__
     for m in model.modules():
-        reg = getattr(m, "_diffusers_hook", None)
+        reg = m.__dict__.get("_diffusers_hook")  # a plain attribute: no Module.__getattr__ miss per module
         hooks = getattr(reg, "hooks", None)
         if not hooks:
             continue

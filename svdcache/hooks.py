@@ -274,6 +274,7 @@ class SVDCacheHook(ModelHook):
         self.captures: list = []  # the capture hooks pointing here (apply._install)
         self.sink: list | None = None  # [capture hook, output, ...] of the eager full call in progress
         self.plain_blocks: list = []  # block hooks of plain_full_forward adapters (apply._install)
+        self.call_checks: list = []  # adapters that refuse some calls (check_call), run in _begin
         self._bypassed: list = []  # those the call in progress runs without their hook (_bypass_plain_blocks)
         self._owner = None  # the thread holding it
         self.explicit = 0  # > 0 inside ``with svdcache.generation(model)``: one generation, no guessing
@@ -349,6 +350,8 @@ class SVDCacheHook(ModelHook):
             raise
 
     def _begin_locked(self, args, kwargs) -> ContextState:
+        for a in self.call_checks:
+            a.check_call(kwargs)
         cfg = self.cfg
         st = self.state_manager.get_state()
         ctx = self.state_manager.context

@@ -32,6 +32,10 @@ class BlockAdapter:
     def cached_forward(self, block, args, kwargs, forecast: Forecast) -> Any:
         raise NotImplementedError
 
+    def check_call(self, kwargs: dict) -> None:
+        """Raise before any work on a transformer call (its keyword arguments) this adapter's blocks cannot
+        cache (default: none)."""
+
     def unread_features(self, block: torch.nn.Module) -> set[str]:
         """Local features a cached step never forecasts (given what ``bind`` learned of the model): their
         full steps need not update a cache for them (default: none)."""

@@ -311,6 +311,7 @@ class _StackMixin:
 
 class FluxDoubleBlockAdapter(_StackMixin, BlockAdapter):
     granularity = "module"
+    plain_full_forward = True  # the capture hooks on attn / ff / ff_context record
 
     def feature_dims(self, block):
         D = block.norm2.normalized_shape[0]
@@ -327,10 +328,12 @@ class FluxDoubleBlockAdapter(_StackMixin, BlockAdapter):
             ("ff_context", block.ff_context, [("ff_context", None)]),
         ]
 
-    def full_forward(self, block, forward, args, kwargs, record):
-        jak = bind_arguments(block, args, kwargs).get("joint_attention_kwargs") or {}
-        if "ip_adapter_image_embeds" in jak:
+    def check_call(self, kwargs):
+        # the transformer hands its joint_attention_kwargs to every block: refused once, before any work
+        if "ip_adapter_image_embeds" in (kwargs.get("joint_attention_kwargs") or {}):
             raise NotImplementedError("SVD-Cache does not cache FLUX blocks with IP-Adapter attention yet")
+
+    def full_forward(self, block, forward, args, kwargs, record):
         return forward(*args, **kwargs)  # the capture hooks on attn / ff / ff_context record
 
     def cached_forward(self, block, args, kwargs, forecast):

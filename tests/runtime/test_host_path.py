@@ -532,15 +532,15 @@ def test_capture_wrappers_come_off_with_disable_and_under_another_wrapper(model,
 
 
 def test_plain_blocks_bypassed_on_bulk_full_steps_and_restored(model, basis):
-    """A full step recording in bulk runs the single blocks (plain full forward) from their registry entry
-    without their hook frame: the same outputs and stats as through the hook, every entry restored after
-    each call, and after a call that raised."""
+    """A full step recording in bulk runs the blocks (FLUX's have a plain full forward) from their registry
+    entry without their hook frame: the same outputs and stats as through the hook, every entry restored
+    after each call, and after a call that raised."""
     loop = FluxLoop(model, batch=2)
     res, bypassed = {}, []
     for bypass in (True, False):
         svdcache.enable(model, basis=basis, interval=3, warmup=2)
         root = model._diffusers_hook.get_hook("svdcache")
-        assert len(root.plain_blocks) == 2
+        assert len(root.plain_blocks) == 4
         if not bypass:
             root.plain_blocks = []
         real = root._bypass_plain_blocks
@@ -549,7 +549,7 @@ def test_plain_blocks_bypassed_on_bulk_full_steps_and_restored(model, basis):
             res[bypass] = _generation(loop, model, steps=12)
         assert all(bh.fn_ref.forward is bh.entry and bh.active_sink is None for bh in root.plain_blocks)
         if bypass:
-            assert 2 in bypassed  # some full steps ran the single blocks straight
+            assert 4 in bypassed  # some full steps ran the blocks straight
             hd = model.single_transformer_blocks[1].proj_out.register_forward_pre_hook(
                 lambda m, a: (_ for _ in ()).throw(KeyboardInterrupt))
             root.schedule.is_full = lambda *a, **k: True
@@ -557,10 +557,29 @@ def test_plain_blocks_bypassed_on_bulk_full_steps_and_restored(model, basis):
             with pytest.raises(KeyboardInterrupt), torch.no_grad():
                 loop.call(loop.x, 0.01)  # a bulk full step of the same generation
             hd.remove()
-            assert bypassed[n:] == [2]
+            assert bypassed[n:] == [4]
             assert all(bh.fn_ref.forward is bh.entry and bh.active_sink is None for bh in root.plain_blocks)
             assert not root._bypassed
         svdcache.disable(model)
     (o1, g1), (o2, g2) = res[True], res[False]
     assert all(torch.equal(a, b) for a, b in zip(o1, o2))
     assert g1.flops == g2.flops and g1.cached_steps == g2.cached_steps >= 4
+
+
+def test_ip_adapter_call_refused_before_any_work(model, basis):
+    """FLUX blocks with IP-Adapter attention are not cached: the call is refused with a one-line error before
+    any block runs (the adapter's check_call, once per call), and the next plain call works."""
+    loop = FluxLoop(model, batch=2)
+    svdcache.enable(model, basis=basis, interval=3, warmup=2)
+    ran = []
+    hd = model.transformer_blocks[0].register_forward_pre_hook(lambda m, a: ran.append(1))
+    B = 2
+    with pytest.raises(NotImplementedError, match="IP-Adapter"), torch.no_grad():
+        model(hidden_states=loop.x, encoder_hidden_states=loop.e[:B], pooled_projections=loop.p[:B],
+              timestep=torch.full((B,), 1.0), img_ids=loop.img_ids, txt_ids=loop.txt_ids, return_dict=False,
+              joint_attention_kwargs={"ip_adapter_image_embeds": [torch.zeros(B, 4, 32)]})
+    assert not ran
+    with torch.no_grad():
+        loop.run(10)
+    hd.remove()
+    assert ran and svdcache.stats(model).last_generation.cached_steps >= 4
