@@ -69,7 +69,7 @@ def _install(model, controller, granularity, root_name: str = ROOT_HOOK, blocks=
     for name, block, adapter in blocks:
         bh = BlockHook(controller, name, adapter)
         HookRegistry.check_if_exists_or_initialize(block).register_hook(bh, BLOCK_HOOK)
-        bh.entry = getattr(getattr(bh, "fn_ref", None), "forward", None)  # the registry's reference to our forward
+        bh.block, bh.wrapper = block, block.__dict__.get("forward")  # the forward the registry gave it (ours)
         if bh._plain and hasattr(controller, "plain_blocks"):
             controller.plain_blocks.append(bh)
         checks = getattr(controller, "call_checks", None)

@@ -110,6 +110,7 @@ def record_captured(hook, st, sink: list) -> None:
                 raise RuntimeError(f"svdcache: feature {name!r} recorded twice in one call")
 
 
+_RQ, _RS = operator.attrgetter("rq"), operator.attrgetter("rs")
 _STATE = ("V", "R", "C", "D1", "D2", "E", "dR")
 _STATES = {False: operator.attrgetter(*_STATE), True: operator.attrgetter(*_STATE, "rq", "rs")}
 
@@ -120,7 +121,7 @@ def _state_of(fc):
 
 
 def _batchable(ar, entries) -> bool:
-    if any(e is None for e in entries) or len(entries) < 2:
+    if len(entries) < 2 or None in entries:
         return False
     fc0, _, t0 = entries[0]
     if fc0.n < 1:
@@ -132,10 +133,12 @@ def _batchable(ar, entries) -> bool:
     if kind is QuantizedResidualCache and fc0.bits and fc0.n + 1 >= 2:  # the update makes codes
         if fc0.bits not in (4, 8) or (fc0.bits == 4 and fc0.shape[-1] % 2):
             return False
-        if any(fc.bits != fc0.bits for fc, _, _ in entries):
+        fcs = [e[0] for e in entries]
+        if len({fc.bits for fc in fcs}) != 1:
             return False
         if "rq" in ar.t:  # written into the arena's: they must be its views
-            return all(fc.rq is ar.views["rq"][f] and fc.rs is ar.views["rs"][f] for f, (fc, _, _) in enumerate(entries))
+            return (all(map(operator.is_, map(_RQ, fcs), ar.views["rq"]))
+                    and all(map(operator.is_, map(_RS, fcs), ar.views["rs"])))
     return True
 
 

@@ -135,7 +135,7 @@ class BlockHook(ModelHook):
         self._rec = self._record  # one bound method, not one per call
         self._sinks = hasattr(controller, "sink")  # a controller that takes a full step's captures in bulk
         self._plain = getattr(adapter, "plain_full_forward", False)  # its full forward is the block's own
-        self.entry = None  # the registry's reference to new_forward (apply._install; see _bypass_plain_blocks)
+        self.block = self.wrapper = None  # the block and the registry's wrapper of it (apply._install)
 
     def _record(self, local: str, F) -> None:
         compiling = torch.compiler.is_compiling()
@@ -528,20 +528,20 @@ class SVDCacheHook(ModelHook):
 
     def _bypass_plain_blocks(self, sink: list) -> None:
         """For an eager full call that records in bulk: blocks whose full forward is the block's own
-        (plain_full_forward) run it straight from their registry entry, their captures handed the call's sink
-        for the whole call (no hook frame per block: 38 of FLUX.1's 57). The registry's forward reference is
-        swapped only where it is still the one our hook was registered with."""
+        (plain_full_forward) run the forward our hook wraps straight (the registry's wrapper, our hook and its
+        frames left out for the call: the block calls cost what they cost uncached), their captures handed the
+        call's sink. Swapped only where the block's forward is still the registry's wrapper of our hook."""
         for bh in self.plain_blocks:
-            ref = getattr(bh, "fn_ref", None)
-            if ref is not None and ref.forward is bh.entry:
-                ref.forward = ref.original_forward
+            d = bh.block.__dict__
+            if bh.wrapper is not None and d.get("forward") is bh.wrapper:
+                d["forward"] = bh.fn_ref.original_forward
                 bh.active_record, bh.active_sink = bh._rec, sink
                 self._bypassed.append(bh)
 
     def _restore_plain_blocks(self) -> None:
         self.sink = None
         for bh in self._bypassed:
-            bh.fn_ref.forward = bh.entry
+            bh.block.__dict__["forward"] = bh.wrapper
             bh.active_record = bh.active_sink = None
         self._bypassed.clear()
 

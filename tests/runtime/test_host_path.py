@@ -532,9 +532,9 @@ def test_capture_wrappers_come_off_with_disable_and_under_another_wrapper(model,
 
 
 def test_plain_blocks_bypassed_on_bulk_full_steps_and_restored(model, basis):
-    """A full step recording in bulk runs the blocks (FLUX's have a plain full forward) from their registry
-    entry without their hook frame: the same outputs and stats as through the hook, every entry restored
-    after each call, and after a call that raised."""
+    """A full step recording in bulk runs the blocks (FLUX's have a plain full forward) without the registry's
+    wrapper and our hook: the same outputs and stats as through them, every block's forward restored after
+    each call, and after a call that raised."""
     loop = FluxLoop(model, batch=2)
     res, bypassed = {}, []
     for bypass in (True, False):
@@ -547,7 +547,7 @@ def test_plain_blocks_bypassed_on_bulk_full_steps_and_restored(model, basis):
         root._bypass_plain_blocks = lambda sink: (real(sink), bypassed.append(len(root._bypassed)))
         with torch.no_grad():
             res[bypass] = _generation(loop, model, steps=12)
-        assert all(bh.fn_ref.forward is bh.entry and bh.active_sink is None for bh in root.plain_blocks)
+        assert all(bh.block.forward is bh.wrapper and bh.active_sink is None for bh in root.plain_blocks)
         if bypass:
             assert 4 in bypassed  # some full steps ran the blocks straight
             hd = model.single_transformer_blocks[1].proj_out.register_forward_pre_hook(
@@ -558,7 +558,7 @@ def test_plain_blocks_bypassed_on_bulk_full_steps_and_restored(model, basis):
                 loop.call(loop.x, 0.01)  # a bulk full step of the same generation
             hd.remove()
             assert bypassed[n:] == [4]
-            assert all(bh.fn_ref.forward is bh.entry and bh.active_sink is None for bh in root.plain_blocks)
+            assert all(bh.block.forward is bh.wrapper and bh.active_sink is None for bh in root.plain_blocks)
             assert not root._bypassed
         svdcache.disable(model)
     (o1, g1), (o2, g2) = res[True], res[False]
