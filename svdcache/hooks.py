@@ -69,13 +69,10 @@ class CaptureHook:
         self.outputs = outputs
         self._attached = None  # (module, our forward, the instance forward it replaced or None)
 
-    def post_forward(self, module, output):
-        bh = self.block_hook
-        sink = bh.active_sink
-        if sink is not None and (type(output) is torch.Tensor or type(output) is tuple):
-            sink += (self, output)  # recorded with the others at the end of the call (record_captured)
-            return output
-        record = bh.active_record
+    def record_output(self, module, output):
+        """The per-feature path: each listed output recorded now (the wrapper's bulk path hands the output
+        to the call's sink instead, recorded with the others at the end of the call: record_captured)."""
+        record = self.block_hook.active_record
         if record is not None:
             if type(output) is not torch.Tensor and type(output) is not tuple:
                 output = reduce_partial(output)  # tensor parallelism: a row-parallel linear's partial sum
@@ -85,7 +82,7 @@ class CaptureHook:
 
     def attach(self, module: torch.nn.Module) -> None:
         inner, own = module.forward, module.__dict__.get("forward")
-        post = self.post_forward
+        post = self.record_output
 
         @functools.wraps(inner)  # inspect.signature (torch.export) follows __wrapped__ to the real one
         def forward(*args, **kwargs):
@@ -93,7 +90,7 @@ class CaptureHook:
             bh = self.block_hook
             sink = bh.active_sink
             if sink is not None and (type(out) is torch.Tensor or type(out) is tuple):
-                sink += (self, out)  # post_forward's first branch, inline
+                sink += (self, out)  # recorded with the others at the end of the call (record_captured)
                 return out
             return out if bh.active_record is None else post(module, out)
 

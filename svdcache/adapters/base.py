@@ -27,6 +27,8 @@ class BlockAdapter:
         return []
 
     def full_forward(self, block, forward, args, kwargs, record: Record) -> Any:
+        if self.plain_full_forward:  # the block's own forward (its capture points record)
+            return forward(*args, **kwargs)
         raise NotImplementedError
 
     def cached_forward(self, block, args, kwargs, forecast: Forecast) -> Any:

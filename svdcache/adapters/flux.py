@@ -333,9 +333,6 @@ class FluxDoubleBlockAdapter(_StackMixin, BlockAdapter):
         if "ip_adapter_image_embeds" in (kwargs.get("joint_attention_kwargs") or {}):
             raise NotImplementedError("SVD-Cache does not cache FLUX blocks with IP-Adapter attention yet")
 
-    def full_forward(self, block, forward, args, kwargs, record):
-        return forward(*args, **kwargs)  # the capture hooks on attn / ff / ff_context record
-
     def cached_forward(self, block, args, kwargs, forecast):
         a = bind_arguments(block, args, kwargs)
         hs, ehs = a["hidden_states"], a["encoder_hidden_states"]
@@ -378,9 +375,6 @@ class FluxSingleBlockAdapter(_StackMixin, BlockAdapter):
 
     def capture_points(self, block):
         return [("proj_out", block.proj_out, [("proj_out", None)])]
-
-    def full_forward(self, block, forward, args, kwargs, record):
-        return forward(*args, **kwargs)
 
     def cached_forward(self, block, args, kwargs, forecast):
         a = bind_arguments(block, args, kwargs)
