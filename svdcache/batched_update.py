@@ -206,7 +206,7 @@ def _batched(hook, st, ar, entries) -> bool:
             elif type(fc0) is QuantizedResidualCache:
                 fc.rq = fc.rs = None  # no residual difference yet (as update: none kept)
             src = (fc.V, fc.R, fc.C, fc.D1, fc.D2, fc.E, fc.dR) + ((fc.rq, fc.rs) if codes else ())
-            fc._state_key = sk = ar.state_key(f, fc, src)
+            fc._state_key = sk = ar.state_key(f, src)
             fc._lprev = (fc.R, sk[1])
         ar.settled, ar.srcs = settled, list(map(state, fcs))
     hook._add_cache_flops(st, fc0, proj * W)  # the group's

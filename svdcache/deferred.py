@@ -208,12 +208,12 @@ class _Arena:
             held = self._V = (Vs, torch.stack(Vs))
         return held[1]
 
-    def state_key(self, f: int, fc, src: tuple):
+    def state_key(self, f: int, src: tuple):
         """Slot ``f``'s state key (``SubspaceCache._state_key``: the layouts of ``src``), the same object
         while the same tensors hold the state: the arena's views, written in place at every full step."""
         ent = self.keys[f]
         if ent is None or len(ent[0]) != len(src) or not all(map(operator.is_, ent[0], src)):
-            ent = self.keys[f] = (src, tuple(fc._layout(u) for u in src))
+            ent = self.keys[f] = (src, tuple(map(layout, src)))  # the slot caches it: no per-cache layout cache
         return ent[1]
 
     def grow(self, attr: str, t: torch.Tensor) -> None:
