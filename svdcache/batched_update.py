@@ -10,6 +10,11 @@ fast path (``SplitPlan``: ``D2 = (dF V / h1 - D1) / h2``, ``D1 += h2 D2``; the r
 the difference). The updates wait for the end of the call holding nothing more than they would (each
 new feature is the next anchor anyway; the last ones are in the arena).
 
+Once a full step's updates were all batched, the state keeps a capture plan (capture hook -> arena
+slots): the next full steps hand their features over in bulk (record_captured: the capture wrappers append
+to the call's sink, no per-feature record call), and the checks that would cost a host op per feature
+(dtype, shape, device) are made on the stacked group.
+
 Anything else (a first full step, another shape, a feature not yet in an arena, mixed histories,
 16-bit features, the unconditional branch's difference form) is updated one by one as it is recorded.
 """
