@@ -157,7 +157,10 @@ def _batched(hook, st, ar, entries) -> bool:
         Fs = torch.stack([e[1] for e in entries])
     except RuntimeError:  # shapes or devices differ
         return False
-    if Fs.dtype is not torch.float32 or Fs.shape != R.shape or Fs.device != R.device:
+    if Fs.dtype is not torch.float32 or R.dtype is not torch.float32 or Fs.shape != R.shape or Fs.device != R.device:
+        return False  # (16-bit anchors, e.g. a history restarted under autocast: one by one)
+    V = ar.stacked_V()  # (W, D, k)
+    if V.dtype is not torch.float32:
         return False
     cfg = fc0.cfg
     h1, h2 = fc0._steps(t)  # raises on a repeated time, as update does
@@ -167,7 +170,6 @@ def _batched(hook, st, ar, entries) -> bool:
     M = R.numel() // (W * D)
     k = fc0.V.shape[1]
     diff = torch.sub(Fs.view(W, M, D), R.view(W, M, D))  # F - F_prev, fp32
-    V = ar.stacked_V()  # (W, D, k)
     T0 = ar.t["D1"].view(W, M, k)
     if order == 1:  # D1 = (F - F_prev) V / h1
         torch.baddbmm(T0, diff, V, beta=0.0, alpha=1.0 / h1, out=T0)

@@ -750,6 +750,13 @@ class SVDCacheHook(ModelHook):
             F, relative = guidance.difference(st, name, F)
             if fc is not None and fc.relative != relative:
                 fc = None  # one form per history: the other starts over
+        held = getattr(fc, "R", None) if isinstance(fc, SubspaceCache) else getattr(fc, "F", None)
+        if held is not None and held.dtype != F.dtype:
+            # e.g. autocast turned on or off mid-generation: this feature's history starts over (its
+            # forecasts reuse the new feature until it has two), instead of mixing dtypes
+            logger.info("svdcache: feature %s changed dtype (%s -> %s): its history starts over", name, held.dtype, F.dtype)
+            fc = None
+            st.capture_plan = None  # the plan holds the old cache
         if fc is None:
             V = self._basis_V(name, F) if self.cfg.space == "svd" else None
             fc = st.features[name] = make_feature_cache(name, self.cfg, V, self.gains.get(name), self._bits.get(name))

@@ -7,6 +7,7 @@
   every cached output to one device-side flag over the states at each full step. ``_device_side`` is
   what decides "a read would sync"; patched to say yes for CPU tensors, the policy runs here.
 """
+import contextlib
 import warnings
 
 import pytest
@@ -583,3 +584,32 @@ def test_ip_adapter_call_refused_before_any_work(model, basis):
         loop.run(10)
     hd.remove()
     assert ran and svdcache.stats(model).last_generation.cached_steps >= 4
+
+
+@pytest.mark.parametrize("steps", [(4,), (7,), (7, 8, 9, 10, 11)], ids=["per-feature-step", "bulk-step", "rest-of-run"])
+def test_features_changing_dtype_mid_generation_restart_their_history(model, basis, steps):
+    """Autocast turned on mid-generation (the features turn bf16, the model's input stays fp32): each
+    feature whose dtype changed starts its history over (on the per-feature and the bulk path; no dtype
+    error from inside the cache), the full steps give the model's own output, the run goes on caching."""
+    import copy
+
+    loop = FluxLoop(model, batch=2)
+    ref = copy.deepcopy(model)
+    svdcache.enable(model, basis=basis, interval=3, warmup=2)  # full at 0, 1, 4, 7, 10: bulk from 7 on
+    hook = model._diffusers_hook.get_hook("svdcache")
+    h = loop.x.clone()
+    with torch.no_grad():
+        for i in range(12):
+            ctx = torch.autocast("cpu", dtype=torch.bfloat16) if i in steps else contextlib.nullcontext()
+            before = hook.cur.full_steps
+            with ctx:
+                out = loop.call(h, 1.0 - i / 12)
+                if hook.cur.full_steps > before:  # a full step: the model's own output
+                    assert torch.equal(out, loop.call(h, 1.0 - i / 12, model=ref))
+            assert bool(torch.isfinite(out).all())
+            if i == steps[0] and i in (4, 7):
+                st = hook.state_manager.get_state()
+                assert st.features["transformer_blocks.0.attn.img"].R.dtype == torch.bfloat16
+            h = h - out.float() / 12
+    g = svdcache.stats(model).last_generation
+    assert g.full_steps == 5 and g.cached_steps == 7 and g.fallbacks == 0
