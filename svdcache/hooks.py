@@ -661,6 +661,8 @@ class SVDCacheHook(ModelHook):
         return not isinstance(hs, torch.Tensor) or resolve_backend(self.cfg.backend, hs) == "torch"
 
     def _all_updated(self, st: ContextState) -> bool:
+        if self.feature_dims.keys() - st.updated <= self.unread:  # the common case, in set operations
+            return True
         missing = [n for n in self.feature_dims if n not in st.updated and n not in self.unread]
         if missing and (self.online is None or self.online.done):
             self._warn_once("missing", f"svdcache: features {missing[:3]} were not produced by a full step; "
