@@ -589,6 +589,10 @@ class SVDCacheHook(ModelHook):
                     self.cur.shared_steps += st.shared
                     self._account(st)
                     self._track(st, out)
+                    if st.capture_plan is None and st.sum_arena and not st.plan_tried:
+                        # the arenas exist from the first cached call: the next full step records in bulk
+                        st.plan_tried = True
+                        st.capture_plan = capture_plan(st, self.captures)
                     return out
                 self._fall_back(st, "a forecast")
                 st.call_cache_flops = st.call_torch_flops = 0
@@ -601,6 +605,7 @@ class SVDCacheHook(ModelHook):
                 if flush_updates(self, st) and sink is None:
                     st.capture_plan = capture_plan(st, self.captures)
             self.cur.full_steps += 1
+            st.plan_tried = False  # (one try at the next cached call, where the plan was not learnt here)
             self._account(st)
             st.hist = min(st.hist + 1, 3)
             st.ready = self._all_updated(st)

@@ -50,6 +50,7 @@ class ContextState(BaseState):
         self.sum_arena_of: dict = {}  # id(cache) -> (its arena, its slot)
         self.pending_updates: list = []  # arenas holding full-step updates for their batch (svdcache.batched_update)
         self.capture_plan = None  # capture hook -> where its features go in the arenas (svdcache.batched_update)
+        self.plan_tried = False  # a cached call since the last full step looked for a capture plan
         self.mem = None  # (cache bytes, feature bytes) once no state grows any more (hooks._measure_memory)
 
     def new_generation(self) -> None:
