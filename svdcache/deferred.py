@@ -184,11 +184,11 @@ class _Arena:
     state as one tensor. Only the anchor is copied in at each interval's first cached call (a full
     step holds the new feature itself): a few features' worth of small tensors, by construction."""
 
-    __slots__ = ("fcs", "attrs", "t", "views", "keys", "_V", "held", "settled", "srcs")
+    __slots__ = ("fcs", "attrs", "t", "views", "vlay", "keys", "_V", "held", "settled", "srcs")
 
     def __init__(self, fcs):
         self.fcs = list(fcs)
-        self.attrs, self.t, self.views = [], {}, {}
+        self.attrs, self.t, self.views, self.vlay = [], {}, {}, {}
         f0 = self.fcs[0]
         for a in _ATTRS:
             u = getattr(f0, a, None)
@@ -213,7 +213,18 @@ class _Arena:
         while the same tensors hold the state: the arena's views, written in place at every full step."""
         ent = self.keys[f]
         if ent is None or len(ent[0]) != len(src) or not all(map(operator.is_, ent[0], src)):
-            ent = self.keys[f] = (src, tuple(map(layout, src)))  # the slot caches it: no per-cache layout cache
+            lays, views = [], self.views
+            for u in src:  # the layouts of the slot's views are the arena's (one per kind of state)
+                lay = None
+                if u is not None:
+                    for a in self.attrs:
+                        if views[a][f] is u:
+                            lay = self.vlay[a]
+                            break
+                    else:
+                        lay = layout(u)
+                lays.append(lay)
+            ent = self.keys[f] = (src, tuple(lays))
         return ent[1]
 
     def grow(self, attr: str, t: torch.Tensor) -> None:
@@ -222,6 +233,7 @@ class _Arena:
         self.attrs.append(attr)
         self.t[attr] = t
         self.views[attr] = list(t.unbind(0))
+        self.vlay[attr] = layout(self.views[attr][0])  # every slot's view has it
 
 
 _ATTRS = ("R", "D1", "D2", "rq", "rs")
