@@ -56,11 +56,12 @@ def flush_updates(hook, st) -> bool:
     for ar in arenas:
         entries, ar.held = ar.held, None
         if not _batchable(ar, entries) or not _batched(hook, st, ar, entries):
-            every = st.capture_plan = None  # the members' states may have left the arena's views
+            every = False
+            st.capture_plan = None  # the members' states may have left the arena's views
             for e in entries:
                 if e is not None:
                     hook._update(st, e[0].name, e[1], e[2])  # its checks and errors
-    return every is True
+    return every
 
 
 def capture_plan(st, captures) -> tuple | None:

@@ -123,14 +123,13 @@ class BlockHook(ModelHook):
         self.name = name
         self.adapter = adapter
         self.active_record = None
-        self.active_sink = None  # an eager full step's list of (capture hook, output), when its plan holds
+        self.active_sink = None  # a bulk full call's list of (capture hook, output) (_bypass_plain_blocks)
         self.active_forecast = None  # set during a cached forward (submodule hooks read it)
         self.prefix = name + "."
         self._forecast = Forecaster(controller, self.prefix)
         self._sum = getattr(controller, "deferred_sum", None)
         self._names: dict[str, str] = {}  # local -> full feature name (no string concatenation per call)
         self._rec = self._record  # one bound method, not one per call
-        self._sinks = hasattr(controller, "sink")  # a controller that takes a full step's captures in bulk
         self._plain = getattr(adapter, "plain_full_forward", False)  # its full forward is the block's own
         self.block = self.wrapper = None  # the block and the registry's wrapper of it (apply._install)
 
@@ -171,14 +170,15 @@ class BlockHook(ModelHook):
             return self._cached_forward_eager(module, args, kwargs)
         if mode is None:  # called outside a managed transformer call
             return self.fn_ref.original_forward(*args, **kwargs)
+        # (a bulk full call runs plain blocks without this hook: SVDCacheHook._bypass_plain_blocks; one
+        # that still comes here, under another wrapper, records feature by feature)
         self.active_record = rec = self._rec
-        self.active_sink = self.controller.sink if self._sinks else None
         try:
             if self._plain:
                 return self.fn_ref.original_forward(*args, **kwargs)
             return self.adapter.full_forward(module, self.fn_ref.original_forward, args, kwargs, rec)
         finally:
-            self.active_record = self.active_sink = None
+            self.active_record = None
 
     def _cached_forward_eager(self, module, args, kwargs):
         if getattr(self.adapter, "needs_forward", False):  # the block's own forward runs (submodule level)
@@ -536,6 +536,7 @@ class SVDCacheHook(ModelHook):
                 self._bypassed.append(bh)
 
     def _restore_plain_blocks(self) -> None:
+        """The bulk call undone: its sink dropped, the bypassed blocks' forwards (and hooks) back."""
         self.sink = None
         for bh in self._bypassed:
             bh.block.__dict__["forward"] = bh.wrapper
