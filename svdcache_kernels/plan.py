@@ -61,12 +61,18 @@ def _scratch2d(M, D, dtype, device, tag=None) -> torch.Tensor:
     return buf
 
 
+def _weights(weights):
+    """Device weights (one tensor) as they are; floats as a tuple."""
+    return weights if isinstance(weights, torch.Tensor) else tuple(weights)
+
+
 class ReconstructPlan:
     """``reconstruct`` for a fixed layout of (V, R, terms, dR, x, gate, out); see :func:`reconstruct_reference`.
 
     ``n_terms``, the presence of ``dR`` (or of its quantized form ``dR_codes`` / ``dR_scales`` and
     ``dR_bits``) / ``x`` / ``gate`` / ``out`` and every tensor's layout are fixed by the first call
-    (``key``); ``weights`` and ``dr_scale`` may change per call.
+    (``key``); ``weights`` and ``dr_scale`` may change per call, and may be device tensors (see
+    :func:`~svdcache_kernels.ops.reconstruct.reference.reconstruct_reference`).
     """
 
     def __init__(self, V, R, *, terms=(), weights=(), dR=None, dr_scale=0.0, x=None, gate=None, out=None,
@@ -74,7 +80,7 @@ class ReconstructPlan:
         from .ops.reconstruct.reference import check_reconstruct_args, gate_rows_shape
 
         terms = tuple(terms)
-        check_reconstruct_args(V, R, terms=terms, weights=tuple(weights), dR=dR, x=x, gate=gate, out=out,
+        check_reconstruct_args(V, R, terms=terms, weights=_weights(weights), dR=dR, x=x, gate=gate, out=out,
                                dR_codes=dR_codes, dR_scales=dR_scales, dR_bits=dR_bits)
         self.key = self.key_of(V, R, terms, dR, x, gate, out, dR_codes, dR_scales, dR_bits)
         self.bits = dR_bits if dR_codes is not None else 0
@@ -116,7 +122,7 @@ class ReconstructPlan:
         if grad:
             torch.set_grad_enabled(False)
         try:
-            if self._fast:
+            if self._fast and not (isinstance(weights, torch.Tensor) or isinstance(dr_scale, torch.Tensor)):
                 if not self.n_terms:  # a first cached step (no derivative yet): out = x + gate * R, one op
                     return torch.addcmul(x, gate.unsqueeze(-2) if self._gate3 else gate, R, out=out)
                 T, w = terms[0], weights[0]
@@ -126,7 +132,7 @@ class ReconstructPlan:
             from .ops.reconstruct.reference import reconstruct_compute
 
             dRq = (dR_codes, dR_scales, self.bits) if self.bits else None
-            return reconstruct_compute(V, R, tuple(terms), tuple(weights), dR, dr_scale, x, gate, out, dRq)
+            return reconstruct_compute(V, R, tuple(terms), _weights(weights), dR, dr_scale, x, gate, out, dRq)
         finally:
             if grad:
                 torch.set_grad_enabled(True)

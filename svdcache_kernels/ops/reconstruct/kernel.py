@@ -5,6 +5,8 @@ channels; D is split across programs when there are few row blocks, so the grid 
 With k <= BLOCK_K it forms the forecast P = sum_i w_i terms_i (k dims, fp32, up to 3 terms, weights
 as scalar arguments) once in registers; with more coefficients (any k up to D) it tiles over k,
 forming each BLOCK_K slice of P from the terms (L2-resident) for every D chunk, like a GEMM's K loop.
+Device weights (a weights tensor, a tensor ``dr_scale``) are loaded by the kernel instead (W_DEV /
+DRS_DEV): a CUDA graph that captured the launch replays it with the values then in those tensors.
 It then loops over its D range in BLOCK_D chunks: ``F_hat = P @ V^T[:, d] + R + dr_scale * dR`` and,
 with ``x``, ``out = x + gate * F_hat`` (the gate row of the program's batch item is gathered per row:
 ``b = row // N``, so a gate with any batch stride, e.g. a chunk of a (B, 6D) modulation tensor, needs
@@ -45,22 +47,30 @@ from .._triton_common import (
     row_stride,
     rows_of,
 )
-from .reference import MAX_TERMS, check_reconstruct_args, gate_rows_shape
+from .reference import MAX_TERMS, check_device_weights, check_reconstruct_args, gate_rows_shape
 
 
 @triton.jit
 def _reconstruct_kernel(
-    V_ptr, R_ptr, T0_ptr, T1_ptr, T2_ptr, dR_ptr, S_ptr, X_ptr, G_ptr, O_ptr,
+    V_ptr, R_ptr, T0_ptr, T1_ptr, T2_ptr, dR_ptr, S_ptr, X_ptr, G_ptr, O_ptr, W_ptr, DRS_ptr,
     M, D, K, N_TOK, D_PER, K_TILES,
     stride_vd, stride_vk, stride_rm, stride_t0, stride_t1, stride_t2,
     stride_drm, stride_sm, stride_xm, stride_gb, stride_om,
     w0, w1, w2, dr_scale,
     N_TERMS: tl.constexpr, HAS_DR: tl.constexpr, DR_BITS: tl.constexpr, HAS_X: tl.constexpr,
-    HAS_GATE: tl.constexpr,
+    HAS_GATE: tl.constexpr, W_DEV: tl.constexpr, DRS_DEV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, ONE_K_TILE: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    if W_DEV:  # device weights: read when the kernel runs (a CUDA graph replays it with new values)
+        w0 = tl.load(W_ptr)
+        if N_TERMS > 1:
+            w1 = tl.load(W_ptr + 1)
+        if N_TERMS > 2:
+            w2 = tl.load(W_ptr + 2)
+    if DRS_DEV:
+        dr_scale = tl.load(DRS_ptr)
     d_lo = tl.program_id(1) * D_PER
     d_hi = tl.minimum(d_lo + D_PER, D)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -241,7 +251,7 @@ def prepare_reconstruct(V, R, terms, dR, x, gate, out, dR_codes=None, dR_scales=
                row_stride(dR_codes if quant else dR) if quant or dR is not None else 0,
                row_stride(dR_scales) if quant else 0, row_stride(x) if has_x else 0, g_stride)
     out_stride = row_stride(out) if out is not None else None
-    meta_base = dict(HAS_X=has_x, HAS_GATE=gate is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"],
+    meta_base = dict(HAS_X=has_x, HAS_GATE=gate is not None, W_DEV=False, DRS_DEV=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"],
                      BLOCK_K=bk, ONE_K_TILE=k_tiles == 1, N_TERMS=n_terms, DOT_FP32=fp32_dot)
     meta_dr = {**meta_base, "HAS_DR": True, "DR_BITS": dR_bits if quant else 0}
     meta_nodr = {**meta_base, "HAS_DR": False, "DR_BITS": 0}
@@ -259,18 +269,23 @@ def prepare_reconstruct(V, R, terms, dR, x, gate, out, dR_codes=None, dR_scales=
         if n_terms:
             V = basis_for_dot(V, R.dtype, fp32_dot)
         src = dR_codes if quant else dR
-        has_dr = src is not None and bool(dr_scale)
+        w_dev, s_dev = isinstance(weights, torch.Tensor), isinstance(dr_scale, torch.Tensor)
+        has_dr = src is not None and (s_dev or bool(dr_scale))
         g = (_gate_rows(R, gate) if g_copy else gate) if gate is not None else R
         t = list(terms) + [R] * (MAX_TERMS - n_terms)
-        w = [float(ww) for ww in weights] + [0.0] * (MAX_TERMS - n_terms)
+        w = [0.0] * MAX_TERMS if w_dev else [float(ww) for ww in weights] + [0.0] * (MAX_TERMS - n_terms)
         args = (
             V, R, *t, src if has_dr else R, dR_scales if has_dr and quant else R, x if x is not None else R, g, out,
+            weights if w_dev and n_terms else R, dr_scale if s_dev and has_dr else R,
             M, D, K, N_tok, d_per, k_tiles,
             V.stride(0), V.stride(1), *strides[2:6], strides[6] if has_dr else 0, strides[7] if has_dr else 0,
             strides[8], strides[9], o_stride,
-            *w, float(dr_scale),
+            *w, 0.0 if s_dev else float(dr_scale),
         )
-        launch(_reconstruct_kernel, grid, args, meta_dr if has_dr else meta_nodr, cfg)
+        meta = meta_dr if has_dr else meta_nodr
+        if w_dev or s_dev:
+            meta = {**meta, "W_DEV": w_dev and n_terms > 0, "DRS_DEV": s_dev and has_dr}
+        launch(_reconstruct_kernel, grid, args, meta, cfg)
         return out
 
     return run
@@ -282,9 +297,9 @@ def reconstruct_triton(
     R: torch.Tensor,
     *,
     terms: Sequence[torch.Tensor] = (),
-    weights: Sequence[float] = (),
+    weights: Sequence[float] | torch.Tensor = (),
     dR: torch.Tensor | None = None,
-    dr_scale: float = 0.0,
+    dr_scale: float | torch.Tensor = 0.0,
     x: torch.Tensor | None = None,
     gate: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
@@ -293,9 +308,11 @@ def reconstruct_triton(
     dR_bits: int = 8,
 ) -> torch.Tensor:
     """Triton version of :func:`reconstruct_reference` (same arguments, same result), for every k <= D."""
-    terms, weights = tuple(terms), tuple(weights)
+    terms = tuple(terms)
+    weights = weights if isinstance(weights, torch.Tensor) else tuple(weights)
     check_reconstruct_args(V, R, terms=terms, weights=weights, dR=dR, x=x, gate=gate, out=out,
                            dR_codes=dR_codes, dR_scales=dR_scales, dR_bits=dR_bits)
+    check_device_weights((), R.device, dr_scale)
     if rows_of(R) == 0 or R.shape[-1] == 0:
         return out if out is not None else torch.empty(R.shape, dtype=x.dtype if x is not None else R.dtype,
                                                        device=R.device)

@@ -48,6 +48,24 @@ def check_quantized_dR(R, dR, dR_codes, dR_scales, dR_bits, rows: bool = True) -
     check_like("dR_scales", dR_scales, (*R.shape[:-1], 1), torch.float32, R.device, rows)
 
 
+def is_device_scalar(v) -> bool:
+    """A weight or ``dr_scale`` given as a tensor: read by the op when it runs, not when it is launched (a
+    CUDA graph captures the op once and replays it with the values then in the tensor)."""
+    return isinstance(v, torch.Tensor)
+
+
+def check_device_weights(weights, device, dr_scale=0.0) -> None:
+    """``weights``: floats, or one 1-D fp32 tensor on ``device``; ``dr_scale``: a float or a one-element fp32
+    tensor on ``device`` (device weights, see :func:`is_device_scalar`)."""
+    for what, w, dim in (("weights", weights, 1), ("dr_scale", dr_scale, None)):
+        if not is_device_scalar(w):
+            continue
+        if w.dtype != torch.float32 or w.device != device or (w.dim() != 1 if dim else w.numel() != 1):
+            want = "a 1-D" if dim else "a one-element"
+            raise ValueError(f"{what} given as a tensor must be {want} float32 tensor on {device}, "
+                             f"got {tuple(w.shape)} {w.dtype} on {w.device}")
+
+
 def check_reconstruct_args(V, R, *, terms, weights, dR, x, gate, out, dR_codes=None, dR_scales=None,
                            dR_bits=8, rows: bool = True) -> None:
     """``rows=False``: (..., N, D) tensors need not flatten to rows as views (torch ops that read them
@@ -58,6 +76,7 @@ def check_reconstruct_args(V, R, *, terms, weights, dR, x, gate, out, dR_codes=N
     k = check_basis(V, R.shape[-1], "R")
     if V.device != R.device:
         raise ValueError(f"V is on {V.device} but R is on {R.device}")
+    check_device_weights(weights, R.device)
     if len(terms) != len(weights):
         raise ValueError(f"got {len(terms)} terms but {len(weights)} weights")
     if len(terms) > MAX_TERMS:
@@ -90,9 +109,9 @@ def reconstruct_reference(
     R: torch.Tensor,
     *,
     terms: Sequence[torch.Tensor] = (),
-    weights: Sequence[float] = (),
+    weights: Sequence[float] | torch.Tensor = (),
     dR: torch.Tensor | None = None,
-    dr_scale: float = 0.0,
+    dr_scale: float | torch.Tensor = 0.0,
     x: torch.Tensor | None = None,
     gate: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
@@ -111,9 +130,13 @@ def reconstruct_reference(
     Instead of ``dR``, ``dR_codes`` and ``dR_scales`` give it quantized (``dR_bits`` 8 or 4, see the
     module docstring): the term is ``dr_scale * dequant(codes) * scale``, formed in fp32 (the same
     values as ``svdcache.residual_cache.dequantize_rows``, without rounding them to R's dtype).
+
+    Device weights: ``weights`` may be one 1-D fp32 tensor (len(terms) values) and ``dr_scale`` a
+    one-element fp32 tensor, on R's device; the op reads them when it runs (CUDA-graph replays).
     """
     check_reconstruct_args(V, R, terms=terms, weights=weights, dR=dR, x=x, gate=gate, out=out,
                            dR_codes=dR_codes, dR_scales=dR_scales, dR_bits=dR_bits)
+    check_device_weights((), R.device, dr_scale)
     dRq = (dR_codes, dR_scales, dR_bits) if dR_codes is not None else None
     return reconstruct_compute(V, R, terms, weights, dR, dr_scale, x, gate, out, dRq)
 
@@ -156,18 +179,25 @@ def reconstruct_compute(V, R, terms, weights, dR, dr_scale, x, gate, out, dRq=No
     fresh = fh is not R  # may be modified in place
     if terms:
         k = V.shape[1]
-        P = terms[0].reshape(-1, k) * float(weights[0])
-        for w, t in zip(weights[1:], terms[1:]):
-            P.add_(t.reshape(-1, k), alpha=float(w))
+        if is_device_scalar(weights):  # no float() of a device value: no host sync, nothing baked in
+            P = terms[0].reshape(-1, k) * weights[0]
+            for i in range(1, len(terms)):
+                P.addcmul_(terms[i].reshape(-1, k), weights[i])
+        else:
+            P = terms[0].reshape(-1, k) * float(weights[0])
+            for w, t in zip(weights[1:], terms[1:]):
+                P.add_(t.reshape(-1, k), alpha=float(w))
         fh = torch.addmm(fh.reshape(-1, D), P, V.float().T).view(R.shape)
         fresh = True
-    if dR is not None and dr_scale:
-        fh = fh.add_(dR.float(), alpha=float(dr_scale)) if fresh else fh.add(dR.float(), alpha=float(dr_scale))
-        fresh = True
-    if dRq is not None and dr_scale:
-        # dequantize, then add: the same fp32 operations as the unfused dequantize_rows + dR path
-        dq = dequantize_codes(dRq[0], dRq[1], D, dRq[2])
-        fh = fh.add_(dq, alpha=float(dr_scale)) if fresh else fh.add(dq, alpha=float(dr_scale))
+    dev_s = is_device_scalar(dr_scale)
+    if (dR is not None or dRq is not None) and (dev_s or dr_scale):
+        # the quantized dR is dequantized, then added: the same fp32 operations as dequantize_rows + dR
+        d = dR.float() if dR is not None else dequantize_codes(dRq[0], dRq[1], D, dRq[2])
+        if dev_s:
+            s = dr_scale.reshape(())
+            fh = fh.addcmul_(d, s) if fresh else torch.addcmul(fh, d, s)
+        else:
+            fh = fh.add_(d, alpha=float(dr_scale)) if fresh else fh.add(d, alpha=float(dr_scale))
         fresh = True
     if x is not None:
         if gate is not None:

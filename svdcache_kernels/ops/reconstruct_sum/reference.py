@@ -25,7 +25,13 @@ from typing import NamedTuple, Sequence
 import torch
 
 from ..._checks import check_activation
-from ..reconstruct.reference import check_reconstruct_args, code_values, gate_rows_shape, reconstruct_compute
+from ..reconstruct.reference import (
+    check_device_weights,
+    check_reconstruct_args,
+    code_values,
+    gate_rows_shape,
+    reconstruct_compute,
+)
 
 #: fp32 elements of the stacked work tensor of one chunk (256 MiB)
 CHUNK_ELEMS = 1 << 26
@@ -39,17 +45,18 @@ STACK_ELEMS = 1 << 15
 class SumTerm(NamedTuple):
     """One feature of :func:`reconstruct_sum`: ``reconstruct``'s arguments for it (``codes`` /
     ``scales`` / ``bits`` = ``dR_codes`` / ``dR_scales`` / ``dR_bits``, weighed by ``dr_scale``), and
-    the first of its rows that feed the stream."""
+    the first of its rows that feed the stream. ``weights`` / ``dr_scale`` may be device tensors (see
+    :func:`~svdcache_kernels.ops.reconstruct.reference.reconstruct_reference`)."""
 
     V: torch.Tensor
     R: torch.Tensor
     terms: Sequence[torch.Tensor] = ()
-    weights: Sequence[float] = ()
+    weights: Sequence[float] | torch.Tensor = ()
     gate: torch.Tensor | None = None
     codes: torch.Tensor | None = None
     scales: torch.Tensor | None = None
     bits: int = 8
-    dr_scale: float = 0.0
+    dr_scale: float | torch.Tensor = 0.0
     rows: int = 0
 
 
@@ -64,7 +71,8 @@ def check_reconstruct_sum_args(x, items, out, rows: bool = False) -> None:
         if not isinstance(it, SumTerm):
             raise TypeError(f"items[{i}] must be a SumTerm, got {type(it).__name__}")
         R = it.R
-        check_reconstruct_args(it.V, R, terms=tuple(it.terms), weights=tuple(it.weights), dR=None, x=None,
+        check_device_weights(it.weights, R.device, it.dr_scale)
+        check_reconstruct_args(it.V, R, terms=tuple(it.terms), weights=_w(it.weights), dR=None, x=None,
                                gate=None, out=None, dR_codes=it.codes, dR_scales=it.scales, dR_bits=it.bits,
                                rows=rows)
         if not isinstance(it.rows, int) or it.rows < 0:
@@ -123,7 +131,7 @@ def _accumulate_each(acc, group, row_offset, N, x) -> torch.Tensor:
         rs = lambda t: None if t is None else _rows(t, row_offset, N)  # noqa: E731
         dRq = (rs(it.codes), rs(it.scales), it.bits) if it.codes is not None else None
         ones = None if it.gate is not None else acc.new_ones(x.shape[-1]).expand(*x.shape[:-2], 1, x.shape[-1])
-        reconstruct_compute(it.V, rs(it.R), tuple(rs(t) for t in it.terms), tuple(it.weights), None, it.dr_scale,
+        reconstruct_compute(it.V, rs(it.R), tuple(rs(t) for t in it.terms), _w(it.weights), None, it.dr_scale,
                             acc, it.gate if it.gate is not None else ones, acc, dRq)
     return acc
 
@@ -133,7 +141,15 @@ def _rows(t: torch.Tensor, row_offset: int, N: int) -> torch.Tensor:
     return t if row_offset == 0 and t.shape[-2] == N else t[..., row_offset:row_offset + N, :]
 
 
+def _w(weights):
+    """Device weights (one tensor, see reconstruct_reference) as they are; floats as a tuple."""
+    return weights if isinstance(weights, torch.Tensor) else tuple(weights)
+
+
 def _uniform(vals) -> bool:
+    """One value for all features (floats only: comparing device values would wait for the device)."""
+    if any(isinstance(v, torch.Tensor) for v in vals):
+        return False
     v0 = vals[0]
     return all(v == v0 for v in vals)
 
@@ -143,6 +159,9 @@ def _scalars(vals, device, cache=None) -> torch.Tensor:
     host-to-device copy per call where ``vals`` is a scalar times a ratio vector seen before (one step's
     weights are gain_f times a function of the step: the ratios stay): on a GPU a copy of a fresh host
     list would wait for the device."""
+    if any(isinstance(v, torch.Tensor) for v in vals):  # device weights: gathered on the device
+        return torch.stack([v.reshape(()) if isinstance(v, torch.Tensor) else torch.tensor(float(v), device=device)
+                            for v in vals]).float()
     v0 = float(vals[0])
     if cache is None or v0 == 0.0:
         return torch.tensor(vals, dtype=torch.float32, device=device)
