@@ -109,6 +109,10 @@ class SVDCacheConfig:
             an input change or :func:`svdcache.reset`; not by the timestep going up) and
             ``check_finite`` is off. Ignored for ``time_axis="timestep"``, which reads the timestep.
         count_flops: count transformer FLOPs (torch.utils.flop_counter, eager only) for ``stats``.
+        cuda_graphs: on CUDA, replay cached steps from CUDA graphs (one launch for the whole call instead
+            of a few hundred): captured at a cached call whose forecasts all go through the deferred sum
+            (FLUX-style models), replayed while the states and input layouts stay where they were; any
+            other call runs eagerly. Off CUDA it does nothing. See :mod:`svdcache.graphs`.
     """
 
     interval: int = 5
@@ -138,6 +142,7 @@ class SVDCacheConfig:
     check_finite: bool = True
     sync_free: bool = False
     count_flops: bool = True
+    cuda_graphs: bool = False
 
     def __post_init__(self):
         self.validate()
@@ -181,6 +186,8 @@ class SVDCacheConfig:
             raise ValueError(f"SVDCacheConfig.uncond_interval must be an integer >= 1, got {self.uncond_interval!r}")
         if self.tail < 0:
             raise ValueError(f"SVDCacheConfig.tail must be >= 0, got {self.tail}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"SVDCacheConfig.cuda_graphs must be True or False, got {self.cuda_graphs!r}")
         if self.order is None:
             per_full = self.interval
             if self.num_full_steps is not None and self.num_inference_steps is not None:

@@ -33,7 +33,7 @@ _MISSING = object()
 class DeferredSum:
     """The terms deferred in the cached call in progress, and the prepared sums (by layout)."""
 
-    __slots__ = ("items", "plans", "last", "until", "undo")
+    __slots__ = ("items", "plans", "last", "until", "undo", "device_weights")
 
     def __init__(self):
         self.items: list = []  # (feature name, gate, row offset)
@@ -43,6 +43,9 @@ class DeferredSum:
         # all) pass their inputs on, without entering their adapters (BlockHook)
         self.until = None
         self.undo: list = []  # callables restoring what an adapter changed for this call (run by clear)
+        # per kind of state, (weights, dr_scale) as views of one device tensor: set while a CUDA graph
+        # captures the call (svdcache.graphs), so the step's weights are read by the ops, not baked in
+        self.device_weights = None
 
     def clear(self) -> None:
         """Forget the call's terms and undo what its adapters changed (at the start and end of every call,
@@ -77,7 +80,7 @@ class DeferredSum:
         N = x.shape[-2]
         bound = _bound(st, items, x, K.resolve_backend(hook.cfg.backend, x) == "torch")
         # the weights of this step, once per kind of state (all features of a context share their times)
-        wd = [fc.forecast_terms(st.t)[1::2] for fc in bound.reps]
+        wd = self.device_weights or [fc.forecast_terms(st.t)[1::2] for fc in bound.reps]
         SumTerm = K.SumTerm
         terms = [SumTerm(V, R, T, wd[g][0], gate, codes, scales, bits, wd[g][1] if codes is not None else 0.0, rows)
                  for _, _, V, R, T, codes, scales, bits, gate, rows, g in bound.members]
@@ -113,7 +116,7 @@ class _Bound:
     (views of the stream's rows of each feature's state): the states only change at full steps, which
     drop it (``ContextState.sum_bound``), so no view outlives the state it shows."""
 
-    __slots__ = ("items", "layout", "members", "rest", "flops", "names", "reps", "stacked")
+    __slots__ = ("items", "layout", "members", "rest", "flops", "names", "reps", "stacked", "gsig")
 
 
 def _summable(fc, lead, rows, N) -> bool:
@@ -301,7 +304,7 @@ class _Stacked:
         same = all(g == g0 for g in self.gs)
         if same:
             w, d = wd[g0]
-            weights = [float(u) for u in w]
+            weights = list(w) if isinstance(w, torch.Tensor) else [float(u) for u in w]
         else:
             w = [wd[g][0] for g in self.gs]
             weights = [_sum_ref._scalars([u[i] for u in w], y.device, self.cache) for i in range(self.nt)]

@@ -17,6 +17,7 @@ from .config import SVDCacheConfig
 from .distributed import plain_feature, reduce_partial, sees_shards
 from . import guidance
 from .flops import count_flops
+from .graphs import StepGraphs
 from .guards import CONTINUATION_TOL, concurrent_use_error, continuation_residual, refuse_foreign_cache
 from .batched_update import capture_plan, defer_update, flush_updates, record_captured
 from .deferred import DeferredSum
@@ -276,6 +277,10 @@ class SVDCacheHook(ModelHook):
         self._owner = None  # the thread holding it
         self.explicit = 0  # > 0 inside ``with svdcache.generation(model)``: one generation, no guessing
         self._model = None
+        # cached steps replayed from CUDA graphs (svdcache.graphs); None: eager (off CUDA, or not asked for)
+        self.graphs = StepGraphs() if config.cuda_graphs and torch.cuda.is_available() else None
+        if config.cuda_graphs and self.graphs is None:
+            logger.info("svdcache: cuda_graphs=True needs CUDA; cached steps run eagerly")
         if basis is None and config.space == "svd":
             from .calibration import OnlineBasisBuilder
 
@@ -513,7 +518,11 @@ class SVDCacheHook(ModelHook):
         if self.sink is not None:
             self._bypass_plain_blocks(self.sink)
         try:
-            if self._wants_count(st):
+            # a cached call replayed (or captured) from a CUDA graph; None: run eagerly
+            out = self.graphs.run(self, st, args, kwargs) if self.graphs is not None and st.mode == "cached" else None
+            if out is not None:
+                pass
+            elif self._wants_count(st):
                 out, counted = count_flops(self.fn_ref.original_forward, *args, **kwargs)
                 self._store_count(st, counted, args, kwargs)
             else:

@@ -45,6 +45,8 @@ class ContextState(BaseState):
         """Forget every feature's state and what is built on them (a new generation, a fallback to full
         compute)."""
         self.features = {}  # feature name -> FeatureCache (None: the stream is absent)
+        self.graphs: dict = {}  # input layout -> captured cached step (svdcache.graphs): read these states
+        self.graph_fruitless = 0  # captures in a row that were never replayed
         self.sum_bound = None  # what the deferred sum of a cached call reads (svdcache.deferred), until a full step
         self.sum_arena: dict = {}  # stacked storage of small features' states (svdcache.deferred)
         self.sum_arena_of: dict = {}  # id(cache) -> (its arena, its slot)

@@ -1,0 +1,129 @@
+"""``cuda_graphs=True`` as far as a CPU allows: the graph path with :class:`svdcache.graphs.ReplayGraph`
+(the captured call's ops replayed on the tensors of the capture with the arguments of the capture, as a
+CUDA graph would) in place of ``torch.cuda.CUDAGraph``. A replayed cached step must give the eager
+cached step's output at every step, though its forecast weights change from step to step (they reach
+the ops as device tensors, written before each replay); accounting unchanged; a call the graph cannot
+hold runs eagerly."""
+import logging
+
+import pytest
+import torch
+
+import svdcache
+from svdcache.graphs import GraphUnsafe, ReplayGraph, StepGraphs
+
+from flux_helpers import FluxLoop
+from test_host_path import _clean, basis, model  # noqa: F401 (fixtures)
+
+
+def _hook(model):
+    return model._diffusers_hook.get_hook("svdcache")
+
+
+def _generation(loop, model, steps):
+    h, outs = loop.x.clone(), []
+    for i in range(steps):
+        out = loop.call(h, 1.0 - i / steps)
+        outs.append(out.clone())
+        h = h - out / steps
+    return outs, svdcache.stats(model).last_generation
+
+
+def _run(model, basis, loop, graphs: bool, steps=16, generations=1, **kw):
+    svdcache.enable(model, basis=basis, interval=5, warmup=1, **kw)
+    hook = _hook(model)
+    if graphs:
+        hook.graphs = StepGraphs(ReplayGraph)
+    res = [_generation(loop, model, steps) for _ in range(generations)]
+    gs = hook.graphs.stats if graphs else None
+    svdcache.disable(model)
+    return res, gs
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(residual="int4", order=1), dict(residual="reuse"),
+                                dict(residual="int4", fitted_gains=False, gain=0.8)],
+                         ids=["default", "int4-order1", "reuse", "gain0.8"])
+def test_replayed_cached_steps_equal_eager_ones(model, basis, kw):
+    loop = FluxLoop(model, batch=2)
+    (eager,), _ = _run(model, basis, loop, False, **kw)
+    (graphed,), gs = _run(model, basis, loop, True, **kw)
+    (o1, g1), (o2, g2) = eager, graphed
+    assert gs.captures >= 1 and gs.replays >= 2, gs
+    assert g1.cached_steps == g2.cached_steps >= 8 and g2.fallbacks == 0
+    for i, (a, b) in enumerate(zip(o1, o2)):
+        # device weights sum in another order than the host-float path: fp32 rounding only
+        assert float((a - b).abs().max()) <= 1e-4 * float(a.abs().max()), f"step {i}"
+    assert g1.flops == g2.flops and g1.cache_op_flops == g2.cache_op_flops
+    assert g1.flops_uncached == g2.flops_uncached
+
+
+def test_graphs_follow_generations_and_inputs(model, basis):
+    """A second generation and a batch change: graphs of states that moved are never replayed."""
+    loop = FluxLoop(model, batch=2)
+    loop1 = FluxLoop(model, batch=1, seed=3)
+    ref = []
+    for graphs in (False, True):
+        svdcache.enable(model, basis=basis, interval=5, warmup=1)
+        if graphs:
+            _hook(model).graphs = StepGraphs(ReplayGraph)
+        outs = [_generation(lp, model, 12)[0] for lp in (loop, loop1, loop)]
+        gs = _hook(model).graphs.stats if graphs else None
+        svdcache.disable(model)
+        ref.append(outs)
+    assert gs.replays >= 3
+    for gen_e, gen_g in zip(*ref):
+        for a, b in zip(gen_e, gen_g):
+            assert float((a - b).abs().max()) <= 1e-4 * float(a.abs().max())
+
+
+def test_replay_graph_bakes_python_scalars(model):
+    """The stand-in is a real test of graph safety: a Python scalar is fixed at capture, a device tensor
+    is read at replay (what a CUDA graph does)."""
+    x = torch.ones(3)
+    w = torch.tensor([2.0])
+    out = torch.empty(3)
+    scalar = [2.0]
+    g = ReplayGraph()
+    g.capture(lambda: torch.add(x * scalar[0], x * w, out=out))
+    scalar[0], w[0] = 5.0, 7.0
+    g.replay()
+    assert out.tolist() == [9.0, 9.0, 9.0]  # 2 (baked) + 7 (read)
+    with pytest.raises(GraphUnsafe):
+        ReplayGraph().capture(lambda: float(x.sum()))
+
+
+def test_a_capture_that_syncs_turns_graphs_off_and_runs_eagerly(model, basis, monkeypatch, caplog):
+    loop = FluxLoop(model, batch=2)
+    (eager,), _ = _run(model, basis, loop, False)
+    import svdcache.deferred as deferred
+
+    real = deferred.DeferredSum.flush
+
+    def syncing(self, hook, x, out=None):
+        if self.device_weights is not None:
+            float(x.sum())  # a host read inside the capture
+        return real(self, hook, x, out)
+
+    monkeypatch.setattr(deferred.DeferredSum, "flush", syncing)
+    with caplog.at_level(logging.WARNING, logger="svdcache"):
+        (graphed,), gs = _run(model, basis, loop, True)
+    assert gs.captures == 0 and gs.replays == 0 and gs.refused.get("capture failed") == 1
+    assert any("cuda_graphs is off" in r.message for r in caplog.records)
+    for a, b in zip(eager[0], graphed[0]):
+        assert torch.equal(a, b)
+    assert graphed[1].fallbacks == 0
+
+
+def test_calls_outside_the_deferred_sum_are_not_graphed(model, basis):
+    loop = FluxLoop(model, batch=2)
+    (eager,), _ = _run(model, basis, loop, False, predictor="ema")
+    (graphed,), gs = _run(model, basis, loop, True, predictor="ema")
+    assert gs.captures == 0 and gs.refused.get("a forecast outside the deferred sum", 0) >= 1
+    for a, b in zip(eager[0], graphed[0]):
+        assert torch.equal(a, b)
+
+
+def test_cuda_graphs_flag():
+    assert svdcache.SVDCacheConfig(cuda_graphs=True).cuda_graphs is True
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        svdcache.SVDCacheConfig(cuda_graphs="yes")
