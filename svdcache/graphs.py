@@ -167,6 +167,30 @@ def bound_signature(b) -> tuple | None:
     return sig
 
 
+def pin_anchors(st) -> None:
+    """At the end of a full step: anchors held as the step's own features (``R = F``, a new tensor every
+    full step) copied into one buffer per feature that stays put, so the next interval's bound sum reads
+    the same addresses and its graph is replayed, not captured again (one copy of each such feature per
+    full step, only with graphs; features stacked in arenas are in place already)."""
+    from .predictors import SubspaceCache
+
+    arena_of = st.sum_arena_of
+    for fc in st.features.values():
+        if not isinstance(fc, SubspaceCache) or not fc.anchor_form or fc.R is None or id(fc) in arena_of:
+            continue
+        R, buf = fc.R, fc.__dict__.get("_pin")
+        if R is buf:
+            continue
+        if buf is None or buf.shape != R.shape or buf.stride() != R.stride() or buf.dtype != R.dtype or buf.device != R.device:
+            buf = fc._pin = torch.empty_strided(R.size(), R.stride(), dtype=R.dtype, device=R.device)
+        with torch.no_grad():
+            buf.copy_(R)
+        fc.R = buf
+        lp = fc.__dict__.get("_lprev")
+        if lp is not None:
+            fc._lprev = (buf, lp[1])  # the same layout: the state key stands
+
+
 def _clone_out(out):
     """The call's output, its tensors copied out of the graph's (overwritten by the next replay)."""
     if isinstance(out, torch.Tensor):

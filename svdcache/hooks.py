@@ -17,7 +17,7 @@ from .config import SVDCacheConfig
 from .distributed import plain_feature, reduce_partial, sees_shards
 from . import guidance
 from .flops import count_flops
-from .graphs import StepGraphs
+from .graphs import StepGraphs, pin_anchors
 from .guards import CONTINUATION_TOL, concurrent_use_error, continuation_residual, refuse_foreign_cache
 from .batched_update import capture_plan, defer_update, flush_updates, record_captured
 from .deferred import DeferredSum
@@ -614,6 +614,8 @@ class SVDCacheHook(ModelHook):
             if st.pending_updates:  # the held updates of small features, batched per arena
                 if flush_updates(self, st) and sink is None:
                     st.capture_plan = capture_plan(st, self.captures)
+            if self.graphs is not None:
+                pin_anchors(st)  # where the next interval's graph finds them
             self.cur.full_steps += 1
             st.plan_tried = False  # (one try at the next cached call, where the plan was not learnt here)
             self._account(st)
