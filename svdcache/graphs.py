@@ -15,11 +15,12 @@ graphed only where everything that changes from step to step is a tensor the gra
 Graphed are cached calls whose forecasts all go through the deferred sum (FLUX-style adapters, any
 predictor whose state is of the summed form); a call with another forecast (a full-space or EMA
 feature, the unconditional branch's difference form), one that counts FLOPs, or one whose inputs are
-not plain tensors and scalars runs eagerly, as without graphs. A capture that fails (an op that syncs
-the host, a library that refuses capture) turns graphs off for the model with one warning and the
-call runs eagerly: never a wrong or missing output. The first cached call of an interval always runs
-eagerly (it binds the sum); a context whose states move every interval (no replay between captures)
-stops graphing after a few tries.
+not plain tensors and scalars runs eagerly, as without graphs; so does every cached call in a
+process group of several ranks (a sharded call's collectives are not captured). A capture that
+fails (an op that syncs the host, a library that refuses capture) turns graphs off for the model with
+one warning and the call runs eagerly: never a wrong or missing output. The first cached call of an
+interval always runs eagerly (it binds the sum); a context whose states move every interval (no
+replay between captures) stops graphing after a few tries.
 
 Off CUDA there are no graphs; :class:`ReplayGraph` is a CPU stand-in with the same semantics (the
 ops of the captured call recorded with their arguments, replayed on the same tensors: addresses and
@@ -228,6 +229,7 @@ class StepGraphs:
         self.graph_cls = graph_cls or CudaGraph
         self.pool = torch.cuda.graph_pool_handle() if graph_cls is None and torch.cuda.is_available() else None
         self.off = False
+        self.multi = None  # a process group of several ranks (read at the first cached call)
         self.stats = GraphStats()
 
     def _refuse(self, why: str):
@@ -244,6 +246,11 @@ class StepGraphs:
             return self._refuse("states move every interval")
         if hook._wants_count(st):
             return self._refuse("counting FLOPs")
+        if self.multi is None:
+            dist = torch.distributed
+            self.multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if self.multi:  # collectives of a sharded call (context parallel) are not captured here: eager
+            return self._refuse("several ranks")
         sig = bound_signature(b)
         if sig is None:
             return self._refuse("a forecast outside the deferred sum")

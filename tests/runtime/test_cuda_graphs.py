@@ -123,6 +123,19 @@ def test_calls_outside_the_deferred_sum_are_not_graphed(model, basis):
         assert torch.equal(a, b)
 
 
+def test_several_ranks_run_eagerly(model, basis, monkeypatch):
+    # a sharded call's collectives are not captured: every cached call of a multi-rank group is eager
+    loop = FluxLoop(model, batch=2)
+    (eager,), _ = _run(model, basis, loop, False)
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a, **k: 2)
+    (graphed,), gs = _run(model, basis, loop, True)
+    assert gs.captures == 0 and gs.replays == 0 and gs.refused.get("several ranks", 0) >= 8, gs
+    for a, b in zip(eager[0], graphed[0]):
+        assert torch.equal(a, b)
+
+
 def test_cuda_graphs_flag():
     assert svdcache.SVDCacheConfig(cuda_graphs=True).cuda_graphs is True
     with pytest.raises(ValueError, match="cuda_graphs"):
