@@ -13,7 +13,8 @@ each call under ``transformer.cache_context("cond")``, ``x <- scheduler.step(mod
 steps, ``_reset_stateful_cache()`` after each generation (what the pipeline's maybe_free_model_hooks does).
 
 Rows: uncached; SVD-Cache (basis from one ``svdcache.calibrate`` run on the same model, default config
-otherwise) at intervals 4..8; diffusers' TaylorSeerCacheConfig(max_order=1, disable_cache_before_step=3,
+otherwise) with ``sync_free=True`` at N = 5, 7 and with ``cuda_graphs=True`` too at N = 5 (run first), then
+at the default config at intervals 4..8; diffusers' TaylorSeerCacheConfig(max_order=1, disable_cache_before_step=3,
 bf16 factors) at the same intervals. Each row: one warm-up generation (Triton compilation, FLOP counting),
 then 1..--repeats timed generations (median), with CUDA syncs around each and CUDA events around each
 transformer call (full vs cached step times). Per row: latency, speedup, counted FLOPs ratio, speedup /
@@ -259,7 +260,7 @@ def latent_metrics(run: Run, x: torch.Tensor) -> dict:
 
 
 def schedule_counts(method: str, interval: int, steps: int) -> tuple[list[bool], int, int]:
-    if method in ("svd", "svd_sf"):
+    if method.startswith("svd"):
         full = [is_full_step(i, interval=interval, warmup=TS_WARMUP) for i in range(steps)]
     elif method == "ts":
         full = [ts_is_full(i, interval) for i in range(steps)]
@@ -272,13 +273,13 @@ def est_gen_s(run: Run, method: str, interval: int) -> float:
     """Expected seconds of one generation of a row, from the measured uncached step time."""
     U = run.full_step_s or 0.3
     _, nf, nc = schedule_counts(method, interval, run.args.steps)
-    c = run.cached_step_s.get(method, {"svd": 0.05, "svd_sf": 0.05, "ts": 0.65}.get(method, 1.0) * U)
+    c = run.cached_step_s.get(method, {"svd": 0.05, "svd_sf": 0.05, "svd_cg": 0.03, "ts": 0.65}.get(method, 1.0) * U)
     return nf * U + nc * c + 0.002 * run.args.steps
 
 
 def est_row_s(run: Run, method: str, interval: int) -> float:
     """Warm-up + one timed generation (+ Triton compilation for the first SVD-Cache row)."""
-    extra = 0.0 if run.triton_warm or method != "svd" or run.tiny else 60.0
+    extra = 0.0 if run.triton_warm or not method.startswith("svd") or run.tiny else 60.0
     return 2 * est_gen_s(run, method, interval) + extra + (0 if run.tiny else 3.0)
 
 
@@ -351,16 +352,21 @@ def calibrate(run: Run, model, inp):
     return basis
 
 
-def row_svd(run: Run, model, inp, basis, interval: int, sync_free: bool = False) -> None:
-    """SVD-Cache at the default config; ``sync_free`` adds the no-host-sync option (the CPU queues
-    cached steps while the GPU still runs a full one; no timestep read, no finite check)."""
+def row_svd(run: Run, model, inp, basis, interval: int, key: str = "svd") -> None:
+    """SVD-Cache at the default config. ``key`` "svd_sf" adds the no-host-sync option (the CPU queues
+    cached steps while the GPU still runs a full one; no timestep read, no finite check); "svd_cg" adds
+    ``cuda_graphs=True`` to that (cached steps replayed from CUDA graphs; graph counts in the notes)."""
     run.reset_peak()
-    key = "svd_sf" if sync_free else "svd"
+    extra = {"svd": {}, "svd_sf": {"sync_free": True, "num_inference_steps": run.args.steps}}
+    extra["svd_cg"] = dict(extra["svd_sf"], cuda_graphs=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            svdcache.enable(model, basis=basis, config=run.cfg, interval=interval,
-                            **({"sync_free": True, "num_inference_steps": run.args.steps} if sync_free else {}))
+            svdcache.enable(model, basis=basis, config=run.cfg, interval=interval, **extra[key])
+            if key == "svd_cg" and not torch.cuda.is_available():  # --tiny on CPU: the graph path's stand-in
+                from svdcache.graphs import ReplayGraph, StepGraphs
+
+                model._diffusers_hook.get_hook("svdcache").graphs = StepGraphs(ReplayGraph)
             if "ranks" not in run.info:  # the ranks the runtime uses (its subspace, tau or rank), once
                 ks = sorted(svdcache.stats(model).ranks.values())
                 run.info["ranks"] = ks
@@ -375,11 +381,17 @@ def row_svd(run: Run, model, inp, basis, interval: int, sync_free: bool = False)
             st = svdcache.stats(model)
         finally:
             svdcache.disable(model)
+    label = {"svd": "SVD-Cache", "svd_sf": "SVD-Cache sync-free", "svd_cg": "SVD-Cache CUDA graphs"}[key]
     for w in caught:
-        run.notes.append(f"SVD-Cache N={interval}: warning: {w.message}")
+        run.notes.append(f"{label} N={interval}: warning: {w.message}")
+    if key == "svd_cg":
+        gr = st.graphs
+        run.notes.append(f"{label} N={interval}: " + ("cuda_graphs inactive" if gr is None else
+                         ("" if torch.cuda.is_available() else "CPU stand-in (ReplayGraph): ") + f"{gr['captures']} captures, {gr['replays']} replays, {gr['eager']} cached calls eager "
+                         f"over all generations of the row (eager: {gr['refused']})"))
     g = st.last_generation
     full_mask, _, _ = schedule_counts(key, interval, run.args.steps)
-    row = dict(method="SVD-Cache sync-free" if sync_free else "SVD-Cache", N=interval, n_full=g.full_steps, n_cached=g.cached_steps, fallbacks=g.fallbacks,
+    row = dict(method=label, N=interval, n_full=g.full_steps, n_cached=g.cached_steps, fallbacks=g.fallbacks,
                flops_ratio=g.flops_ratio, cache_bytes=g.cache_bytes, mem_copies=g.memory_ratio,
                flops_how="svdcache.stats (counted)", cache_op_share=g.cache_op_flops / g.flops if g.flops else None)
     summarize(run, row, gens, full_mask)
@@ -559,7 +571,7 @@ def report(run: Run) -> str:
     L += ["", f"FLOPs of a full transformer call: {(run.full_call_flops or 0) / 1e9:.4g} GFLOP; of a TaylorSeer cached "
           f"call: {(run.ts_cached_call_flops or 0) / 1e9:.4g} GFLOP. Calibration peak memory: "
           f"{fmt((run.info.get('calib_peak') or 0) / 2**30, 2)} GiB. Warm-up generations (s): "
-          + ", ".join(f"{r['method'].split()[0]} N={r['N']} {r['warm_s']:.1f}" for r in run.rows if "warm_s" in r) + "."]
+          + ", ".join(f"{r['method']} N={r['N']} {r['warm_s']:.1f}" for r in run.rows if "warm_s" in r) + "."]
     if run.plan:
         L.append("Rows not (yet) run: " + ", ".join(f"{m} N={n}" for m, n in run.plan) + ".")
     if run.notes or run.errors:
@@ -614,6 +626,8 @@ def main(argv=None) -> int:
     ap.add_argument("--intervals", default="4,5,6,7,8")
     ap.add_argument("--sync-free-intervals", default="5,7",
                     help="extra SVD-Cache rows with sync_free=True (no host sync per call), run first")
+    ap.add_argument("--graph-intervals", default="5",
+                    help="extra SVD-Cache rows with sync_free=True and cuda_graphs=True, run after the sync-free ones")
     ap.add_argument("--repeats", type=int, default=None, help="timed generations per row at most (GPU: 3)")
     ap.add_argument("--tau", type=float, default=None, help="SVD-Cache energy threshold (default: the config's)")
     ap.add_argument("--rank", type=int, default=None, help="fixed rank k for every feature (overrides tau)")
@@ -638,8 +652,10 @@ def main(argv=None) -> int:
     run.cfg = svdcache.SVDCacheConfig(**over)
     intervals = [int(n) for n in args.intervals.split(",") if n.strip()]
     sync_free = [int(n) for n in args.sync_free_intervals.split(",") if n.strip()]
-    # sync-free rows first: a run cut short by the budget keeps them
-    run.plan = ([] if args.no_svd else [("svd_sf", n) for n in sync_free] + [("svd", n) for n in intervals]) + (
+    graphed = [int(n) for n in args.graph_intervals.split(",") if n.strip()]
+    # sync-free and graph rows first: a run cut short by the budget keeps them
+    run.plan = ([] if args.no_svd else [("svd_sf", n) for n in sync_free] + [("svd_cg", n) for n in graphed]
+                + [("svd", n) for n in intervals]) + (
         [] if args.no_taylorseer else [("ts", n) for n in intervals])
     run.log(f"device: {card_name(run)}; torch {torch.__version__}, diffusers {diffusers.__version__}; "
             f"budget {args.budget_s:.0f} s")
@@ -669,10 +685,8 @@ def main(argv=None) -> int:
                 run.notes.append(f"{method} N={n} skipped: {run.left():.0f} s left, about {need:.0f} s needed")
                 run.log(f"skip {method} N={n}: time budget")
                 continue
-            if method == "svd":
-                run.guard(f"SVD-Cache N={n}", row_svd, run, model, inp, basis, n)
-            elif method == "svd_sf":
-                run.guard(f"SVD-Cache sync-free N={n}", row_svd, run, model, inp, basis, n, True)
+            if method.startswith("svd"):
+                run.guard(f"{method} N={n}", row_svd, run, model, inp, basis, n, method)
             else:
                 run.guard(f"TaylorSeer N={n}", row_ts, run, model, inp, n)
             write_report(run)

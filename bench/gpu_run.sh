@@ -10,10 +10,10 @@
 # bench/results/gpu_{kernels,e2e}_<card>.md and, when $OUT is set, copied there with the whole log.
 # "all" is one command of at most 7 minutes including calibration: the kernel table first (KERNELS_BUDGET_S,
 # default 110 s; its own default is 280), then the end-to-end run (E2E_BUDGET_S, default 270 s: uncached,
-# calibration with an fp32 eigh, the sync-free rows, the other SVD-Cache rows, TaylorSeer), each script
-# cut short by its budget rather than killed, and the whole run by ALL_LIMIT_S (default 415 s). SVD_RANK=k
-# fixes the rank of every feature (the e2e script's --rank), SVD_TAU=t its energy threshold. Run "kernels"
-# or "e2e" alone for a full-budget run of one of them. Exit status: 0 if both scripts passed.
+# calibration with an fp32 eigh, the sync-free rows, a cuda_graphs row, the other SVD-Cache rows,
+# TaylorSeer), each script cut short by its budget rather than killed, and the whole run by ALL_LIMIT_S
+# (default 415 s). SVD_RANK=k fixes the rank of every feature (the e2e script's --rank), SVD_TAU=t its
+# energy threshold. Run "kernels" or "e2e" alone for a full-budget run of one of them. Exit status: 0 if both scripts passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-all}

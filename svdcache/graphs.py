@@ -125,17 +125,44 @@ class CudaGraph:
 _SCALARS = (type(None), bool, int, float, str)
 
 
+def _walk(v, key: list, tensors: list) -> bool:
+    """Append the structure of ``v`` to ``key`` (tensor layouts, other values with their types: 1, 1.0 and
+    True hash alike) and its tensors to ``tensors``; False for anything else (an object, a namedtuple)."""
+    if isinstance(v, torch.Tensor):
+        key.append((tuple(v.shape), v.stride(), v.dtype, v.device))
+        tensors.append(v)
+    elif isinstance(v, _SCALARS):
+        key.append((type(v), v))
+    elif type(v) in (list, tuple):
+        key.append((type(v), len(v)))
+        return all(_walk(x, key, tensors) for x in v)
+    elif type(v) is dict and all(isinstance(k, str) for k in v):
+        key.append((dict, tuple(sorted(v))))
+        return all(_walk(v[k], key, tensors) for k in sorted(v))
+    else:
+        return False
+    return True
+
+
+def _fill(v, it):
+    """``v`` with its tensors replaced, in :func:`_walk`'s order, by the next ones of ``it``."""
+    if isinstance(v, torch.Tensor):
+        return next(it)
+    if type(v) in (list, tuple):
+        return type(v)(_fill(x, it) for x in v)
+    if type(v) is dict:
+        return {k: _fill(v[k], it) for k in sorted(v)}
+    return v
+
+
 def input_key(args, kwargs):
-    """(key, tensors) of a call: the layout of every tensor argument and the value of every other one;
-    None where an argument is neither (a list of tensors, a dict: not graphed)."""
+    """(key, tensors) of a call: the layout of every tensor argument (also inside lists, tuples and dicts
+    with string keys, e.g. FluxPipeline's ``joint_attention_kwargs={}``) and the value of every other
+    one; (None, None) where an argument is none of these (not graphed)."""
     key, tensors = [], []
     for name, v in [*enumerate(args), *sorted(kwargs.items())]:
-        if isinstance(v, torch.Tensor):
-            key.append((name, tuple(v.shape), v.stride(), v.dtype, v.device))
-            tensors.append(v)
-        elif isinstance(v, _SCALARS):
-            key.append((name, v))
-        else:
+        key.append(name)
+        if not _walk(v, key, tensors):
             return None, None
     return tuple(key), tensors
 
@@ -221,6 +248,9 @@ class GraphStats:
     eager: int = 0  # cached calls that ran without a graph (first of an interval, not graphable)
     refused: dict = field(default_factory=dict)  # reason -> count
 
+    def as_dict(self) -> dict:
+        return dict(captures=self.captures, replays=self.replays, eager=self.eager, refused=dict(self.refused))
+
 
 class StepGraphs:
     """The cached-step graphs of one cache (per context: its state's ``graphs``); see the module docstring."""
@@ -256,7 +286,7 @@ class StepGraphs:
             return self._refuse("a forecast outside the deferred sum")
         key, tensors = input_key(args, kwargs)
         if key is None:
-            return self._refuse("inputs that are not tensors or scalars")
+            return self._refuse("inputs that are not tensors, scalars or lists / dicts of them")
         wd = [fc.forecast_terms(st.t)[1::2] for fc in b.reps]
         sig = (sig, tuple(len(w) for w, _ in wd))
         e = st.graphs.get(key)
@@ -281,8 +311,8 @@ class StepGraphs:
         wdev.copy_(_host_weights(wd, dev))
         static = [t.clone() for t in tensors]
         it = iter(static)
-        s_args = [next(it) if isinstance(a, torch.Tensor) else a for a in args]
-        s_kw = {k: next(it) if isinstance(v, torch.Tensor) else v for k, v in sorted(kwargs.items())}
+        s_args = [_fill(a, it) for a in args]
+        s_kw = {k: _fill(v, it) for k, v in sorted(kwargs.items())}
         ds = hook.deferred_sum
         views = [(wdev[g, :len(w)], wdev[g, 3:4]) for g, (w, _) in enumerate(wd)]
         flops0 = (st.call_cache_flops, st.call_torch_flops)

@@ -864,4 +864,5 @@ class SVDCacheHook(ModelHook):
             ranks=dict(self.ranks),
             online_basis_seconds=self.online.seconds if self.online else 0.0,
             online_basis_flops=self.online.flops if self.online else 0,
+            graphs=self.graphs.stats.as_dict() if self.graphs is not None else None,
         )

@@ -54,6 +54,8 @@ class CacheStats:
     ranks: dict[str, int] = field(default_factory=dict)
     online_basis_seconds: float = 0.0
     online_basis_flops: int = 0
+    # cuda_graphs=True on CUDA: cached calls captured / replayed / run eagerly, and why (all generations)
+    graphs: dict | None = None
 
     def __str__(self) -> str:
         g, t = self.last_generation, self.total
@@ -73,4 +75,9 @@ class CacheStats:
             lines.append(f"  rank k per feature: {len(ks)} features, min {min(ks)}, median {sorted(ks)[len(ks) // 2]}, max {max(ks)}")
         if self.online_basis_seconds:
             lines.append(f"  online basis: {self.online_basis_seconds:.3f} s, {self.online_basis_flops / 1e9:.3g} GFLOP")
+        if self.graphs is not None:
+            gr = self.graphs
+            why = ", ".join(f"{k}: {v}" for k, v in gr["refused"].items())
+            lines.append(f"  CUDA graphs: {gr['captures']} captures, {gr['replays']} replays, {gr['eager']} cached "
+                         f"calls eager" + (f" ({why})" if why else ""))
         return "\n".join(lines)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import svdcache
-from svdcache.graphs import GraphUnsafe, ReplayGraph, StepGraphs
+from svdcache.graphs import GraphUnsafe, ReplayGraph, StepGraphs, _fill, input_key
 
 from flux_helpers import FluxLoop
 from test_host_path import _clean, basis, model  # noqa: F401 (fixtures)
@@ -36,6 +36,9 @@ def _run(model, basis, loop, graphs: bool, steps=16, generations=1, **kw):
         hook.graphs = StepGraphs(ReplayGraph)
     res = [_generation(loop, model, steps) for _ in range(generations)]
     gs = hook.graphs.stats if graphs else None
+    st = svdcache.stats(model)
+    assert st.graphs == (gs.as_dict() if graphs else None)
+    assert ("CUDA graphs: " in str(st)) == graphs
     svdcache.disable(model)
     return res, gs
 
@@ -121,6 +124,47 @@ def test_calls_outside_the_deferred_sum_are_not_graphed(model, basis):
     assert gs.captures == 0 and gs.refused.get("a forecast outside the deferred sum", 0) >= 1
     for a, b in zip(eager[0], graphed[0]):
         assert torch.equal(a, b)
+
+
+class PipelineLoop(FluxLoop):
+    """Calls as FluxPipeline makes them: ``joint_attention_kwargs={}`` and a guidance tensor in the kwargs."""
+
+    def call(self, h, t, model=None, e=None):
+        B = h.shape[0]
+        return self.model(hidden_states=h, encoder_hidden_states=self.e[:B], pooled_projections=self.p[:B],
+                          timestep=torch.full((B,), t), img_ids=self.img_ids, txt_ids=self.txt_ids,
+                          joint_attention_kwargs={}, return_dict=False)[0]
+
+
+def test_pipeline_style_calls_are_graphed(model, basis):
+    loop = PipelineLoop(model, batch=2)
+    (eager,), _ = _run(model, basis, loop, False)
+    (graphed,), gs = _run(model, basis, loop, True)
+    assert gs.captures >= 1 and gs.replays >= 2 and not any("inputs" in k for k in gs.refused), gs
+    for a, b in zip(eager[0], graphed[0]):
+        assert float((a - b).abs().max()) <= 1e-4 * float(a.abs().max())
+
+
+def test_input_key_structure():
+    t = torch.randn(2, 3)
+    k1, ts = input_key((t,), {"a": {"x": [t.t(), 1]}, "b": None})
+    assert len(ts) == 2 and ts[1].stride() == (1, 3)
+    # a value's type is part of the key: 1, 1.0 and True hash alike
+    keys = {input_key((), {"a": v})[0] for v in (1, 1.0, True)}
+    assert len(keys) == 3
+    assert input_key((), {"a": [t]})[0] != input_key((), {"a": (t,)})[0]
+    assert input_key((), {"a": {"x": t}})[0] != input_key((), {"a": {"y": t}})[0]
+    assert input_key((), {"a": object()}) == (None, None)
+    assert input_key((), {"a": {1: t}}) == (None, None)  # a dict with non-string keys
+    # _fill puts fresh tensors where the call's were, in the same structure
+    args, kw = (t,), {"a": {"x": [t, 2]}, "b": (t,)}
+    _, ts = input_key(args, kw)
+    new = [torch.full_like(x, i) for i, x in enumerate(ts)]
+    it = iter(new)
+    a2 = [_fill(a, it) for a in args]
+    kw2 = {k: _fill(v, it) for k, v in sorted(kw.items())}
+    assert a2[0] is new[0] and kw2["a"]["x"][0] is new[1] and kw2["a"]["x"][1] == 2
+    assert type(kw2["b"]) is tuple and kw2["b"][0] is new[2]
 
 
 def test_several_ranks_run_eagerly(model, basis, monkeypatch):

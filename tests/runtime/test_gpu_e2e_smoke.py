@@ -25,8 +25,13 @@ def test_gpu_e2e_tiny(tmp_path):
     assert "ERROR" not in text and "not finite" not in text and "skipped" not in text, text
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| method")]
     methods = [r.split("|")[1].strip() for r in rows]
-    assert methods == (["uncached"] + ["SVD-Cache sync-free"] * 2 + ["SVD-Cache"] * 2
+    assert methods == (["uncached"] + ["SVD-Cache sync-free"] * 2 + ["SVD-Cache CUDA graphs"] + ["SVD-Cache"] * 2
                        + ["TaylorSeer (diffusers)"] * 2), methods  # sync-free first: kept if the budget runs out
+    # the graph row ran its cached steps through the graph path (CPU stand-in) and computed what eager did
+    m = re.search(r"CUDA graphs N=5: CPU stand-in \(ReplayGraph\): (\d+) captures, (\d+) replays", text)
+    assert m and int(m.group(1)) >= 1 and int(m.group(2)) >= 20, text
+    psnr = {(r.split("|")[1].strip(), r.split("|")[2].strip()): float(r.split("|")[13]) for r in rows[1:4]}
+    assert abs(psnr[("SVD-Cache CUDA graphs", "5")] - psnr[("SVD-Cache sync-free", "5")]) < 0.05, psnr
     for r in rows[1:]:
         cells = [c.strip() for c in r.split("|")[1:-1]]
         full, cached = (int(x) for x in re.match(r"(\d+) \+ (\d+)", cells[2]).groups())
