@@ -72,13 +72,14 @@ class _Recorder(TorchDispatchMode):
 
 
 class ReplayGraph:
-    """CPU stand-in for ``torch.cuda.CUDAGraph`` (tests): :meth:`capture` runs ``fn`` once, recording its
-    ops; :meth:`replay` re-runs them on the tensors of the capture with the arguments of the capture."""
+    """CPU stand-in for :class:`CudaGraph` (tests): :meth:`capture` runs ``fn`` once as a warm-up, then once
+    more recording its ops; :meth:`replay` re-runs them on the tensors of the capture with the arguments of the capture."""
 
     def __init__(self, pool=None):
         self.ops: list = []
 
     def capture(self, fn):
+        fn()  # the warm-up run CudaGraph makes: the call's Python side effects happen twice, as on CUDA
         rec = _Recorder()
         with rec:
             out = fn()
