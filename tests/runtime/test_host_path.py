@@ -567,6 +567,75 @@ def test_plain_blocks_bypassed_on_bulk_full_steps_and_restored(model, basis):
     assert g1.flops == g2.flops and g1.cached_steps == g2.cached_steps >= 4
 
 
+_CAPTURED = ("attn", "ff", "ff_context", "proj_out")
+
+
+def _leftovers(model):
+    """Captured submodule names still in a block's instance dict (a bulk call's SinkCalls left behind)."""
+    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+    return [(i, n) for i, b in enumerate(blocks) for n in _CAPTURED if n in b.__dict__]
+
+
+def test_captured_submodules_called_directly_on_bulk_full_steps(model, basis, monkeypatch):
+    """A bulk full step reaches the captured submodules without nn.Module's call path (svdcache.direct_calls):
+    while it runs, the blocks see SinkCalls that still look like their modules (isinstance, attributes); the
+    outputs and stats equal those of the capture wrappers' path; nothing is left in the blocks' dicts after a
+    call, nor after one that raised; a hook on a captured module turns the direct calls off for the call."""
+    import svdcache.direct_calls as dc
+
+    loop = FluxLoop(model, batch=2)
+    Attention = type(model.transformer_blocks[1].attn)  # (FluxAttention)
+    res, seen = {}, []
+    real_swap = dc.DirectCalls.swap_in
+    for direct in (True, False):
+        if not direct:
+            monkeypatch.setattr(dc.DirectCalls, "swap_in", lambda self, captures, sink: False)
+        svdcache.enable(model, basis=basis, interval=3, warmup=2)
+        root = model._diffusers_hook.get_hook("svdcache")
+        real = root._bypass_plain_blocks
+
+        def spy(sink, real=real):
+            real(sink)
+            d, s = model.transformer_blocks[1], model.single_transformer_blocks[0]
+            seen.append((type(d.__dict__.get("attn", d._modules["attn"])).__name__, isinstance(d.attn, Attention), d.attn.heads,
+                         isinstance(s.proj_out, torch.nn.Linear), s.proj_out.out_features))
+
+        root._bypass_plain_blocks = spy
+        with torch.no_grad():
+            outs, g = _generation(loop, model, steps=12)
+            res[direct] = outs, (g.full_steps, g.cached_steps, g.flops)  # (the stats go on with the calls below)
+        assert not _leftovers(model)
+        if direct:
+            s_out = model.single_transformer_blocks[0].proj_out.out_features
+            assert ("SinkCall", True, model.transformer_blocks[1].attn.heads, True, s_out) in seen
+            assert not root.direct._active
+            root.schedule.is_full = lambda *a, **k: True
+            # a forward hook on a captured module sees every call: that call goes through the wrappers
+            calls = []
+            hd = model.transformer_blocks[0].ff.register_forward_hook(lambda m, a, o: calls.append(1))
+            n = len(seen)
+            with torch.no_grad():
+                loop.call(loop.x, 0.02)
+            hd.remove()
+            assert calls == [1] and seen[n][0] == Attention.__name__ and not _leftovers(model)
+            # a call that raises between the captures (in a block's norm: the direct calls stay on) cleans up
+            hd = model.single_transformer_blocks[1].norm.register_forward_pre_hook(
+                lambda m, a: (_ for _ in ()).throw(KeyboardInterrupt))
+            n = len(seen)
+            with pytest.raises(KeyboardInterrupt), torch.no_grad():
+                loop.call(loop.x, 0.01)
+            hd.remove()
+            assert seen[n][0] == "SinkCall" and not _leftovers(model) and not root.direct._active
+        else:
+            assert seen and all(x[0] == Attention.__name__ for x in seen[-3:])
+        svdcache.disable(model)
+        seen.clear()
+    monkeypatch.setattr(dc.DirectCalls, "swap_in", real_swap)
+    (o1, g1), (o2, g2) = res[True], res[False]
+    assert all(torch.equal(a, b) for a, b in zip(o1, o2))
+    assert g1 == g2 and g1[1] >= 4
+
+
 def test_ip_adapter_call_refused_before_any_work(model, basis):
     """FLUX blocks with IP-Adapter attention are not cached: the call is refused with a one-line error before
     any block runs (the adapter's check_call, once per call), and the next plain call works."""
