@@ -75,7 +75,7 @@ def _install(model, controller, granularity, root_name: str = ROOT_HOOK, blocks=
         checks = getattr(controller, "call_checks", None)
         if checks is not None and type(adapter).check_call is not BlockAdapter.check_call and adapter not in checks:
             checks.append(adapter)
-        for path, sub, outputs in adapter.capture_points(block):
+        for _, sub, outputs in adapter.capture_points(block):
             if not callable(outputs):
                 outputs = [(n, i) for n, i in outputs if f"{name}.{n}" not in skip]
                 if not outputs:
@@ -84,9 +84,7 @@ def _install(model, controller, granularity, root_name: str = ROOT_HOOK, blocks=
                 HookRegistry.check_if_exists_or_initialize(sub).register_hook(outputs(bh), CAPTURE_HOOK)
                 continue
             hook = CaptureHook(bh, outputs)
-            parent_path, _, attr = path.rpartition(".")
-            parent = block.get_submodule(parent_path) if parent_path else block
-            hook.attach(sub, parent, attr)
+            hook.attach(sub)
             captures.append(hook)
     registry = HookRegistry.check_if_exists_or_initialize(model)
     registry.register_hook(controller, root_name)

@@ -21,7 +21,6 @@ from .graphs import StepGraphs, pin_anchors
 from .guards import CONTINUATION_TOL, concurrent_use_error, continuation_residual, refuse_foreign_cache
 from .batched_update import capture_plan, defer_update, flush_updates, record_captured
 from .deferred import DeferredSum
-from .direct_calls import DirectCalls, SinkCall
 from .predictors import SubspaceCache, make_feature_cache
 from .schedule import Schedule
 from .state import ContextState, DefaultContextStateManager
@@ -70,8 +69,6 @@ class CaptureHook:
         self.block_hook = block_hook
         self.outputs = outputs
         self._attached = None  # (module, our forward, the instance forward it replaced or None)
-        self.slot = None  # (parent's __dict__, attribute name, SinkCall) for a bulk call (svdcache.direct_calls)
-        self.wrapper = None  # our forward on the module
 
     def record_output(self, module, output):
         """The per-feature path: each listed output recorded now (the wrapper's bulk path hands the output
@@ -84,9 +81,7 @@ class CaptureHook:
                 record(name, output if idx is None else output[idx])
         return output
 
-    def attach(self, module: torch.nn.Module, parent: torch.nn.Module | None = None, attr: str | None = None) -> None:
-        """Wrap ``module.forward``; with ``parent`` and ``attr`` (where the parent holds it) a bulk full call
-        can reach it without nn.Module's call path (svdcache.direct_calls)."""
+    def attach(self, module: torch.nn.Module) -> None:
         inner, own = module.forward, module.__dict__.get("forward")
         post = self.record_output
 
@@ -103,14 +98,10 @@ class CaptureHook:
         forward._svdcache_capture, forward._svdcache_own = self, own
         module.forward = forward
         self._attached = (module, forward, own)
-        self.wrapper = forward
-        if parent is not None and parent._modules.get(attr) is module:
-            self.slot = (parent.__dict__, attr, SinkCall(module, inner, self))
 
     def detach(self) -> None:
         if self._attached is None:
             return
-        self.slot = self.wrapper = None
         module, forward, own = self._attached
         self._attached = None
         self.block_hook = _Inert()
@@ -283,7 +274,6 @@ class SVDCacheHook(ModelHook):
         self.plain_blocks: list = []  # block hooks of plain_full_forward adapters (apply._install)
         self.call_checks: list = []  # adapters that refuse some calls (check_call), run in _begin
         self._bypassed: list = []  # those the call in progress runs without their hook (_bypass_plain_blocks)
-        self.direct = DirectCalls()  # the plain blocks' captured submodules, called directly in a bulk call
         self._owner = None  # the thread holding it
         self.explicit = 0  # > 0 inside ``with svdcache.generation(model)``: one generation, no guessing
         self._model = None
@@ -553,13 +543,10 @@ class SVDCacheHook(ModelHook):
                 d["forward"] = bh.fn_ref.original_forward
                 bh.active_record, bh.active_sink = bh._rec, sink
                 self._bypassed.append(bh)
-        if len(self._bypassed) == len(self.plain_blocks):  # (else their captures record through the wrappers)
-            self.direct.swap_in(self.captures, sink)
 
     def _restore_plain_blocks(self) -> None:
         """The bulk call undone: its sink dropped, the bypassed blocks' forwards (and hooks) back."""
         self.sink = None
-        self.direct.swap_out()
         for bh in self._bypassed:
             bh.block.__dict__["forward"] = bh.wrapper
             bh.active_record = bh.active_sink = None
