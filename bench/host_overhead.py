@@ -190,6 +190,8 @@ def run_generation(model, kw, steps, root=None, times=None, ref=None):
             times.setdefault(kind, []).append(dt)
             if tu is not None:
                 times.setdefault(kind + "/ratio", []).append(dt / tu)
+                if kind == "full":
+                    times.setdefault(f"full@{i}/ratio", []).append(dt / tu)
         h = h - out / steps
     return h
 
@@ -334,6 +336,9 @@ def main(argv=None) -> int:
                  f"| {statistics.median(steady):.3f} | | | | <= 1.05x |")
     lines.append(f"| A/A control: an uncached copy vs the uncached model (uncached first / alternating order) | "
                  f"| {statistics.median(aa_first):.3f} / {statistics.median(aa_alt):.3f} | | | | ~1.00 |")
+    at = sorted((int(k[5:-6]), statistics.median(v)) for k, v in times.items() if k.startswith("full@"))
+    lines += ["", "full calls by step of the generation (x uncached, median over the generations): "
+              + ", ".join(f"step {i} {r:.3f}" for i, r in at)]
     lines += ["", f"stats: {st.last_generation.full_steps} full / {st.last_generation.cached_steps} cached steps per "
               f"generation, FLOPs ratio {st.last_generation.flops_uncached / max(st.last_generation.flops, 1):.2f}x", ""]
     text = "\n".join(lines)
