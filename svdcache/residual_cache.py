@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import torch
 
+from svdcache_kernels import resolve_backend, residual_codes
 from svdcache_kernels.ops.reconstruct.reference import dequantize_codes
+from svdcache_kernels.ops.residual_codes import quantize_rows_into  # noqa: F401 - also used by batched_update
 
 from .predictors import SubspaceCache, _nbytes, newton_weights
 
@@ -37,22 +39,6 @@ def quantize_rows(r: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.T
         q = torch.nn.functional.pad(q, (0, 1))
     u = (q + 8).to(torch.uint8)
     return u[..., 0::2] | (u[..., 1::2] << 4), scale
-
-
-def quantize_rows_into(r: torch.Tensor, bits: int, q: torch.Tensor, scale: torch.Tensor) -> None:
-    """:func:`quantize_rows` of an fp32 (M, D) ``r`` (clobbered) into ``q`` / ``scale`` (M, D or D/2) / (M, 1),
-    the same codes in a third of its ops: the 4-bit pair packed in fp32 as ``q0 + 16 q1 + 136``
-    (= ``(q0 + 8) | (q1 + 8) << 4``, exact) and converted once. Even D only for 4 bits."""
-    L = 127.0 if bits == 8 else 7.0
-    # absmax as abs + amax: the CPU's inf-norm along a dim is ~12x slower (measured at 912 x 32 fp32)
-    torch.amax(r.abs(), dim=-1, keepdim=True, out=scale)
-    scale.clamp_min_(1e-30).div_(L)
-    r.div_(scale).round_()  # |r| / (max |r| / L) rounds to at most L: no clamp needed
-    if bits == 8:
-        q.copy_(r)
-        return
-    pair = torch.add(r[:, 0::2], r[:, 1::2], alpha=16.0)
-    q.copy_(pair.add_(136.0))
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, D: int, bits: int = 8) -> torch.Tensor:
@@ -83,22 +69,31 @@ class QuantizedResidualCache(SubspaceCache):
         with torch.no_grad():
             h = self.times[-1] - self.times[-2]
             D = F.shape[-1]
-            if diff is None:  # the split formed no F - F_prev (a GPU kernel, or an unfused layout)
-                diff = (F.float() - F_prev.float()).reshape(-1, D)
-            # out= rather than addmm_: torch's FLOP counter sees it (it does not see the in-place variant)
-            r = torch.addmm(diff, self.D1.reshape(-1, self.V.shape[1]), self.V.float().T, beta=1.0 / h, alpha=-1.0,
-                            out=diff)
-            if self.bits == 4 and D % 2:
-                self.rq, self.rs = quantize_rows(r.view(F.shape), self.bits)
-            else:
+            odd4 = self.bits == 4 and D % 2
+            # on the Triton backend the split kernel formed no F - F_prev: r and its codes in one fused pass
+            fused = (diff is None and not odd4 and F_prev.dtype == F.dtype
+                     and resolve_backend(self.cfg.backend, F) == "triton")
+            if not odd4:
                 # the last full step's buffers are overwritten: no cached step reads them any more
                 qshape = (*F.shape[:-1], D if self.bits == 8 else D // 2)
                 dt = torch.int8 if self.bits == 8 else torch.uint8
                 if rq is None or rq.shape != qshape or rq.dtype != dt or rq.device != F.device:
                     rq = torch.empty(qshape, dtype=dt, device=F.device)
                     rs = torch.empty((*F.shape[:-1], 1), dtype=torch.float32, device=F.device)
-                quantize_rows_into(r, self.bits, rq.view(-1, qshape[-1]), rs.view(-1, 1))
+            if fused:
+                residual_codes(F, F_prev, self.D1, self.V, h=h, bits=self.bits, codes=rq, scales=rs, backend="triton")
                 self.rq, self.rs = rq, rs
+            else:
+                if diff is None:  # an unfused layout, or 4-bit codes of an odd D
+                    diff = (F.float() - F_prev.float()).reshape(-1, D)
+                # out= rather than addmm_: torch's FLOP counter sees it (it does not see the in-place variant)
+                r = torch.addmm(diff, self.D1.reshape(-1, self.V.shape[1]), self.V.float().T, beta=1.0 / h,
+                                alpha=-1.0, out=diff)
+                if odd4:
+                    self.rq, self.rs = quantize_rows(r.view(F.shape), self.bits)
+                else:
+                    quantize_rows_into(r, self.bits, rq.view(-1, rq.shape[-1]), rs.view(-1, 1))
+                    self.rq, self.rs = rq, rs
             # the codes' layouts join the state key (a plan that reads them is keyed by it)
             self._state_key = (*self._state_key, self._layout(self.rq), self._layout(self.rs))
         self.update_flops += 2 * (F.numel() // D) * D * self.V.shape[1]
