@@ -9,6 +9,7 @@
    (V, and C or P, rounded to the activation dtype; fp32 accumulation), so they are compared, at
    rounding-level tolerance, with the reference computed on those same rounded operands ("emulated");
    their deviation from the exact fp32 reference is printed too, checked only against a loose bound.
+   residual_codes (the int4 / int8 full step) is checked code for code against its reference.
 2. Device-to-device copy bandwidth (the yardstick), and the host cost of one call at a tiny shape
    (Python + launch: the runtime's per-feature reconstruct plan vs one aten op), the floor of a
    cached step's latency (x 114 features on FLUX.1-dev).
@@ -48,10 +49,11 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from svdcache_kernels import (  # noqa: E402
-    gram_update, gram_update_reference, reconstruct, reconstruct_reference, split, split_reference,
+    gram_update, gram_update_reference, reconstruct, reconstruct_reference, residual_codes, residual_codes_reference,
+    split, split_reference,
 )
 from svdcache_kernels.ops import _triton_common as tc  # noqa: E402
-from svdcache_kernels.ops.reconstruct.reference import dequantize_codes, gate_rows_shape  # noqa: E402
+from svdcache_kernels.ops.reconstruct.reference import code_values, dequantize_codes, gate_rows_shape  # noqa: E402
 
 BITS = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}  # significant bits
 ULP = {dt: 2.0 ** (1 - b) for dt, b in BITS.items()}  # ulp(x) <= ULP * |x|
@@ -426,6 +428,46 @@ def _parity(run: Run) -> None:
             run.sync()
     tc.FORCE_DOT_FP32 = None
     run.log("production-shape parity done")
+    residual_codes_parity(run, g, B, N, D, ks)
+
+
+def residual_codes_parity(run: Run, g, B, N, D, ks) -> None:
+    """The full step of residual="int8"/"int4" (residual_codes): kernel vs reference, at the launch config
+    the heuristic selects (one config for every M) and k over several tiles. Both quantize the same r; the
+    GEMM D1 V^T sums in another order, so a code may flip by one at a rounding tie: scales within 1e-5
+    relative, codes equal but for at most 1e-3 of them, none by more than one."""
+    dev = run.dev
+    for dtype in (torch.bfloat16, torch.float32):
+        for k in (*ks[1:], 300 if not run.smoke else 40):
+            F = (torch.randn(*B, N, D, generator=g, device=dev) * 2.0 + 0.25).to(dtype)
+            Fp = (F.float() + torch.randn(F.shape, generator=g, device=dev) * 0.1).to(dtype)
+            V = torch.linalg.qr(torch.randn(D, k, generator=g, device=dev))[0]
+            D1 = torch.randn(*B, N, k, generator=g, device=dev)
+            for bits in (4, 8):
+                nq = D if bits == 8 else D // 2
+                qdt = torch.int8 if bits == 8 else torch.uint8
+                outs = {}
+                for name, be in (("kernel", "triton"), ("reference", "torch")):
+                    q = torch.full((*B, N, nq), 0x5A, dtype=qdt, device=dev)
+                    sc = torch.full((*B, N, 1), float("nan"), device=dev)
+                    # (an error is logged by guard; its NaN scales then fail the check below)
+                    run.guard(f"parity residual_codes {dn(dtype)} k={k} int{bits} {name}", residual_codes, F, Fp, D1,
+                              V, h=0.75, bits=bits, codes=q, scales=sc, backend=be)
+                    outs[name] = (q, sc)
+                run.sync()
+                (qk, sk), (qr, sr) = outs["kernel"], outs["reference"]
+                finite = bool(torch.isfinite(sk).all())
+                srel = float(((sk - sr).abs() / sr).max()) if finite else float("inf")
+                vk, vr = (code_values(c, D, bits).float() for c in (qk, qr))
+                frac, worst = float((vk != vr).float().mean()), float((vk - vr).abs().max())
+                for out, err, allowed, ok in (("scales", srel, 1e-5, finite and srel <= 1e-5),
+                                              ("codes (share differing)", frac, 1e-3, frac <= 1e-3 and worst <= 1)):
+                    run.parity.append(dict(op=f"residual_codes int{bits}", dtype=dn(dtype), k=k, out=out, err=err,
+                                           allowed=allowed, exact_rel=float("nan"), ok=ok))
+                    if not ok:
+                        run.log(f"PARITY FAIL residual_codes int{bits} {dn(dtype)} k={k} {out}: {err:.3g} "
+                                f"(allowed {allowed:g}; largest code difference {worst:g})")
+    run.log("residual_codes parity done")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -530,6 +572,17 @@ def make_cases(run: Run):
                 fn=reconstruct, ref=reconstruct_reference,
                 bytes=nt * M * k * 4 + vb + M * D * s + M * (D + 1) // 2 + M * 4 + M * D * s + Bn * D * s + M * D * s,
                 flops=2 * M * k * D, ideal=None))
+        # the full step of residual="int4": r = (F - F_prev) / h - D1 V^T and its codes (two walks over D);
+        # eager = the reference op (the torch path: a full-size fp32 r, ~12 passes). Ideal: F and F_prev
+        # read once, codes and scales written once
+        Fp = rnd(Bn, N, D, dtype=dt, scale=2.0)
+        codes4 = torch.empty(Bn, N, D // 2, dtype=torch.uint8, device=dev)
+        scales = torch.empty(Bn, N, 1, device=dev)
+        cases.append(dict(
+            name="residual codes int4 (full step)", k=k, args=(F, Fp, st["D1"], V),
+            kw=dict(h=0.5, bits=4, codes=codes4, scales=scales), fn=residual_codes, ref=residual_codes_reference,
+            bytes=4 * M * D * s + 2 * M * k * 4 + 2 * vb + M * D // 2 + M * 4, flops=4 * M * D * k,
+            ideal=2 * M * D * s + M * D // 2 + M * 4))
         out = torch.empty(rs, dtype=dt, device=dev)
         cases.append(dict(
             name="reconstruct reuse (C V^T + R)", k=k, args=(V, st["R"]), kw=dict(terms=[st["C"]], weights=(1.0,), out=out),

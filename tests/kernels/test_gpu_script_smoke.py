@@ -17,7 +17,8 @@ def test_gpu_script_cpu_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     text = (tmp_path / "gpu_kernels_cpu-smoke.md").read_text()
     assert "## Parity" in text and "FAIL" not in text and "ERROR" not in text
-    for op in ("split C,R", "split order2+E+dR", "reconstruct taylor2+dR", "reconstruct reuse", "gram"):
+    for op in ("split C,R", "split order2+E+dR", "reconstruct taylor2+dR", "reconstruct reuse", "gram",
+               "residual codes int4 (full step)", "| residual_codes int4 |", "| residual_codes int8 |"):
         assert op in text
     # the runtime's exact variants at the shapes production selects (smoke: small, k tiles forced)
     for op in ("split F_prev M=", "split C,R M=", "reconstruct 1 term+gate M=", "reconstruct 1 term+gate+int4 M=",
