@@ -69,10 +69,11 @@ def count_launches():
     """Count Triton launches (by kernel) and run them outside any dispatch mode: the interpreter's own
     torch ops are not ops a GPU would dispatch."""
     from svdcache_kernels.ops.reconstruct import kernel as rec_kernel
+    from svdcache_kernels.ops.residual_codes import kernel as codes_kernel
     from svdcache_kernels.ops.split import kernel as split_kernel
 
     seen: dict[str, int] = {}
-    for mod in (rec_kernel, split_kernel):
+    for mod in (rec_kernel, split_kernel, codes_kernel):
         real = mod.launch
 
         def counting(kernel, grid, args, meta, cfg, _real=real):
