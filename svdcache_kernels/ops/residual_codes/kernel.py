@@ -2,7 +2,7 @@
 one launch, without an fp32 copy of r.
 
 The torch path makes r as a full-size fp32 tensor and quantizes it in ~12 passes (the difference, the GEMM
-epilogue, abs, amax, divisions, rounding, packing); on a FLUX.1-dev feature (4096 x 3072) that is ~1.4 GB of
+epilogue, abs, amax, divisions, rounding, packing); on a FLUX.1-dev feature (4096 x 3072) that is ~0.9 GB of
 traffic per feature per full step. Here one program owns BLOCK_M rows and walks D twice:
 
 1. r chunk by chunk (F and F_prev loaded, ``D1 V^T`` as an fp32 dot over k tiles), only the rows' absmax
