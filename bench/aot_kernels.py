@@ -33,6 +33,7 @@ sys.path.insert(0, REPO)
 from svdcache_kernels.ops import _triton_common as tc  # noqa: E402
 from svdcache_kernels.ops.gram import kernel as gram_mod  # noqa: E402
 from svdcache_kernels.ops.reconstruct import kernel as rec_mod  # noqa: E402
+from svdcache_kernels.ops.residual_codes import kernel as codes_mod  # noqa: E402
 from svdcache_kernels.ops.split import kernel as split_mod  # noqa: E402
 
 TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64", torch.int8: "i8",
@@ -185,6 +186,16 @@ def variants(quick: bool):
             out.append((f"reconstruct 1 term+gate {TY[dt]} k={kb}", rec_mod, "_reconstruct_kernel",
                         lambda V=V, gate=gate, cb=cb, Rb=Rb: rec_mod.reconstruct_triton(
                             V, Rb(), terms=[cb()], weights=(2.0,), x=Rb(), gate=gate)))
+        # the full step of residual="int4"/"int8": r and its codes (fp32 3xTF32 dot, libdevice rint)
+        for kk in (64, kb) if not quick or dt == torch.bfloat16 else ():
+            for bits in (4, 8) if not quick else (4,):
+                out.append((f"residual_codes int{bits} {TY[dt]} k={kk}", codes_mod, "_residual_codes_kernel",
+                            lambda dt=dt, kk=kk, bits=bits: codes_mod.residual_codes_triton(
+                                torch.empty(B, N, D, dtype=dt, device=m), torch.empty(B, N, D, dtype=dt, device=m),
+                                torch.empty(B, N, kk, device=m), torch.empty(D, kk, dtype=dt, device=m), h=0.5,
+                                bits=bits, codes=torch.empty(B, N, D if bits == 8 else D // 2,
+                                                             dtype=torch.int8 if bits == 8 else torch.uint8, device=m),
+                                scales=torch.empty(B, N, 1, device=m))))
         out.append((f"gram {TY[dt]}", gram_mod, "_gram_kernel",
                     lambda F=F: gram_mod.gram_update_triton(torch.empty(D, D, device=m), F)))
     if quick:
@@ -262,7 +273,9 @@ def main(argv=None) -> int:
     tc.num_sms = lambda device: args.sms
     split_mod.interp_blocks = rec_mod.interp_blocks = None
     meta_as_cuda = torch.device("cuda")
-    for mod, name in ((split_mod, "split_config"), (rec_mod, "reconstruct_config"), (gram_mod, "gram_config")):
+    codes_mod._compiled = lambda: True  # what a GPU launch takes (rint, 3xTF32), not the interpreter's
+    for mod, name in ((split_mod, "split_config"), (rec_mod, "reconstruct_config"), (gram_mod, "gram_config"),
+                      (codes_mod, "residual_codes_config")):
         real = getattr(mod, name)
         setattr(mod, name, lambda *a, _real=real, **kw: _real(*a[:-1], meta_as_cuda, **kw))
     failures = 0
