@@ -21,7 +21,9 @@ import torch
 
 from svdcache_kernels import resolve_backend, residual_codes
 from svdcache_kernels.ops.reconstruct.reference import dequantize_codes
-from svdcache_kernels.ops.residual_codes import quantize_rows_into  # noqa: F401 - also used by batched_update
+from svdcache_kernels.ops.residual_codes import (  # noqa: F401 - quantize_rows_into: also used by batched_update
+    quantize_rows_into, residual_codes_compute, residual_difference,
+)
 
 from .predictors import SubspaceCache, _nbytes, newton_weights
 
@@ -82,18 +84,11 @@ class QuantizedResidualCache(SubspaceCache):
                     rs = torch.empty((*F.shape[:-1], 1), dtype=torch.float32, device=F.device)
             if fused:
                 residual_codes(F, F_prev, self.D1, self.V, h=h, bits=self.bits, codes=rq, scales=rs, backend="triton")
-                self.rq, self.rs = rq, rs
+            elif odd4:  # 4-bit codes of an odd D: quantize_rows pads the last byte
+                rq, rs = quantize_rows(residual_difference(F, F_prev, self.D1, self.V, h, diff).view(F.shape), 4)
             else:
-                if diff is None:  # an unfused layout, or 4-bit codes of an odd D
-                    diff = (F.float() - F_prev.float()).reshape(-1, D)
-                # out= rather than addmm_: torch's FLOP counter sees it (it does not see the in-place variant)
-                r = torch.addmm(diff, self.D1.reshape(-1, self.V.shape[1]), self.V.float().T, beta=1.0 / h,
-                                alpha=-1.0, out=diff)
-                if odd4:
-                    self.rq, self.rs = quantize_rows(r.view(F.shape), self.bits)
-                else:
-                    quantize_rows_into(r, self.bits, rq.view(-1, rq.shape[-1]), rs.view(-1, 1))
-                    self.rq, self.rs = rq, rs
+                residual_codes_compute(F, F_prev, self.D1, self.V, h, self.bits, rq, rs, diff=diff)
+            self.rq, self.rs = rq, rs
             # the codes' layouts join the state key (a plan that reads them is keyed by it)
             self._state_key = (*self._state_key, self._layout(self.rq), self._layout(self.rs))
         self.update_flops += 2 * (F.numel() // D) * D * self.V.shape[1]

@@ -1,4 +1,4 @@
-from .reference import quantize_rows_into, residual_codes_reference
+from .reference import quantize_rows_into, residual_codes_compute, residual_codes_reference, residual_difference
 
 
 def residual_codes(F, F_prev, D1, V, *, backend=None, **kwargs):
@@ -12,4 +12,5 @@ def residual_codes(F, F_prev, D1, V, *, backend=None, **kwargs):
     return residual_codes_reference(F, F_prev, D1, V, **kwargs)
 
 
-__all__ = ["residual_codes", "residual_codes_reference", "quantize_rows_into"]
+__all__ = ["residual_codes", "residual_codes_reference", "residual_codes_compute", "residual_difference",
+           "quantize_rows_into"]

@@ -30,8 +30,6 @@ from .._triton_common import k_tile, launch, require_launchable, resolve_config,
 from .reference import check_residual_codes_args
 
 
-
-
 @triton.jit
 def _resid(F_ptr, FP_ptr, D1_ptr, V_ptr, rows, mask_m, cols, mask_c, K, stride_fm, stride_fpm, stride_d1m,
            stride_vd, stride_vk, inv_h, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -77,20 +75,19 @@ def _residual_codes_kernel(
     rows = offs_m.to(tl.int64)
     offs_c0 = tl.arange(0, BLOCK_C)
     amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    STEP: tl.constexpr = 2 if BITS == 4 else 1  # channels per code: r0 at the even ones, r1 at the odd (4 bits)
     n_chunks = tl.cdiv(NQ, BLOCK_C)
     for i in range(0, n_chunks):
         offs_c = i * BLOCK_C + offs_c0
         mask_c = offs_c < NQ
+        r0 = _resid(F_ptr, FP_ptr, D1_ptr, V_ptr, rows, mask_m, STEP * offs_c, mask_c, K, stride_fm, stride_fpm,
+                    stride_d1m, stride_vd, stride_vk, inv_h, BLOCK_M, BLOCK_C, BLOCK_K, PREC)
+        a = tl.abs(r0)
         if BITS == 4:
-            r0 = _resid(F_ptr, FP_ptr, D1_ptr, V_ptr, rows, mask_m, 2 * offs_c, mask_c, K, stride_fm, stride_fpm,
-                        stride_d1m, stride_vd, stride_vk, inv_h, BLOCK_M, BLOCK_C, BLOCK_K, PREC)
             r1 = _resid(F_ptr, FP_ptr, D1_ptr, V_ptr, rows, mask_m, 2 * offs_c + 1, mask_c, K, stride_fm,
                         stride_fpm, stride_d1m, stride_vd, stride_vk, inv_h, BLOCK_M, BLOCK_C, BLOCK_K, PREC)
-            amax = tl.maximum(amax, tl.max(tl.maximum(tl.abs(r0), tl.abs(r1)), axis=1))
-        else:
-            r0 = _resid(F_ptr, FP_ptr, D1_ptr, V_ptr, rows, mask_m, offs_c, mask_c, K, stride_fm, stride_fpm,
-                        stride_d1m, stride_vd, stride_vk, inv_h, BLOCK_M, BLOCK_C, BLOCK_K, PREC)
-            amax = tl.maximum(amax, tl.max(tl.abs(r0), axis=1))
+            a = tl.maximum(a, tl.abs(r1))
+        amax = tl.maximum(amax, tl.max(a, axis=1))
     L = 7.0 if BITS == 4 else 127.0
     scale = tl.math.div_rn(tl.maximum(amax, 1e-30), L)
     tl.store(S_ptr + rows * stride_sm, scale, mask=mask_m)
@@ -101,19 +98,16 @@ def _residual_codes_kernel(
         mask_c = offs_c < NQ
         qmask = mask_m[:, None] & mask_c[None, :]
         q_ptrs = Q_ptr + rows[:, None] * stride_qm + offs_c[None, :]
+        r0 = _resid(F_ptr, FP_ptr, D1_ptr, V_ptr, rows, mask_m, STEP * offs_c, mask_c, K, stride_fm, stride_fpm,
+                    stride_d1m, stride_vd, stride_vk, inv_h, BLOCK_M, BLOCK_C, BLOCK_K, PREC)
+        q0 = _round(tl.math.div_rn(r0, sc), RINT)
         if BITS == 4:
-            r0 = _resid(F_ptr, FP_ptr, D1_ptr, V_ptr, rows, mask_m, 2 * offs_c, mask_c, K, stride_fm, stride_fpm,
-                        stride_d1m, stride_vd, stride_vk, inv_h, BLOCK_M, BLOCK_C, BLOCK_K, PREC)
             r1 = _resid(F_ptr, FP_ptr, D1_ptr, V_ptr, rows, mask_m, 2 * offs_c + 1, mask_c, K, stride_fm,
                         stride_fpm, stride_d1m, stride_vd, stride_vk, inv_h, BLOCK_M, BLOCK_C, BLOCK_K, PREC)
-            q0 = _round(tl.math.div_rn(r0, sc), RINT)
             q1 = _round(tl.math.div_rn(r1, sc), RINT)
             packed = (q0 + 16.0 * q1) + 136.0  # (q0 + 8) + 16 (q1 + 8), exact in fp32, in [17, 255]
             tl.store(q_ptrs, packed.to(tl.int32).to(tl.uint8), mask=qmask)
         else:
-            r0 = _resid(F_ptr, FP_ptr, D1_ptr, V_ptr, rows, mask_m, offs_c, mask_c, K, stride_fm, stride_fpm,
-                        stride_d1m, stride_vd, stride_vk, inv_h, BLOCK_M, BLOCK_C, BLOCK_K, PREC)
-            q0 = _round(tl.math.div_rn(r0, sc), RINT)
             tl.store(q_ptrs, q0.to(tl.int32).to(tl.int8), mask=qmask)
 
 

@@ -75,12 +75,20 @@ def residual_codes_reference(
     residual_codes_compute(F, F_prev, D1, V, h, bits, codes, scales)
 
 
-def residual_codes_compute(F, F_prev, D1, V, h, bits, codes, scales) -> None:
-    """The body of :func:`residual_codes_reference` for arguments already checked."""
+def residual_difference(F, F_prev, D1, V, h, diff=None) -> torch.Tensor:
+    """r = (F - F_prev) / h - D1 V^T as fp32 (rows, D); ``diff``: an fp32 (rows, D) ``F - F_prev`` already
+    formed (the CPU split's scratch), overwritten with r."""
     D, k = F.shape[-1], V.shape[1]
+    if diff is None:
+        diff = (F.float() - F_prev.float()).reshape(-1, D)
+    # out= rather than addmm_: torch's FLOP counter sees it (it does not see the in-place variant)
+    return torch.addmm(diff, D1.reshape(-1, k), V.float().T, beta=1.0 / h, alpha=-1.0, out=diff)
+
+
+def residual_codes_compute(F, F_prev, D1, V, h, bits, codes, scales, diff=None) -> None:
+    """The body of :func:`residual_codes_reference` for arguments already checked (``diff``: see
+    :func:`residual_difference`)."""
     if F.numel() == 0:
         return
-    diff = (F.float() - F_prev.float()).reshape(-1, D)
-    # out= rather than addmm_: torch's FLOP counter sees it (it does not see the in-place variant)
-    r = torch.addmm(diff, D1.reshape(-1, k), V.float().T, beta=1.0 / h, alpha=-1.0, out=diff)
+    r = residual_difference(F, F_prev, D1, V, h, diff)
     quantize_rows_into(r, bits, codes.view(-1, codes.shape[-1]), scales.view(-1, 1))
