@@ -307,7 +307,7 @@ def record_features(pipe, prompts, seeds, steps, granularity="auto"):
 def teacher_forced(feats_by_ctx, cfg: SVDCacheConfig, basis, steps: int, ref_basis=None):
     """Mean relative forecast error over cached steps (and contexts) per feature, split by the subspace
     of ``ref_basis`` (the tau=0.99 basis): principal = error projected on V_k, residual = the rest."""
-    from svdcache.predictors import make_feature_cache
+    from svdcache.features import make_feature_cache
 
     from svdcache.schedule import Schedule
 

@@ -25,7 +25,9 @@ from itertools import chain
 
 import torch
 
-from .residual_cache import QuantizedResidualCache, quantize_rows_into
+from svdcache_kernels import quantize_rows_into
+
+from .features import QuantizedResidualCache
 
 
 def defer_update(st, fc, F: torch.Tensor, t: float) -> bool:
@@ -164,7 +166,7 @@ def _batched(hook, st, ar, entries) -> bool:
     if V.dtype is not torch.float32:
         return False
     cfg = fc0.cfg
-    h1, h2 = fc0._steps(t)  # raises on a repeated time, as update does
+    h1, h2 = fc0.steps_to(t)  # raises on a repeated time, as update does
     order = min(cfg.order, fc0.n)
     W = len(fcs)
     D = R.shape[-1]
@@ -214,7 +216,7 @@ def _batched(hook, st, ar, entries) -> bool:
             elif type(fc0) is QuantizedResidualCache:
                 fc.rq = fc.rs = None  # no residual difference yet (as update: none kept)
             src = (fc.V, fc.R, fc.C, fc.D1, fc.D2, fc.E, fc.dR) + ((fc.rq, fc.rs) if codes else ())
-            fc._state_key = sk = ar.state_key(f, src)
+            fc.state_key = sk = ar.state_key(f, src)
             fc._lprev = (fc.R, sk[1])
         ar.settled, ar.srcs = settled, list(map(state, fcs))
     hook._add_cache_flops(st, fc0, proj * W)  # the group's

@@ -124,7 +124,7 @@ def fit_gains(samples, feats, *, warmup: int = 3, intervals=range(2, 13), orders
     Teacher-forced on the calibration trajectory (its own features, row-subsampled): at each step the
     schedule would forecast, the increment P - C_last of gain 1 is compared with the true C_t - C_last
     in k dims, and g = sum <dP, dC> / sum |dP|^2 (clipped to [0, 2]). No extra model run."""
-    from .predictors import newton_weights
+    from .features import newton_weights
     from .schedule import full_steps
 
     acc: dict[tuple, list[float]] = {}

@@ -76,7 +76,7 @@ class SVDCacheConfig:
         residual: "reuse" (the paper), "taylor" (order 1 on the residual), "damped" (order 1 times
             ``residual_gain`` < 1), "int8" / "int4" (order 1 on the residual with its difference held
             at 8 / 4 bits, per-token scaled: the change outside the subspace is kept for 1/4 / 1/8 copy
-            of fp32 features; see svdcache.residual_cache). Only with space="svd" and predictor="taylor":
+            of fp32 features; see svdcache.features.quantized). Only with space="svd" and predictor="taylor":
             elsewhere (FORA, TaylorSeer, EMA) it is taken as "reuse".
         time_axis: the variable the divided differences are taken over: the "step" index, or the
             "timestep" the model is called with (the ODE time; uneven with shifted schedules).

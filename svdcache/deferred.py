@@ -25,7 +25,7 @@ import svdcache_kernels as K
 from svdcache_kernels.ops.reconstruct_sum import reference as _sum_ref
 from svdcache_kernels.plan import layout
 
-from .predictors import SubspaceCache
+from .features import SubspaceCache
 
 _MISSING = object()
 
@@ -62,7 +62,7 @@ class DeferredSum:
         last = self.last
         if last is not None and last[1] is bound and last[2] == io:
             return last[0]
-        key = (io, tuple((m[0]._state_key, len(t.terms), t.bits if t.codes is not None else 0, m[1], layout(t.gate))
+        key = (io, tuple((m[0].state_key, len(t.terms), t.bits if t.codes is not None else 0, m[1], layout(t.gate))
                          for m, t in zip(bound.members, terms)))
         plan = self.plans.get(key)
         if plan is None:
@@ -135,7 +135,7 @@ def _bound(st, items, x, views: bool) -> _Bound:
     feats = st.features
     if (b is not None and b.layout == (x.shape, x.device) and len(b.items) == len(items)
             and all(a is c for a, c in zip(items, b.items))
-            and all(feats.get(n) is fc and getattr(fc, "_state_key", None) is sk for n, fc, sk in b.names)):
+            and all(feats.get(n) is fc and getattr(fc, "state_key", None) is sk for n, fc, sk in b.names)):
         return b
     b = _Bound()
     b.items, b.layout = list(items), (x.shape, x.device)
@@ -148,7 +148,7 @@ def _bound(st, items, x, views: bool) -> _Bound:
         fc = feats.get(name, _MISSING)
         if fc is _MISSING:
             raise RuntimeError(f"svdcache: no cached state for feature {name!r} on a cached step")
-        names.append((name, fc, getattr(fc, "_state_key", None)))
+        names.append((name, fc, getattr(fc, "state_key", None)))
         if fc is None:
             continue
         ft = fc.forecast_terms(st.t) if _summable(fc, lead, rows, N) else None
@@ -212,7 +212,7 @@ class _Arena:
         return held[1]
 
     def state_key(self, f: int, src: tuple):
-        """Slot ``f``'s state key (``SubspaceCache._state_key``: the layouts of ``src``), the same object
+        """Slot ``f``'s state key (``SubspaceCache.state_key``: the layouts of ``src``), the same object
         while the same tensors hold the state: the arena's views, written in place at every full step."""
         ent = self.keys[f]
         if ent is None or len(ent[0]) != len(src) or not all(map(operator.is_, ent[0], src)):

@@ -201,7 +201,7 @@ def pin_anchors(st) -> None:
     full step) copied into one buffer per feature that stays put, so the next interval's bound sum reads
     the same addresses and its graph is replayed, not captured again (one copy of each such feature per
     full step, only with graphs; features stacked in arenas are in place already)."""
-    from .predictors import SubspaceCache
+    from .features import SubspaceCache
 
     arena_of = st.sum_arena_of
     for fc in st.features.values():

@@ -73,7 +73,7 @@ def forecast(st, name: str, fc, x, gate, out):
     basis, so the conditional branch's and the difference's Taylor terms are summed in k dims and
     reconstructed once (the conditional call's forecast is not recomputed in full). Returns (output,
     cache FLOPs), or None where the two are not of that form (the caller then forecasts F_cond apart)."""
-    from .predictors import SubspaceCache
+    from .features import SubspaceCache
     from svdcache_kernels.ops.reconstruct.reference import MAX_TERMS
 
     p = st.partner
@@ -100,12 +100,12 @@ def forecast(st, name: str, fc, x, gate, out):
     b_q = b[2] if b[2] is not None and b[3] != 0.0 else None
     g, o = (gate, out) if x is not None else (None, None)  # no x: the feature itself, in new tensors
     # pass 1: x + gate * (D_last + s * dR_D), no matmul
-    y = fc.R if x is None and b_q is None else fc._reconstruct((), (), None, b[3] if b_q is not None else 0.0,
+    y = fc.R if x is None and b_q is None else fc.reconstruct((), (), None, b[3] if b_q is not None else 0.0,
                                                               x, g, o, dRq=b_q)
     # pass 2: + gate * (F_cond_last + (summed terms) V^T + s * dR_cond)
     if not terms and a_q is None:  # the conditional feature is its anchor (its full step)
-        return (y + pc.R if x is None else pc._reconstruct((), (), None, 0.0, y, g, o)), 0
-    res = pc._reconstruct(terms, weights, None, a[3] if a_q is not None else 0.0, y, g, o,
+        return (y + pc.R if x is None else pc.reconstruct((), (), None, 0.0, y, g, o)), 0
+    res = pc.reconstruct(terms, weights, None, a[3] if a_q is not None else 0.0, y, g, o,
                           dRq=a_q, foreign=tuple(terms[own:]))
     return res, (pc.reconstruct_flops() if terms else 0)
 

@@ -21,7 +21,7 @@ from .graphs import StepGraphs, pin_anchors
 from .guards import CONTINUATION_TOL, concurrent_use_error, continuation_residual, refuse_foreign_cache
 from .batched_update import capture_plan, defer_update, flush_updates, record_captured
 from .deferred import DeferredSum
-from .predictors import SubspaceCache, make_feature_cache
+from .features import SubspaceCache, make_feature_cache
 from .schedule import Schedule
 from .state import ContextState, DefaultContextStateManager
 from .stats import CacheStats, RunStats
@@ -721,7 +721,7 @@ class SVDCacheHook(ModelHook):
         if fb.D != F.shape[-1]:
             raise ValueError(f"feature {name!r}: basis has D={fb.D} but the model produced D={F.shape[-1]}")
         if self.cfg.memory_budget is not None:  # rank and residual bits from the budget (per row of F)
-            from .residual_cache import plan_for_budget
+            from .features import plan_for_budget
 
             self.ranks[name], self._bits[name] = plan_for_budget(
                 self.cfg.memory_budget, fb.D, fb.rank(self.cfg.tau, self.cfg.rank), F.element_size())

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kernel_testutils import DTYPES, TOL, assert_close, basis, dname, gen, poison, randn
-from svdcache.residual_cache import quantize_rows
+from svdcache_kernels import quantize_rows
 from svdcache_kernels import ReconstructPlan, SumTerm, reconstruct, reconstruct_reference, reconstruct_sum
 from svdcache_kernels.ops.reconstruct_sum.reference import reconstruct_stacked
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kernel_testutils import TOL, assert_close, basis, gen, poison, randn
-from svdcache.residual_cache import quantize_rows, quantize_rows_into
+from svdcache_kernels import quantize_rows, quantize_rows_into
 from svdcache_kernels import ReconstructPlan, SplitPlan, reconstruct_reference, split_reference
 from svdcache_kernels.ops.reconstruct.reference import code_values
 
@@ -98,7 +98,7 @@ def test_quantize_rows_into_gives_the_same_codes(bits, M, D):
 def test_quantized_cache_update_stores_the_residual_of_its_state(order, bits):
     """Over several full steps (buffers reused), the stored codes are those of r = (F - F_prev) / h - D1 V^T."""
     from svdcache.config import SVDCacheConfig
-    from svdcache.residual_cache import QuantizedResidualCache
+    from svdcache.features import QuantizedResidualCache
 
     g = gen(order * 10 + bits)
     B, N, D, k = 2, 9, 24, 3

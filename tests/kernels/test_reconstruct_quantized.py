@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kernel_testutils import DTYPES, TOL, assert_close, basis, dname, gen, gpu_dot_path, poison, randn
-from svdcache.residual_cache import dequantize_rows, quantize_rows
+from svdcache_kernels import dequantize_codes as dequantize_rows, quantize_rows
 from svdcache_kernels import ReconstructPlan, reconstruct, reconstruct_reference
 from svdcache_kernels.ops._triton_common import config_override
 from svdcache_kernels.ops.reconstruct import kernel as rec_kernel

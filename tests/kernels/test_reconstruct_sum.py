@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kernel_testutils import DTYPES, TOL, assert_close, basis, dname, gen, poison, randn
-from svdcache.residual_cache import dequantize_rows, quantize_rows
+from svdcache_kernels import dequantize_codes as dequantize_rows, quantize_rows
 from svdcache_kernels import ReconstructSumPlan, SumTerm, reconstruct_sum, reconstruct_sum_reference
 from svdcache_kernels.ops.reconstruct_sum import reference as sum_ref
 from svdcache_kernels.ops.reconstruct_sum.reference import reconstruct_sum_compute

@@ -167,7 +167,7 @@ def test_runtime_cache_on_the_triton_backend_stores_the_same_codes(bits, dtype):
     come from the fused kernel (the split kernel forms no F - F_prev), on the torch backend from the
     reference path; both are a quantization of the same r and agree code for code but for ties."""
     from svdcache.config import SVDCacheConfig
-    from svdcache.residual_cache import QuantizedResidualCache
+    from svdcache.features import QuantizedResidualCache
     from svdcache_kernels.ops.residual_codes import kernel as rc_kernel
 
     g = gen(60 + bits)

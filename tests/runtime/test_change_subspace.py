@@ -3,7 +3,7 @@ import torch
 
 import svdcache
 from svdcache import SVDCacheConfig
-from svdcache.predictors import make_feature_cache
+from svdcache.features import make_feature_cache
 from flux_helpers import FluxLoop, run_pipe
 
 

@@ -10,8 +10,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import svdcache_kernels as K
 from svdcache.config import SVDCacheConfig
-from svdcache.predictors import make_feature_cache, newton_weights
-from svdcache.residual_cache import QuantizedResidualCache, dequantize_rows
+from svdcache.features import make_feature_cache, newton_weights
+from svdcache.features import QuantizedResidualCache
+from svdcache_kernels import dequantize_codes as dequantize_rows
 from svdcache_kernels.ops.reconstruct import kernel as rec_kernel
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}

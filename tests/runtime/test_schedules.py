@@ -9,7 +9,8 @@ import torch
 
 import svdcache
 from svdcache import SVDCacheConfig
-from svdcache.residual_cache import dequantize_rows, plan_for_budget, quantize_rows
+from svdcache.features import plan_for_budget
+from svdcache_kernels import dequantize_codes as dequantize_rows, quantize_rows
 from svdcache.schedule import Schedule, full_steps
 from svdcache.schedule_search import (calibrated_schedules, check_schedules, coherent_costs, search,
                                       segment_costs, trajectory_grams)
@@ -208,7 +209,7 @@ def test_quantize_round_trip_within_half_a_step(bits, D):
 
 @pytest.mark.parametrize("residual", ["int8", "int4"])
 def test_kept_residual_forecast_is_full_space_taylor_up_to_quantization(residual):
-    from svdcache.predictors import FullSpaceCache, make_feature_cache
+    from svdcache.features import FullSpaceCache, make_feature_cache
 
     D, k = 48, 5
     V = torch.linalg.qr(torch.randn(D, k))[0]

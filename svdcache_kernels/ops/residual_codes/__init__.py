@@ -1,4 +1,4 @@
-from .reference import quantize_rows_into, residual_codes_compute, residual_codes_reference, residual_difference
+from .reference import quantize_rows, quantize_rows_into, residual_codes_compute, residual_codes_reference, residual_difference
 
 
 def residual_codes(F, F_prev, D1, V, *, backend=None, **kwargs):
@@ -13,4 +13,4 @@ def residual_codes(F, F_prev, D1, V, *, backend=None, **kwargs):
 
 
 __all__ = ["residual_codes", "residual_codes_reference", "residual_codes_compute", "residual_difference",
-           "quantize_rows_into"]
+           "quantize_rows", "quantize_rows_into"]

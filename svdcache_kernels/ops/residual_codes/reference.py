@@ -31,6 +31,22 @@ def quantize_rows_into(r: torch.Tensor, bits: int, q: torch.Tensor, scale: torch
     q.copy_(pair.add_(136.0))
 
 
+def quantize_rows(r: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codes of :func:`quantize_rows_into` in new tensors, for any last dim: ``(q, scale)`` with ``q``
+    (..., D) int8 (8 bits) or (..., ceil(D/2)) uint8 (4 bits; an odd D padded with a zero channel) and
+    ``scale`` (..., 1) fp32; ``reconstruct`` reads them as ``dR_codes`` / ``dR_scales``."""
+    D = r.shape[-1]
+    rows = r.detach().reshape(-1, D).float()
+    if bits == 4 and D % 2:
+        rows = torch.nn.functional.pad(rows, (0, 1))  # a zero channel: no effect on the row's absmax
+    rows = rows.clone() if rows.data_ptr() == r.data_ptr() else rows  # quantize_rows_into clobbers its input
+    Dq = rows.shape[-1] if bits == 8 else rows.shape[-1] // 2
+    q = torch.empty((rows.shape[0], Dq), dtype=torch.int8 if bits == 8 else torch.uint8, device=r.device)
+    scale = torch.empty((rows.shape[0], 1), dtype=torch.float32, device=r.device)
+    quantize_rows_into(rows, bits, q, scale)
+    return q.view(*r.shape[:-1], Dq), scale.view(*r.shape[:-1], 1)
+
+
 def check_residual_codes_args(F, F_prev, D1, V, h, bits, codes, scales) -> None:
     check_activation("F", F)
     check_rows("F", F)

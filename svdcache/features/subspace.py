@@ -1,13 +1,10 @@
-"""Per-feature cache state: what a full step stores and how a cached step forecasts.
+"""Forecasts in the coefficient space of a fixed basis V (D, k) (``space="svd"``).
 
-SubspaceCache (space="svd") keeps the forecast in the coefficient space of a fixed basis V (D, k):
-the k-dim states C = F V, divided differences D1/D2 or EMA E, all fp32. With the residual reused it
-stores no residual at all: F_hat = P V^T + R with R = F - C V^T equals F_last + (P - C_last) V^T,
-so the last full-step feature itself (held by reference, not copied) is the anchor and the full
-step only projects (one read of F). The residual-Taylor policies keep R and dR explicitly.
-
-FullSpaceCache (space="full") is the baseline family in the same runtime: FORA (reuse) and
-TaylorSeer (Taylor on the whole feature), states in the activation dtype like TaylorSeer's.
+The k-dim states C = F V, divided differences D1/D2 or EMA E, all fp32. With the residual reused
+(the anchor form) no residual is stored at all: F_hat = P V^T + R with R = F - C V^T equals
+F_last + (P - C_last) V^T, so the last full-step feature itself (held by reference, not copied) is the
+anchor and the full step only projects (one read of F). The residual-Taylor policies (``residual=
+"taylor"/"damped"``) keep R and dR explicitly; EMA (the paper's eq. 11) keeps C and E.
 """
 from __future__ import annotations
 
@@ -18,68 +15,21 @@ import torch
 import svdcache_kernels as K
 from svdcache_kernels.plan import layout as plan_layout
 
-from .config import SVDCacheConfig
-
-
-def newton_weights(s: float, times: list[float], n_hist: int, order: int, gain: float) -> list[float]:
-    """Weights of (D1, D2) for a forecast at offset ``s`` past the last full step.
-
-    Newton form through the last full steps t2 > t1 > t0 (divided differences D1 = f[t1,t2],
-    D2 = f[t0,t1,t2]): f(t) ~ f(t2) + D1 (t - t2) + D2 (t - t2)(t - t1). Exact for polynomials of
-    the order used, whatever the spacing of the full steps.
-    """
-    w = []
-    if order >= 1 and n_hist >= 2:
-        w.append(gain * s)
-        if order >= 2 and n_hist >= 3:
-            w.append(gain * s * (s + (times[-1] - times[-2])))
-    return w
-
-
-class FeatureCache:
-    """Common bookkeeping: times of the full steps this feature was updated at."""
-
-    def __init__(self, name: str, cfg: SVDCacheConfig, gain: float | None = None):
-        self.name = name
-        self.cfg = cfg
-        self.gain = cfg.gain if gain is None else gain
-        self.times: list[float] = []
-        self.shape: tuple | None = None
-        self.device = None
-        self.feature_nbytes = 0  # one copy of the feature: the unit of cache memory
-        self.update_flops = self.forecast_flops = 0  # the cache's own FLOPs of the last update / forecast
-        self.plans: dict = {}  # prepared kernel calls by layout; the runtime shares one dict per feature
-        self.relative = False  # holds F - F_cond of the step (the unconditional branch, svdcache.guidance)
-
-    @property
-    def n(self) -> int:
-        return len(self.times)
-
-    def _steps(self, t: float) -> tuple[float, float]:
-        h1 = t - self.times[-1] if self.n >= 1 else 1.0
-        h2 = t - self.times[-2] if self.n >= 2 else 1.0
-        if self.n >= 1 and h1 == 0:
-            raise RuntimeError(f"feature {self.name!r} updated twice at the same time {t}")
-        return h1, h2
-
-    def _push_time(self, F: torch.Tensor, t: float) -> None:
-        self.times = (self.times + [t])[-3:]
-        self.feature_nbytes = F.numel() * F.element_size()
-
-    def nbytes(self) -> int:
-        raise NotImplementedError
-
-    def state_tensors(self) -> list:
-        """Derived states a forecast reads (checked for finiteness at full steps on a GPU)."""
-        return []
-
-
-def _nbytes(*ts) -> int:
-    return sum(t.numel() * t.element_size() for t in ts if t is not None)
+from .base import FeatureCache, nbytes_of, newton_weights
 
 
 class SubspaceCache(FeatureCache):
-    def __init__(self, name: str, cfg: SVDCacheConfig, V: torch.Tensor, gain: float | None = None):
+    needs_basis = True
+
+    @classmethod
+    def applies(cls, cfg, bits) -> bool:
+        return cfg.space == "svd"
+
+    @classmethod
+    def create(cls, name, cfg, V, gain, bits):
+        return cls(name, cfg, V, gain)
+
+    def __init__(self, name: str, cfg, V: torch.Tensor, gain: float | None = None):
         super().__init__(name, cfg, gain)
         self.V = V  # (D, k), activation dtype, on the model's device
         self.anchor_form = cfg.residual == "reuse"
@@ -118,7 +68,7 @@ class SubspaceCache(FeatureCache):
         if self.shape != tuple(F.shape) or self.device != F.device:
             self._alloc(F)
             self.times = []
-        h1, h2 = self._steps(t)
+        h1, h2 = self.steps_to(t)
         order = min(cfg.order, self.n) if cfg.predictor == "taylor" else 0
         proj = 2 * (F.numel() // F.shape[-1]) * F.shape[-1] * self.V.shape[1]  # one F V
         if self.keep_C:
@@ -140,8 +90,8 @@ class SubspaceCache(FeatureCache):
             self.R = F  # held, not copied: R + C V^T is F itself
         self._push_time(F, t)
         # what a reconstruct plan depends on besides x / gate / out: read once per full step
-        self._state_key = tuple(self._layout(u) for u in (self.V, self.R, self.C, self.D1, self.D2, self.E, self.dR))
-        self._lprev = (self.R, self._state_key[1])  # the anchor's layout: the next split's F_prev
+        self.state_key = tuple(self._layout(u) for u in (self.V, self.R, self.C, self.D1, self.D2, self.E, self.dR))
+        self._lprev = (self.R, self.state_key[1])  # the anchor's layout: the next split's F_prev
         return diff
 
     def _layout(self, u):
@@ -182,12 +132,12 @@ class SubspaceCache(FeatureCache):
         kw.pop("order", None)
         return plan(F, V, **kw)
 
-    def _reconstruct(self, terms, weights, dR, dr_scale, x, gate, out, dRq=None, foreign=()) -> torch.Tensor:
+    def reconstruct(self, terms, weights, dR, dr_scale, x, gate, out, dRq=None, foreign=()) -> torch.Tensor:
         """K.reconstruct through a plan: validated once per layout of x / gate / out and of the state.
         ``dRq``: ``(codes, scales, bits)`` of a quantized dR, read by the op itself (one launch on a GPU);
         the cache's own state, replaced only at a full step (which renews the state key). ``foreign``:
         the coefficient terms among ``terms`` that are not this cache's state (their layouts join the key)."""
-        sk = getattr(self, "_state_key", None)
+        sk = getattr(self, "state_key", None)
         if foreign:
             sk = (sk, tuple(plan_layout(u) for u in foreign))
         fast = getattr(self, "_rfast", None)
@@ -252,10 +202,10 @@ class SubspaceCache(FeatureCache):
         self.forecast_flops = self.reconstruct_flops() if terms else 0
         if not terms and dR is None and x is None:
             return self.R
-        return self._reconstruct(terms, weights, dR, dr_scale, x, gate, out)
+        return self.reconstruct(terms, weights, dR, dr_scale, x, gate, out)
 
     def nbytes(self) -> int:
-        return _nbytes(self.C, self.D1, self.D2, self.E, self.R, self.dR if not self.anchor_form else None)
+        return nbytes_of(self.C, self.D1, self.D2, self.E, self.R, self.dR if not self.anchor_form else None)
 
     def state_tensors(self) -> list:
         """The k-dim states (and an explicit dR) a forecast reads besides the anchor: a non-finite
@@ -264,72 +214,3 @@ class SubspaceCache(FeatureCache):
             return [u for u in (self.C, self.E) if u is not None and self.n >= 1]
         return [u for u in (self.C, self.D1, self.D2 if self.n >= 3 else None, self.E,
                             None if self.anchor_form else self.dR) if u is not None]
-
-
-class FullSpaceCache(FeatureCache):
-    """FORA / TaylorSeer on the whole feature; states in the activation dtype (TaylorSeer's memory)."""
-
-    def __init__(self, name: str, cfg: SVDCacheConfig, gain: float | None = None):
-        super().__init__(name, cfg, gain)
-        self.F = self.D1 = self.D2 = self.E = None
-
-    def update(self, F: torch.Tensor, t: float) -> None:
-        cfg = self.cfg
-        if self.shape != tuple(F.shape) or (self.F is not None and self.F.device != F.device):
-            self.F = self.D1 = self.D2 = self.E = None
-            self.times = []
-            self.shape = tuple(F.shape)
-        h1, h2 = self._steps(t)
-        with torch.no_grad():
-            if cfg.predictor == "taylor" and self.n >= 1:
-                d1 = (F.float() - self.F.float()) / h1
-                if cfg.order >= 2 and self.n >= 2:
-                    self.D2 = ((d1 - self.D1.float()) / h2).to(F.dtype)
-                self.D1 = d1.to(F.dtype)
-            elif cfg.predictor == "ema":
-                self.E = F.clone() if self.n == 0 else torch.lerp(self.E, F, 1.0 - cfg.beta)
-        self.F = F  # held, not copied
-        self._push_time(F, t)
-
-    def forecast(self, t, *, x=None, gate=None, out=None) -> torch.Tensor:
-        cfg = self.cfg
-        s = t - self.times[-1]
-        with torch.no_grad():
-            if cfg.predictor == "ema":
-                fh = self.E
-            else:
-                fh = self.F
-                if cfg.predictor == "taylor":
-                    w = newton_weights(s, self.times, self.n, cfg.order, self.gain)
-                    for wi, d in zip(w, (self.D1, self.D2)):
-                        fh = fh + wi * d
-            if x is None:
-                return fh
-            if gate is None:
-                res = x + fh
-            else:
-                g = gate.unsqueeze(-2) if gate.dim() == x.dim() - 1 else gate  # (..., D) -> (..., 1, D)
-                res = x + g * fh
-            if out is not None:
-                out.copy_(res)
-                return out
-            return res
-
-    def nbytes(self) -> int:
-        return _nbytes(self.F, self.D1, self.D2, self.E)
-
-    def state_tensors(self) -> list:
-        return [u for u in (self.D1, self.D2, self.E) if u is not None]
-
-
-def make_feature_cache(name: str, cfg: SVDCacheConfig, V: torch.Tensor | None, gain: float | None = None,
-                       bits: int | None = None) -> FeatureCache:
-    if cfg.space == "full":
-        return FullSpaceCache(name, cfg, gain)
-    if V is None:
-        raise ValueError(f"feature {name!r} has no basis")
-    if cfg.residual in ("int8", "int4") or bits is not None:
-        from .residual_cache import QuantizedResidualCache
-
-        return QuantizedResidualCache(name, cfg, V, gain, bits)
-    return SubspaceCache(name, cfg, V, gain)

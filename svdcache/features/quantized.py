@@ -1,4 +1,4 @@
-"""Keep the change that leaves the subspace: the residual's first difference, stored as int8.
+"""``residual="int8"/"int4"``: keep the change that leaves the subspace, its first difference in 8 / 4 bits.
 
 With the residual reused (the default anchor form), the part of each interval's change outside the
 rank-k subspace is dropped: F_hat = F_last + s * D1 V^T. This cache also keeps that part,
@@ -19,39 +19,24 @@ from __future__ import annotations
 
 import torch
 
-from svdcache_kernels import resolve_backend, residual_codes
-from svdcache_kernels.ops.reconstruct.reference import dequantize_codes
-from svdcache_kernels.ops.residual_codes import (  # noqa: F401 - quantize_rows_into: also used by batched_update
-    quantize_rows_into, residual_codes_compute, residual_difference,
-)
+from svdcache_kernels import quantize_rows, resolve_backend, residual_codes
+from svdcache_kernels.ops.residual_codes import residual_codes_compute, residual_difference
 
-from .predictors import SubspaceCache, _nbytes, newton_weights
-
-
-def quantize_rows(r: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row quantization of the last dim: (q, scale fp32 (..., 1)), q * scale ~ r.
-    8 bits: q int8 in [-127, 127]; 4 bits: two values in [-7, 7] packed per uint8 (last dim halved,
-    padded to even)."""
-    L = 127.0 if bits == 8 else 7.0
-    scale = r.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-30) / L
-    q = torch.round(r.float() / scale).clamp_(-L, L).to(torch.int8)
-    if bits == 8:
-        return q, scale
-    if q.shape[-1] % 2:
-        q = torch.nn.functional.pad(q, (0, 1))
-    u = (q + 8).to(torch.uint8)
-    return u[..., 0::2] | (u[..., 1::2] << 4), scale
-
-
-def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, D: int, bits: int = 8) -> torch.Tensor:
-    """fp32 values of :func:`quantize_rows`' output, last dim ``D`` (the kernels' reference decoding). A
-    cached step does not call this: ``reconstruct`` reads the codes and scales itself."""
-    return dequantize_codes(q, scale, D, bits)
+from .base import nbytes_of, newton_weights
+from .subspace import SubspaceCache
 
 
 class QuantizedResidualCache(SubspaceCache):
     """Anchor-form Taylor in the subspace plus the quantized residual difference (``residual="int8"`` or
     ``"int4"``; ``bits`` may be set per feature by a memory budget)."""
+
+    @classmethod
+    def applies(cls, cfg, bits) -> bool:
+        return cfg.space == "svd" and (cfg.residual in ("int8", "int4") or bits is not None)
+
+    @classmethod
+    def create(cls, name, cfg, V, gain, bits):
+        return cls(name, cfg, V, gain, bits)
 
     def __init__(self, name, cfg, V, gain=None, bits: int | None = None):
         super().__init__(name, cfg, V, gain)
@@ -90,7 +75,7 @@ class QuantizedResidualCache(SubspaceCache):
                 residual_codes_compute(F, F_prev, self.D1, self.V, h, self.bits, rq, rs, diff=diff)
             self.rq, self.rs = rq, rs
             # the codes' layouts join the state key (a plan that reads them is keyed by it)
-            self._state_key = (*self._state_key, self._layout(self.rq), self._layout(self.rs))
+            self.state_key = (*self.state_key, self._layout(self.rq), self._layout(self.rs))
         self.update_flops += 2 * (F.numel() // D) * D * self.V.shape[1]
 
     def forecast_terms(self, t):
@@ -107,10 +92,10 @@ class QuantizedResidualCache(SubspaceCache):
         self.forecast_flops = self.reconstruct_flops()
         # the codes and scales go to the op as they are: it dequantizes them itself (one kernel launch
         # per feature on a GPU, no full-size fp dR); the plan is checked once per layout
-        return self._reconstruct(terms, w, None, dr_scale, x, gate, out, dRq=dRq)
+        return self.reconstruct(terms, w, None, dr_scale, x, gate, out, dRq=dRq)
 
     def nbytes(self) -> int:
-        return super().nbytes() + _nbytes(self.rq, self.rs)
+        return super().nbytes() + nbytes_of(self.rq, self.rs)
 
     def state_tensors(self) -> list:
         # a non-finite residual difference shows in its per-row scales (the int codes are always finite)
