@@ -152,12 +152,11 @@ def render(recs: list[dict], logs: dict | None = None) -> str:
     L += _env(by["env"]) + _precompile(by["precompile"]) + _parity(by["parity"]) + _kernels(by["kernels"])
     L += _e2e(by["e2e"], tiny=bool(run.get("tiny")))
     bad = [s for s in STAGES for r in by[s] if r.get("type") == "end" and r["status"] in ("failed", "timed out", "interrupted")]
-    if bad and logs:
+    tails = [(s, logs[s]) for s in bad if logs and logs.get(s)]
+    if tails:
         L += ["", "## Log tails of the stages that did not pass", ""]
-        for s in bad:
-            tail = logs.get(s)
-            if tail:
-                L += [f"`{s}`:", "", "```", *tail, "```", ""]
+        for s, tail in tails:
+            L += [f"`{s}`:", "", "```", *tail, "```", ""]
     return "\n".join(L).rstrip() + "\n"
 
 
@@ -293,6 +292,10 @@ def _e2e(recs, tiny: bool):
             notes.append(f"{r['compiles_warmup']} compiled in the warm-up")
         if r.get("rel_err") is not None:
             notes.append(f"latent rel. err {g(r['rel_err'], 2)}")
+        if r.get("cache_mib") is not None:
+            notes.append(f"cache {g(r['cache_mib'])} MiB")
+        if r.get("peak_gib") is not None:
+            notes.append(f"peak {f(r['peak_gib'], 2)} GiB")
         if r.get("online_basis_s"):
             notes.append(f"online basis {f(r['online_basis_s'], 2)} s")
         if r.get("finite") is False:

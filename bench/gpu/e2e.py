@@ -276,6 +276,9 @@ def _row(ctx: Ctx, model, inp: Inputs, enable_kw: dict | None, repeats: int, cac
 
     out = {}
     c0 = compiled_kernels(cache)
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     cached_run = enable_kw is not None
     if cached_run:
@@ -292,6 +295,8 @@ def _row(ctx: Ctx, model, inp: Inputs, enable_kw: dict | None, repeats: int, cac
     finally:
         if cached_run:
             svdcache.disable(model)
+    if ctx.device.type == "cuda":
+        out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30  # weights included
     last = gens[-1]
     modes = last["modes"]
     lat = [sum(g["call_s"]) for g in gens]

@@ -15,6 +15,15 @@ from svdcache_kernels import SplitPlan, split, split_reference
 from ..common import BITS, ULP, Case, Ctx, check, maxabs, tol32
 
 
+# Launch configs (BLOCK_M, BLOCK_D, num_warps, num_stages) worth sweeping when the split / reconstruct
+# heuristics are retuned on a GPU (the old bench/gpu_kernels.py swept them; the check does not: each is
+# a compile). Set one through SVDCACHE_SPLIT_CONFIG / SVDCACHE_RECONSTRUCT_CONFIG="BLOCK_M=..,...".
+SWEEP_SPLIT = [
+    (16, 128, 4, 3), (32, 64, 4, 3), (32, 128, 4, 3), (64, 32, 4, 4), (64, 64, 4, 3), (64, 64, 8, 3),
+    (64, 128, 8, 3), (64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 8, 3),
+]
+
+
 def split_emulated(F, V, *, dot_dtype, C=None, D1=None, D2=None, R=None, order=0, h1=1.0, h2=1.0, F_prev=None):
     """The reference's math on the operands the 16-bit dot rounds (V, F - F_prev and C to ``dot_dtype``);
     ``dot_dtype`` None: plain fp32."""
