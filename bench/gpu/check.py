@@ -18,7 +18,8 @@ whole process group) when it runs past it:
   e2e         FLUX.1-dev width (few blocks), random weights: uncached, the default, the default with
               cuda_graphs, TaylorSeer o1; each call's mode read from svdcache.stats (bench/gpu/e2e.py)
 
-Each stage gets a share of what is left of the budget (what an early stage does not use goes to the
+Statuses: ok, partial (what ran passed; items left out for lack of time), failed, timed out (killed at
+its limit), skipped, interrupted (the driver got SIGTERM / SIGINT). Each stage gets a share of what is left of the budget (what an early stage does not use goes to the
 later ones) and checks the time left between items; every stage appends JSON lines to
 DIR/gpu_check_<card>.jsonl as it goes. The table (stage | status | seconds | numbers, then the
 stages' detail tables) is rendered from that file at the end, and also when this process gets
@@ -149,6 +150,9 @@ def render(recs: list[dict], logs: dict | None = None) -> str:
             n = sum(r.get("type") == "row" for r in by[s])
             nums += f"{'; ' if nums else ''}no summary: {n} rows written before it ended (below)"
         L.append(f"| {s} | {status} | {secs} | {cell(nums)} |")
+    L += ["", "Status: ok (ran and passed); partial (what it ran passed, items were left out for lack of time); "
+          "failed; timed out (killed at its limit); skipped (not run); interrupted (the driver was stopped). "
+          "Detail tables follow, from the stages' JSON lines."]
     L += _env(by["env"]) + _precompile(by["precompile"]) + _parity(by["parity"]) + _kernels(by["kernels"])
     L += _e2e(by["e2e"], tiny=bool(run.get("tiny")))
     bad = [s for s in STAGES for r in by[s] if r.get("type") == "end" and r["status"] in ("failed", "timed out", "interrupted")]
@@ -425,6 +429,8 @@ class Driver:
         summ = next((r for r in read_jsonl(self.jsonl) if r.get("stage") == stage and r.get("type") == "summary"), None)
         if timed_out:
             status, reason = "timed out", f"killed at its {limit:.0f} s limit"
+        elif rc == 0 and summ and summ.get("ok") and summ.get("partial"):
+            status, reason = "partial", "items left out for lack of time"
         elif rc == 0 and summ and summ.get("ok"):
             status, reason = "ok", None
         else:

@@ -7,6 +7,7 @@ Uses the public API of svdcache_kernels only.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,6 +22,26 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 BITS = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}  # significant bits
 ULP = {dt: 2.0 ** (1 - b) for dt, b in BITS.items()}  # ulp(x) <= ULP * |x|
+
+_FORCED_DOT16 = False
+
+
+@contextlib.contextmanager
+def forced_dot16():
+    """Tiny mode: run the kernels' 16-bit tensor-core dot code path under the interpreter (with fp16: the
+    interpreter's fp16 dot is right, its bf16 one is not), so that the emulated references the GPU's
+    parity relies on are checked on the CPU too. The one use of a non-public name in bench/gpu:
+    svdcache_kernels' FORCE_DOT_FP32 switch (a test hook of the kernels package)."""
+    global _FORCED_DOT16
+    from svdcache_kernels.ops import _triton_common as tc
+
+    old = tc.FORCE_DOT_FP32
+    tc.FORCE_DOT_FP32, _FORCED_DOT16 = False, True
+    try:
+        yield
+    finally:
+        tc.FORCE_DOT_FP32, _FORCED_DOT16 = old, False
+
 
 # Spec HBM bandwidth (bytes/s) by device-name substring, first match wins (checked in this order).
 PEAK_BW = (
@@ -158,6 +179,8 @@ class Ctx:
         without the interpreter, for bf16/fp16 (svdcache_kernels' dot_fp32 rule, restated here: the
         bench uses the package's public API only)."""
         dtype = dtype or self.dtype
+        if _FORCED_DOT16:
+            return dtype != torch.float32
         interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
         return self.device.type == "cuda" and not interp and dtype != torch.float32
 
@@ -379,8 +402,8 @@ def device_name(ctx: Ctx) -> str:
 def run_timing(ctx: Ctx, cases: list, timer: Timer, need_s: float, peak_bw: float | None, copy_bw: float | None) -> int:
     """Time each case through its plan (and its eager reference); emit one row per case with GB/s
     from the minimal bytes, the fraction of the spec peak and of the copy bandwidth, TFLOP/s and the
-    ratio to the ideal traffic at copy bandwidth. Budget-checked before each case. Returns rows."""
-    n = 0
+    ratio to the ideal traffic at copy bandwidth. Budget-checked before each case. Returns (rows, errors)."""
+    n = errors = 0
     for c in cases:
         if not c.timing or c.plan is None:
             continue
@@ -398,6 +421,7 @@ def run_timing(ctx: Ctx, cases: list, timer: Timer, need_s: float, peak_bw: floa
             del s, call
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {e}"
+            errors += 1
             ctx.sink.log(f"TIMING ERROR {c.label}: {row['error']}")
         ms = row.get("ms")
         if ms:
@@ -415,7 +439,7 @@ def run_timing(ctx: Ctx, cases: list, timer: Timer, need_s: float, peak_bw: floa
         n += 1
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()
-    return n
+    return n, errors
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -259,8 +259,8 @@ def stage_precompile(args, params):
                + (" (interpreter: nothing compiled)" if interp else
                   f", {compiled if compiled is not None else '?'} kernels compiled")
                + (f"; e2e ranks probed: extra rank classes {extra_ks}" if extra_ks else ""))
-    ok = failed == 0 and not ctx.skipped
-    sink.emit("summary", ok=ok, numbers=numbers, compiled=compiled, variants=len(specs), run=done, failed=failed,
+    ok = failed == 0 and done > 0
+    sink.emit("summary", ok=ok, partial=bool(ctx.skipped), numbers=numbers, compiled=compiled, variants=len(specs), run=done, failed=failed,
               skipped=ctx.skipped)
     return ok
 
@@ -274,19 +274,34 @@ def stage_parity(args, params):
     before = compiled_kernels(cache)
     need = 2.0 if ctx.tiny else 8.0  # one case: build, kernel (a compile if precompile missed it), reference
     n_ok = n = 0
-    for name, m in op_modules().items():
+    mods = op_modules()
+    for name, m in mods.items():
         a, b = m.parity(ctx, need)
         n_ok += a
         n += b
+    forced = ""
+    if ctx.tiny:  # the 16-bit dot path and its emulated references, under the interpreter with fp16
+        import torch
+
+        from bench.gpu.common import forced_dot16
+
+        ctx.dtype = torch.float16
+        with forced_dot16():
+            for name, m in mods.items():
+                a, b = m.parity(ctx, need)
+                n_ok += a
+                n += b
+        ctx.dtype = torch.bfloat16
+        forced = "; and float16 through the 16-bit dot path (forced) against the emulated references"
     late = None if before is None else compiled_kernels(cache) - before
     ctx.sink.log(f"parity: {n_ok}/{n} pass")
     numbers = (f"{n_ok}/{n} checks pass ({str(ctx.dtype).replace('torch.', '')}, rows {ctx.shapes.N} / "
                f"{ctx.shapes.J}, D {ctx.shapes.D}, k {','.join(map(str, ctx.ks))}"
-               f"{', interpreter: fp32 dot' if ctx.tiny else ''})"
+               f"{', interpreter: fp32 dot' if ctx.tiny else ''}{forced})"
                + (f"; {len(ctx.skipped)} cases skipped (budget)" if ctx.skipped else "")
                + (f"; {late} kernels compiled here (missed by precompile)" if late else ""))
-    ok = n_ok == n and n > 0 and not ctx.skipped
-    ctx.sink.emit("summary", ok=ok, numbers=numbers, passed=n_ok, checked=n, skipped=ctx.skipped, late_compiles=late)
+    ok = n_ok == n and n > 0
+    ctx.sink.emit("summary", ok=ok, partial=bool(ctx.skipped), numbers=numbers, passed=n_ok, checked=n, skipped=ctx.skipped, late_compiles=late)
     return ok
 
 
@@ -303,10 +318,12 @@ def stage_kernels(args, params):
     copy_bw = copy_bandwidth(ctx, timer)
     ctx.sink.row(kind="yardstick", device=name, copy_gbs=copy_bw / 1e9, peak_gbs=peak / 1e9 if peak else None)
     need = 2.0 if ctx.tiny else 6.0
-    n = 0
+    n = errors = 0
     mods = op_modules()
     for m in mods.values():
-        n += m.timing(ctx, timer, need, peak, copy_bw)
+        a, b = m.timing(ctx, timer, need, peak, copy_bw)
+        n += a
+        errors += b
     if ctx.enough(need, "host cost per call"):
         for r in mods["reconstruct"].host_cost(ctx):
             ctx.sink.row(kind="host", **r)
@@ -314,10 +331,11 @@ def stage_kernels(args, params):
     numbers = (f"{n} timings through the runtime's plans; copy {copy_bw / 1e9:.0f} GB/s"
                + (f", spec peak {peak / 1e9:.0f} GB/s" if peak else (", spec peak unknown" if not ctx.tiny else ""))
                + (" (CPU interpreter: times are not kernel speeds)" if ctx.tiny else "")
+               + (f"; {errors} raised" if errors else "")
                + (f"; {len(ctx.skipped)} skipped (budget)" if ctx.skipped else "")
                + (f"; {late} kernels compiled here (missed by precompile)" if late else ""))
-    ok = n > 0 and not ctx.skipped
-    ctx.sink.emit("summary", ok=ok, numbers=numbers, timings=n, skipped=ctx.skipped, late_compiles=late)
+    ok = n > 0 and not errors
+    ctx.sink.emit("summary", ok=ok, partial=bool(ctx.skipped), numbers=numbers, timings=n, skipped=ctx.skipped, late_compiles=late)
     return ok
 
 

@@ -64,6 +64,8 @@ def test_tiny_run_every_stage_reports(tmp_path):
     assert {r["op"] for r in par} == {"split", "reconstruct", "reconstruct_sum", "reconstruct_stacked",
                                       "residual_codes", "gram_update"}
     assert all(r["ok"] for r in par) and summ["parity"]["checked"] == len(par)
+    # the 16-bit tensor-core dot path (forced under the interpreter, fp16) matches its emulated reference
+    assert any(r["dtype"] == "float16" and r["against"] == "emulated" for r in par)
 
     # kernels: a time for every op through its plan, GB/s from the bytes moved
     ker = [r for r in recs if r.get("stage") == "kernels" and r.get("type") == "row" and "op" in r]
