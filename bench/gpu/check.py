@@ -19,12 +19,14 @@ whole process group) when it runs past it:
               cuda_graphs, TaylorSeer o1; each call's mode read from svdcache.stats (bench/gpu/e2e.py)
 
 Statuses: ok, partial (what ran passed; items left out for lack of time), failed, timed out (killed at
-its limit), skipped, interrupted (the driver got SIGTERM / SIGINT). Each stage gets a share of what is left of the budget (what an early stage does not use goes to the
-later ones) and checks the time left between items; every stage appends JSON lines to
-DIR/gpu_check_<card>.jsonl as it goes. The table (stage | status | seconds | numbers, then the
-stages' detail tables) is rendered from that file at the end, and also when this process gets
-SIGTERM or SIGINT or exits early: DIR/gpu_check_<card>.md, printed too. The whole run, table
-included, ends within the budget. Exit status 0 if every stage run passed.
+its limit), skipped, interrupted (the driver got SIGTERM / SIGINT). Each stage gets a share of what is
+left of the budget (what an early stage does not use goes to the later ones) and checks the time
+left between items; every stage appends JSON lines to DIR/gpu_check_<card>.jsonl as it goes. The
+table (stage | status | seconds | numbers, then the stages' detail tables) is rendered from that file
+at the end, and also when this process gets SIGTERM or SIGINT or exits early:
+DIR/gpu_check_<card>.md, printed too (``--render JSONL`` redraws it from the JSON lines alone, e.g.
+after a SIGKILL of this process). The whole run, table included, ends within the budget. Exit status
+0 if every stage run passed (128 + the signal's number if one stopped it).
 
 This process imports no torch: rendering the table takes milliseconds.
 """
@@ -129,7 +131,8 @@ def render(recs: list[dict], logs: dict | None = None) -> str:
     L = [f"# SVD-Cache GPU check: {run.get('card', '?')}", ""]
     fin = next((r for r in reversed(recs) if r.get("type") == "final"), None)
     total = fin["seconds"] if fin else None
-    L.append(f"{run.get('date', '?')}; `{run.get('command', 'bench/gpu/check.py')}`; budget {f(run.get('budget'), 0)} s, "
+    L.append(f"{run.get('date', '?')}; `{run.get('command', 'bench/gpu/check.py')}`; "
+             f"budget {f(run.get('budget'), 0)} s, "
              f"run {f(total, 1)} s{'; ' + fin['note'] if fin and fin.get('note') else ''}.")
     if run.get("tiny"):
         L += ["", "**Tiny run: CPU, Triton interpreter, small shapes, a hidden-64 FLUX: it shows that every stage "
@@ -148,14 +151,15 @@ def render(recs: list[dict], logs: dict | None = None) -> str:
             nums = f"{reason}" + (f"; {nums}" if nums else "")
         if not summ and end and end["status"] not in ("skipped",):
             n = sum(r.get("type") == "row" for r in by[s])
-            nums += f"{'; ' if nums else ''}no summary: {n} rows written before it ended (below)"
+            nums += f"{'; ' if nums else ''}no summary: {n} row{'' if n == 1 else 's'} written before it ended"
         L.append(f"| {s} | {status} | {secs} | {cell(nums)} |")
     L += ["", "Status: ok (ran and passed); partial (what it ran passed, items were left out for lack of time); "
           "failed; timed out (killed at its limit); skipped (not run); interrupted (the driver was stopped). "
           "Detail tables follow, from the stages' JSON lines."]
     L += _env(by["env"]) + _precompile(by["precompile"]) + _parity(by["parity"]) + _kernels(by["kernels"])
     L += _e2e(by["e2e"], tiny=bool(run.get("tiny")))
-    bad = [s for s in STAGES for r in by[s] if r.get("type") == "end" and r["status"] in ("failed", "timed out", "interrupted")]
+    bad = [s for s in STAGES for r in by[s]
+           if r.get("type") == "end" and r["status"] in ("failed", "timed out", "interrupted")]
     tails = [(s, logs[s]) for s in bad if logs and logs.get(s)]
     if tails:
         L += ["", "## Log tails of the stages that did not pass", ""]
@@ -173,7 +177,8 @@ def _env(recs):
     if not rows:
         return []
     r = rows[0]
-    keys = ("device", "capability", "memory_gib", "sms", "python", "torch", "triton", "diffusers", "numpy", "cuda",
+    keys = ("device", "capability", "memory_gib", "sms", "python", "torch", "triton", "diffusers", "diffusers_path",
+            "numpy", "cuda",
             "TRITON_INTERPRET", "triton_cache", "cpus")
     return ["", "## env", "", "; ".join(f"{k} {r[k]}" for k in keys if k in r) + "."]
 
@@ -186,12 +191,14 @@ def _precompile(recs):
     plan = next((r for r in _rows(recs) if r.get("kind") == "plan"), None)
     if plan:
         L.append(f"{plan['variants']} variants queued first on {plan['workers']} workers (Triton cache: "
-                 f"{plan['triton_cache']}), more after the rank probe; {len(rows)} finished: the op cases at the parity / timing shapes, and the runtime's launches "
+                 f"{plan['triton_cache']}), more after the rank probe; {len(rows)} finished: the op cases at the "
+                 f"parity / timing shapes, and the runtime's launches "
                  f"(split orders 1 and 2, reconstruct with 0-2 terms and int4 codes, residual_codes int4) at the e2e "
                  f"streams' rows for ranks of each kernel specialisation.")
     probe = next((r for r in rows if r.get("kind") == "probe"), None)
     if probe:
-        L.append(f"e2e rank probe: {'ranks ' + str(probe.get('ks')) if probe.get('ok') else 'failed: ' + str(probe.get('error'))} "
+        res = f"ranks {probe.get('ks')}" if probe.get("ok") else f"failed: {probe.get('error')}"
+        L.append(f"e2e rank probe: {res} "
                  f"({f(probe.get('s'), 1)} s).")
     slow = sorted((r for r in rows if r.get("ok")), key=lambda r: -(r.get("s") or 0))[:3]
     if slow:
@@ -212,11 +219,13 @@ def _parity(recs):
          "(against the reference on the operands the tensor-core dot rounds to 16 bits, on a GPU), fp32 outputs "
          "summation-order bounds; against the exact reference on a GPU a gross-error bound (32 unit roundoffs); "
          "residual codes: scales 1e-5 relative, at most 1e-3 of the codes off by one.", "",
-         "| op | case | k | dtype | output | vs | max err | tol | err/tol | |", "|---|---|---|---|---|---|---|---|---|---|"]
+         "| op | case | k | dtype | output | vs | max err | tol | err/tol | |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mark = "ok" if r.get("ok") else "**FAIL**" + (f" {r['error']}" if r.get("error") else "")
         L.append(f"| {r['op']} | {cell(r.get('case'))} | {r.get('k')} | {r.get('dtype')} | {cell(r.get('out'))} | "
-                 f"{r.get('against')} | {g(r.get('err'))} | {g(r.get('tol'))} | {f(r.get('ratio'), 2)} | {cell(mark)} |")
+                 f"{r.get('against')} | {g(r.get('err'))} | {g(r.get('tol'))} | {f(r.get('ratio'), 2)} | "
+                 f"{cell(mark)} |")
     return L
 
 
@@ -241,7 +250,8 @@ def _kernels(recs):
         ms = f(r.get("ms"), 4) if r.get("ms") else ("ERROR " + r.get("error", "") if r.get("error") else "-")
         L.append(f"| {r['op']} | {cell(r.get('case'))} | {r.get('k')} | {cell(ms)} | {g(r.get('gbs'))} | "
                  f"{f(r.get('pct_peak'), 0)} | {f(r.get('pct_copy'), 0)} | {g(r.get('tflops'))} | "
-                 f"{f(r.get('eager_ms'), 4)} | {f(r.get('x_eager'), 2)} | {f(r.get('ideal_ms'), 4)} | {f(r.get('x_ideal'), 2)} |")
+                 f"{f(r.get('eager_ms'), 4)} | {f(r.get('x_eager'), 2)} | {f(r.get('ideal_ms'), 4)} | "
+                 f"{f(r.get('x_ideal'), 2)} |")
     notes = sorted({r["note"] for r in ops if r.get("note")})
     L += [f"- {n}" for n in notes]
     if host:
@@ -268,7 +278,8 @@ def _e2e(recs, tiny: bool):
              "counting, compiles); wall adds the Euler update and the counter reads. FLOPs ratio: "
              "`stats(model).last_generation.flops_ratio`. Efficiency = speed-up / FLOPs ratio"
              + ("." if tiny else " (target >= 0.95 at N = 4..8)."))
-    L += ["", "| row | N | status | calls full + cached (runtime) | modes | full call ms | cached call ms | latency ms | "
+    L += ["", "| row | N | status | calls full + cached (runtime) | modes | full call ms | cached call ms | "
+          "latency ms | "
           "speed-up | FLOPs ratio | efficiency | wall ms | ranks | notes |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in out:
@@ -278,7 +289,8 @@ def _e2e(recs, tiny: bool):
             continue
         eff = r.get("efficiency")
         mark = ""
-        if not tiny and r["method"] != "uncached" and isinstance(r.get("N"), int) and 4 <= r["N"] <= 8 and eff is not None:
+        in_range = isinstance(r.get("N"), int) and 4 <= r["N"] <= 8
+        if not tiny and r["method"] != "uncached" and in_range and eff is not None:
             mark = " met" if eff >= 0.95 else " **miss**"
         counts = f"{r.get('n_full')} + {r.get('n_cached')}"
         if r.get("stats_full") is not None:
@@ -482,11 +494,12 @@ class Driver:
             stage, proc, start, limit = self.current
             self.kill(proc)
             self.current = None
-            self.end(stage, "interrupted", time.monotonic() - start, reason=note or "the driver was stopped", rc=proc.returncode,
-                     limit=limit)
+            self.end(stage, "interrupted", time.monotonic() - start, reason=note or "the driver was stopped",
+                     rc=proc.returncode, limit=limit)
         for s in STAGES:
             if s not in self.results:
-                self.end(s, "skipped", 0.0, reason=note or "not reached")
+                self.end(s, "skipped", 0.0, reason="not selected (--only)" if s not in self.stages else
+                         (note or "not reached"))
         self.write(type="final", seconds=round(self.elapsed(), 2), note=note)
         logs = {}
         for s in STAGES:

@@ -121,7 +121,8 @@ def generate(ctx: Ctx, model, inp: Inputs, read_modes: bool) -> dict:
         svdcache.reset(model)
     cuda = ctx.device.type == "cuda"
     steps = len(inp.sigmas) - 1
-    evs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)] if cuda else []
+    evs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+           for _ in range(steps)] if cuda else []
     host, modes = [], []
     x = inp.latents.clone()
     with torch.no_grad():
@@ -170,6 +171,10 @@ def probe_ranks(ctx: Ctx) -> list[int]:
         svdcache.disable(model)
 
 
+def _letters(modes) -> str:
+    return "".join("F" if m == "full" else "c" if m == "cached" else "?" for m in modes)
+
+
 def _median(xs):
     return statistics.median(xs) if xs else None
 
@@ -187,7 +192,8 @@ def run(ctx: Ctx) -> bool:
     params = sum(p.numel() for p in model.parameters())
     hidden = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     model_note = (f"FluxTransformer2DModel {cfg['num_layers']} double + {cfg['num_single_layers']} single blocks "
-                  f"(FLUX.1-dev: 19 + 38), hidden {hidden} = {cfg['num_attention_heads']} x {cfg['attention_head_dim']}, "
+                  f"(FLUX.1-dev: 19 + 38), hidden {hidden} = {cfg['num_attention_heads']} x "
+                  f"{cfg['attention_head_dim']}, "
                   f"{params / 1e6:.1f} M random {str(s['dtype']).replace('torch.', '')} parameters; "
                   f"{inp.n} image + {s['text']} text tokens, batch 1, {s['steps']} steps")
     sink.row(kind="model", note=model_note, params=params, build_s=round(time.monotonic() - t, 2), steps=s["steps"],
@@ -225,7 +231,8 @@ def run(ctx: Ctx) -> bool:
             extra = 0.0 if ctx.tiny else 5.0  # enable, online basis, a late compile
             repeats = max(1, min(s["repeats"], int((share - extra) / est_gen) - 1))
             if left < 2 * est_gen + extra:
-                row.update(status="skipped", reason=f"budget: {left:.0f} s left, about {2 * est_gen + extra:.0f} s needed")
+                row.update(status="skipped",
+                           reason=f"budget: {left:.0f} s left, about {2 * est_gen + extra:.0f} s needed")
                 sink.row(**row)
                 results.append(row)
                 continue
@@ -254,7 +261,8 @@ def run(ctx: Ctx) -> bool:
             ok = False
         sink.row(**row)
         sink.log(f"{method} N={N}: {row.get('status')} {row.get('reason', '')} latency {row.get('latency_s')} "
-                 f"speedup {row.get('speedup')} flops {row.get('flops_ratio')} modes {row.get('n_full')}+{row.get('n_cached')}")
+                 f"speedup {row.get('speedup')} flops {row.get('flops_ratio')} "
+                 f"modes {row.get('n_full')}+{row.get('n_cached')}")
         results.append(row)
     ran = [r for r in results if r["status"] == "ok" and r["method"] != "uncached"]
     skipped_budget = [r for r in results if r["status"] == "skipped" and str(r.get("reason", "")).startswith("budget")]
@@ -305,8 +313,7 @@ def _row(ctx: Ctx, model, inp: Inputs, enable_kw: dict | None, repeats: int, cac
     out.update(repeats=len(gens), latency_s=_median(lat), latency_all=[round(x, 5) for x in lat],
                wall_s=_median([g["wall"] for g in gens]), full_ms=_median(full) and _median(full) * 1e3,
                cached_ms=_median(cached) and _median(cached) * 1e3, n_full=modes.count("full"),
-               n_cached=modes.count("cached"), modes="".join("F" if m == "full" else "c" if m == "cached" else "?" for m in modes),
-               warm_modes="".join("F" if m == "full" else "c" if m == "cached" else "?" for m in warm["modes"]),
+               n_cached=modes.count("cached"), modes=_letters(modes), warm_modes=_letters(warm["modes"]),
                compiles_warmup=None if c0 is None else c1 - c0, compiles_timed=None if c1 is None else c2 - c1)
     if st is not None:
         g = st.last_generation

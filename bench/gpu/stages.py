@@ -78,6 +78,13 @@ def stage_env(args, params):
             info[pkg] = metadata.version(pkg)
         except Exception:
             info[pkg] = "not installed"
+    try:  # where it would be imported from (a carried wheel: /tmp/site), without importing it
+        import importlib.util
+
+        spec = importlib.util.find_spec("diffusers")
+        info["diffusers_path"] = os.path.dirname(spec.origin) if spec and spec.origin else None
+    except Exception:
+        info["diffusers_path"] = None
     interp = os.environ.get("TRITON_INTERPRET", "")
     info["TRITON_INTERPRET"] = interp or "unset"
     info["cuda_available"] = torch.cuda.is_available()
@@ -111,7 +118,8 @@ def stage_env(args, params):
     info["triton_cache"] = os.environ.get("TRITON_CACHE_DIR", "default")
     sink.row(**info)
     numbers = (f"{info['device']}{' sm_' + info['capability'].replace('.', '') if 'capability' in info else ''}; "
-               f"python {info['python']}, torch {info['torch']}, triton {info['triton']}, diffusers {info['diffusers']}, "
+               f"python {info['python']}, torch {info['torch']}, triton {info['triton']}, "
+               f"diffusers {info['diffusers']}, "
                f"numpy {info['numpy']}; TRITON_INTERPRET {info['TRITON_INTERPRET']}")
     if problems:
         numbers += "; " + "; ".join(problems)
@@ -260,7 +268,8 @@ def stage_precompile(args, params):
                   f", {compiled if compiled is not None else '?'} kernels compiled")
                + (f"; e2e ranks probed: extra rank classes {extra_ks}" if extra_ks else ""))
     ok = failed == 0 and done > 0
-    sink.emit("summary", ok=ok, partial=bool(ctx.skipped), numbers=numbers, compiled=compiled, variants=len(specs), run=done, failed=failed,
+    sink.emit("summary", ok=ok, partial=bool(ctx.skipped), numbers=numbers, compiled=compiled, variants=len(specs),
+              run=done, failed=failed,
               skipped=ctx.skipped)
     return ok
 
@@ -301,7 +310,8 @@ def stage_parity(args, params):
                + (f"; {len(ctx.skipped)} cases skipped (budget)" if ctx.skipped else "")
                + (f"; {late} kernels compiled here (missed by precompile)" if late else ""))
     ok = n_ok == n and n > 0
-    ctx.sink.emit("summary", ok=ok, partial=bool(ctx.skipped), numbers=numbers, passed=n_ok, checked=n, skipped=ctx.skipped, late_compiles=late)
+    ctx.sink.emit("summary", ok=ok, partial=bool(ctx.skipped), numbers=numbers, passed=n_ok, checked=n,
+                  skipped=ctx.skipped, late_compiles=late)
     return ok
 
 
@@ -335,7 +345,8 @@ def stage_kernels(args, params):
                + (f"; {len(ctx.skipped)} skipped (budget)" if ctx.skipped else "")
                + (f"; {late} kernels compiled here (missed by precompile)" if late else ""))
     ok = n > 0 and not errors
-    ctx.sink.emit("summary", ok=ok, partial=bool(ctx.skipped), numbers=numbers, timings=n, skipped=ctx.skipped, late_compiles=late)
+    ctx.sink.emit("summary", ok=ok, partial=bool(ctx.skipped), numbers=numbers, timings=n, skipped=ctx.skipped,
+                  late_compiles=late)
     return ok
 
 

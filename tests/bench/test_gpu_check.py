@@ -37,8 +37,8 @@ def _gone(pid):
 
 def test_tiny_run_every_stage_reports(tmp_path):
     t = time.monotonic()
-    proc = subprocess.run([sys.executable, CHECK, "--tiny", "--budget", "60", "--out", str(tmp_path), "--workers", "2"], cwd=REPO,
-                          env=_env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, CHECK, "--tiny", "--budget", "60", "--out", str(tmp_path), "--workers", "2"],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
     wall = time.monotonic() - t
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]

@@ -50,7 +50,7 @@ VARIANTS = (
 WEIGHTS = (1.5, 0.75)
 
 
-def _state(ctx: Ctx, rows: int, k: int, n_terms: int, bits: int, gated: bool) -> dict:
+def _state(ctx: Ctx, rows: int, k: int, n_terms: int, bits: int, gated: bool, dev_weights: bool = False) -> dict:
     sh, dt = ctx.shapes, ctx.dtype
     B, D = sh.B, sh.D
     st = dict(V=ctx.basis(D, k), R=ctx.rnd(B, rows, D, dtype=dt, scale=2.0),
@@ -62,6 +62,10 @@ def _state(ctx: Ctx, rows: int, k: int, n_terms: int, bits: int, gated: bool) ->
     if gated:
         st["x"] = ctx.rnd(B, rows, D, dtype=dt, scale=4.0)
         st["gate"] = ctx.gate(B, D)
+    if dev_weights:  # as cuda_graphs' deferred sum passes them: read by the kernel when it runs
+        st["weights"] = torch.tensor(WEIGHTS[:n_terms], dtype=torch.float32, device=ctx.device)
+        if bits:
+            st["dr_scale"] = torch.tensor([st["dr_scale"]], dtype=torch.float32, device=ctx.device)
     return st
 
 
@@ -134,11 +138,15 @@ def cases(ctx: Ctx, rows: int | None = None) -> list[Case]:
 
 def runtime_variants(ctx: Ctx, rows: int, k: int) -> list[Case]:
     """The cached-step reconstructs the runtime launches for a feature of ``rows`` rows at rank ``k``
-    (0, 1, 2 terms; int4 codes; gated, in place), for the precompile stage."""
+    (0, 1, 2 terms; int4 codes; gated, in place; weights as floats, and as device tensors as the
+    cuda_graphs path passes them), for the precompile stage."""
     out = []
-    for nt, bits in ((0, 0), (1, 0), (1, 4), (2, 4)):
-        out.append(Case(op="reconstruct", name=f"runtime {nt} terms{' + int4' if bits else ''} M={rows}", k=k,
-                        build=lambda nt=nt, bits=bits: _state(ctx, rows, k, nt, bits, True), kernel=None,
+    for nt, bits, dev in ((0, 0, False), (1, 0, False), (1, 4, False), (2, 4, False), (1, 0, True), (1, 4, True),
+                          (2, 4, True)):
+        name = (f"runtime {nt} terms{' + int4' if bits else ''}{' (device weights: cuda_graphs)' if dev else ''} "
+                f"M={rows}")
+        out.append(Case(op="reconstruct", name=name, k=k,
+                        build=lambda nt=nt, bits=bits, dev=dev: _state(ctx, rows, k, nt, bits, True, dev), kernel=None,
                         reference=None, checks=None, plan=_plan, parity=False))
     return out
 

@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from svdcache_kernels import ReconstructSumPlan, SumTerm, reconstruct_stacked, reconstruct_sum, reconstruct_sum_reference
+from svdcache_kernels import (
+    ReconstructSumPlan,
+    SumTerm,
+    reconstruct_stacked,
+    reconstruct_sum,
+    reconstruct_sum_reference,
+)
 
 from ..common import ULP, Case, Ctx, check, make_codes, maxabs
 

@@ -59,7 +59,8 @@ def cases(ctx: Ctx, rows: int | None = None) -> list[Case]:
                 op="residual_codes", name=f"full step: int{bits} codes of r", k=k,
                 build=lambda k=k, bits=bits: _state(ctx, M, k, bits),
                 kernel=lambda st: run(st, "triton"), reference=lambda st: run(st, "torch"), checks=_checks,
-                plan=lambda st: lambda: residual_codes(st["F"], st["Fp"], st["D1"], st["V"], backend="triton", **_kw(st)),
+                plan=lambda st: lambda: residual_codes(st["F"], st["Fp"], st["D1"], st["V"], backend="triton",
+                                                       **_kw(st)),
                 eager=lambda st: lambda: residual_codes_reference(st["F"], st["Fp"], st["D1"], st["V"], **_kw(st)),
                 bytes=2 * B * M * D * s + B * M * k * 4 + D * k * 4 + B * qb + B * M * 4, flops=2 * B * M * D * k,
                 ideal=2 * B * M * D * s + B * qb + B * M * 4))
