@@ -58,9 +58,9 @@ STAGES = ("env", "precompile", "parity", "kernels", "e2e")
 # GPU at 300 s: env ~16 s, precompile ~93 s (about 90 variants on 16 processes, 3-23 s a compile with
 # Triton 3.6), then parity ~50 s, kernels and e2e what is left (e2e gets about half of it).
 WEIGHTS = {"env": 1, "precompile": 6, "parity": 3, "kernels": 3, "e2e": 6}
-TINY_WEIGHTS = {"env": 2, "precompile": 3, "parity": 2, "kernels": 2, "e2e": 3}
+TINY_WEIGHTS = {"env": 1, "precompile": 6, "parity": 2, "kernels": 2, "e2e": 2}
 FLOOR = {"env": 10, "precompile": 15, "parity": 15, "kernels": 15, "e2e": 30}
-TINY_FLOOR = {"env": 4, "precompile": 4, "parity": 4, "kernels": 4, "e2e": 5}
+TINY_FLOOR = {"env": 8, "precompile": 4, "parity": 4, "kernels": 4, "e2e": 5}
 
 
 class Interrupted(BaseException):

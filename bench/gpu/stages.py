@@ -196,12 +196,27 @@ def rank_classes(ks) -> list[int]:
 def stage_precompile(args, params):
     import multiprocessing as mp
 
+    # the pool first, its longest job (the rank probe) first: the workers start while this process
+    # imports torch and lists the variants
+    n_workers = max(1, int(params.get("workers") or 0) or min(16, os.cpu_count() or 1))
+    pool = mp.get_context("spawn").Pool(n_workers, initializer=_worker_init, initargs=(params, args.deadline))
+    try:
+        return _precompile(args, params, pool, n_workers)
+    finally:
+        pool.terminate()
+
+
+def _precompile(args, params, pool, n_workers):
     from bench.gpu.common import compiled_kernels
 
+    specs, pending = [], {}
+    if not params.get("no_probe") and "e2e" in params.get("stages", "e2e"):
+        probe = ("probe", "e2e", 0, None, None)
+        specs.append(probe)
+        pending[probe] = pool.apply_async(_job, (probe,))
     ctx = make_ctx("precompile", args, params)
     sink = ctx.sink
     mods = op_modules()
-    specs = []
     for name, m in mods.items():
         for i, c in enumerate(m.cases(ctx)):
             if c.kernel is not None or c.plan is not None:
@@ -218,59 +233,50 @@ def stage_precompile(args, params):
                         out.append(("rt", name, i, rows, k))
         return out
 
-    probe = not params.get("no_probe") and "e2e" in params.get("stages", "e2e")
-    if probe:
-        specs.insert(0, ("probe", "e2e", 0, None, None))
-    base_ks = [2] if ctx.tiny else [1, 2]  # k == 1 and 2..15: the classes of small ranks (tiny: one, nothing compiles)
+    # k == 1 and 2..15: the classes of small ranks (tiny: one; the probe adds the others it finds)
+    base_ks = [2] if ctx.tiny else [1, 2]
     specs += runtime_specs(base_ks)
     cache = os.environ.get("TRITON_CACHE_DIR")
     before = compiled_kernels(cache)
-    n_workers = max(1, min(len(specs), int(params.get("workers") or 0) or min(16, os.cpu_count() or 1)))
     sink.row(kind="plan", variants=len(specs), workers=n_workers, triton_cache=cache or "default")
     sink.log(f"{len(specs)} variants on {n_workers} workers")
     done, failed, extra_ks = 0, 0, []
-    pool = mp.get_context("spawn").Pool(n_workers, initializer=_worker_init, initargs=(params, args.deadline))
-    pending = {}
-    try:
-        for sp in specs:
+    for sp in specs:
+        if sp not in pending:
             pending[sp] = pool.apply_async(_job, (sp,))
-        while pending:
-            if ctx.left() < 1.0:
-                ctx.skipped += [f"{sp[0]} {sp[1]} #{sp[2]} rows={sp[3]} k={sp[4]}" for sp in pending]
-                break
-            ready = [sp for sp, r in pending.items() if r.ready()]
-            if not ready:
-                time.sleep(0.05)
-                continue
-            for sp in ready:
-                r = pending.pop(sp)
-                try:
-                    row = r.get(0)
-                except Exception as e:
-                    row = dict(kind=sp[0], module=sp[1], ok=False, error=f"{type(e).__name__}: {e}")
-                done += 1
-                failed += not row.get("ok")
-                sink.row(**row)
-                if sp[0] == "probe" and row.get("ok"):
-                    extra_ks = [k for k in rank_classes(row.get("ks") or []) if k not in base_ks]
-                    for sp2 in runtime_specs(extra_ks):
-                        pending[sp2] = pool.apply_async(_job, (sp2,))
-                        specs.append(sp2)
-    finally:
-        pool.terminate()
+    while pending:
+        if ctx.left() < 1.0:
+            ctx.skipped += [f"{sp[0]} {sp[1]} #{sp[2]} rows={sp[3]} k={sp[4]}" for sp in pending]
+            break
+        ready = [sp for sp, r in pending.items() if r.ready()]
+        if not ready:
+            time.sleep(0.05)
+            continue
+        for sp in ready:
+            r = pending.pop(sp)
+            try:
+                row = r.get(0)
+            except Exception as e:
+                row = dict(kind=sp[0], module=sp[1], ok=False, error=f"{type(e).__name__}: {e}")
+            done += 1
+            failed += not row.get("ok")
+            sink.row(**row)
+            if sp[0] == "probe" and row.get("ok"):
+                extra_ks = [k for k in rank_classes(row.get("ks") or []) if k not in base_ks]
+                for sp2 in runtime_specs(extra_ks):
+                    pending[sp2] = pool.apply_async(_job, (sp2,))
+                    specs.append(sp2)
     after = compiled_kernels(cache)
     compiled = None if before is None or after is None else after - before
-    interp = ctx.tiny
     numbers = (f"{done}/{len(specs)} variants run on {n_workers} workers"
                + (f" ({len(ctx.skipped)} left: budget)" if ctx.skipped else "")
                + (f", {failed} failed" if failed else "")
-               + (" (interpreter: nothing compiled)" if interp else
+               + (" (interpreter: nothing compiled)" if ctx.tiny else
                   f", {compiled if compiled is not None else '?'} kernels compiled")
                + (f"; e2e ranks probed: extra rank classes {extra_ks}" if extra_ks else ""))
     ok = failed == 0 and done > 0
     sink.emit("summary", ok=ok, partial=bool(ctx.skipped), numbers=numbers, compiled=compiled, variants=len(specs),
-              run=done, failed=failed,
-              skipped=ctx.skipped)
+              run=done, failed=failed, skipped=ctx.skipped)
     return ok
 
 
