@@ -200,7 +200,7 @@ def variants(quick: bool):
                     lambda F=F: gram_mod.gram_update_triton(torch.empty(D, D, device=m), F)))
     if quick:
         return out
-    # the parity shapes of bench/gpu_kernels.py: D = 1000 (not a multiple of 16), N = 333, k = 1
+    # the parity shapes of the old GPU kernel script (bench/gpu/ops): D = 1000 (not a multiple of 16), N = 333, k = 1
     B2, N2, D2 = 2, 333, 1000
     for dt in (torch.bfloat16, torch.float16, torch.float32):
         for k in (1, 48):
@@ -228,9 +228,9 @@ def variants(quick: bool):
 
 
 def sweep_variants():
-    """The launch configs bench/gpu_kernels.py sweeps (bf16, FLUX shapes)."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from gpu_kernels import SWEEP_SPLIT
+    """The launch configs bench/gpu/ops/split.py keeps for a sweep (bf16, FLUX shapes)."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench.gpu.ops.split import SWEEP_SPLIT
 
     m = torch.device("meta")
     B, N, D = 1, 4096 + 512, 3072
@@ -262,7 +262,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default="90a", help="90a (H100/H200), 80 (A100), 89 (L4/L40) ...")
     ap.add_argument("--sms", type=int, default=132, help="SM count the launch heuristics assume")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--sweep", action="store_true", help="also the launch configs that gpu_kernels.py sweeps")
+    ap.add_argument("--sweep", action="store_true", help="also the launch configs of bench/gpu/ops/split.py SWEEP_SPLIT")
     ap.add_argument("--dump", help="also write the compile jobs as JSON (to replay under another Triton)")
     args = ap.parse_args(argv)
     jobs = []

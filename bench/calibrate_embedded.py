@@ -55,7 +55,7 @@ def select_schedules(pipe, basis, steps=50, images=10, max_evals=8, progress=Tru
     TaylorSeer o1, each with both guidance branches computed at every full step and with the
     unconditional one shared (``uncond_interval=2``, families ``-u2``). ``shared_only``: the latter two."""
     from svdcache import SVDCacheConfig
-    from svdcache.schedule import full_steps
+    from svdcache.runtime.schedule import full_steps
     from svdcache.schedule_tuning import tune_schedule
 
     prompts, seeds = calibration_prompts(images)

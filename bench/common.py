@@ -75,7 +75,7 @@ class FlopCounter:
 
 def self_check(pipe):
     """The hook counter and torch's FLOP counter agree on an uncached transformer call."""
-    from svdcache.flops import count_flops
+    from svdcache.runtime.flops import count_flops
 
     tr = pipe.transformer
     B, N, L = 2, 64, CALL_KWARGS["max_sequence_length"]

@@ -33,7 +33,7 @@ import svdcache
 from svdcache import SVDCacheConfig
 from svdcache.embedded import load_basis, load_pipeline
 from svdcache.metrics import psnr, ssim
-from svdcache.schedule import full_steps
+from svdcache.runtime.schedule import full_steps
 
 RESULTS = os.path.join(common.ROOT, "bench", "results")
 INTERVALS = [3, 5, 8, 10]  # FLOPs ratios from below 3x to above 7x
@@ -293,14 +293,14 @@ class _Recorder(svdcache.calibration.CalibrationHook):
 
 def record_features(pipe, prompts, seeds, steps, granularity="auto"):
     """{context: {feature: (steps, B, N, D)}} along the uncached trajectory."""
-    from svdcache.apply import _install, _uninstall
+    from svdcache.hooks.registry import install, plan, uninstall
 
     rec = _Recorder()
-    _install(pipe.transformer, rec, granularity, root_name="svdcache_recorder")
+    install(pipe.transformer, rec, plan(pipe.transformer, granularity)[0], root_name="svdcache_recorder")
     try:
         common.generate(pipe, prompts, seeds, steps)
     finally:
-        _uninstall(pipe.transformer, root_name="svdcache_recorder")
+        uninstall(pipe.transformer, root_name="svdcache_recorder")
     return {ctx: {n: torch.stack([v[i] for i in sorted(v)]) for n, v in fs.items()} for ctx, fs in rec.feats.items()}
 
 
@@ -309,7 +309,7 @@ def teacher_forced(feats_by_ctx, cfg: SVDCacheConfig, basis, steps: int, ref_bas
     of ``ref_basis`` (the tau=0.99 basis): principal = error projected on V_k, residual = the rest."""
     from svdcache.features import make_feature_cache
 
-    from svdcache.schedule import Schedule
+    from svdcache.runtime.schedule import Schedule
 
     sch = Schedule(cfg, basis)
     fs = {i for i in range(steps) if sch.is_full(i, steps)}
@@ -388,7 +388,7 @@ def write_report(data, out_dir):
         "unconditional branch shared): the basis's plans, "
         "chosen closed-loop among candidates (DP plan, uniform, shifted grids) on the calibration prompts "
         "(bench/calibrate_embedded.py: other phrasings, seeds 90000..90009), never on the evaluated images. "
-        "'uncond shared' (uncond_interval=2, svdcache.guidance): the unconditional branch is computed at every "
+        "'uncond shared' (uncond_interval=2, svdcache.runtime.guidance): the unconditional branch is computed at every "
         "2nd full step of the conditional one and forecast in between as the conditional feature of the step "
         "plus the forecast branch difference; rows without it compute both branches at every full step.",
         "",

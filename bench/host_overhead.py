@@ -47,7 +47,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import svdcache  # noqa: E402
-from svdcache.apply import _plan  # noqa: E402
+from svdcache.hooks.registry import plan  # noqa: E402
 from svdcache.basis import Basis, FeatureBasis  # noqa: E402
 
 N_IMG, N_TXT, HEADS, HEAD_DIM = 16, 8, 2, 16
@@ -138,7 +138,7 @@ def build_model(seed: int = 0, dtype=torch.float32):
 
 def random_basis(model, k: int, seed: int = 0) -> Basis:
     """An orthonormal random basis per feature (the host path does not depend on which one)."""
-    _, dims = _plan(model, "auto")
+    _, dims = plan(model, "auto")
     g = torch.Generator().manual_seed(seed)
     feats = {}
     for name, D in dims.items():
@@ -219,7 +219,7 @@ def steady_full(model, ref, kw, basis, args, extra, calls: int = 60) -> list[flo
     The two calls of a pair alternate in order (the second call of a pair runs ~1% slower: see aa_control)."""
     svdcache.enable(model, basis=basis, interval=args.interval, rank=args.rank, **extra)
     root = model._diffusers_hook.get_hook("svdcache")
-    ratios = _paired(model, ref, kw, calls, warm=lambda i: i == 12 and setattr(root.schedule, "is_full", lambda *a, **k: True))
+    ratios = _paired(model, ref, kw, calls, warm=lambda i: i == 12 and setattr(root.decider.schedule, "is_full", lambda *a, **k: True))
     svdcache.disable(model)
     return ratios
 

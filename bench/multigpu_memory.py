@@ -96,7 +96,7 @@ def main(argv=None) -> str:
     ap.add_argument("--out", default=None, help="write the markdown here")
     a = ap.parse_args(argv)
 
-    from svdcache.schedule import full_steps
+    from svdcache.runtime.schedule import full_steps
 
     cfg = hunyuan_config()
     params = count_params()

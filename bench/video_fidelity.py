@@ -130,7 +130,7 @@ class VideoFlopCounter:
 
 def self_check(tr):
     from svdcache.embedded.video_data import FRAME, FRAMES, TEXT_DIM, TEXT_LEN
-    from svdcache.flops import count_flops
+    from svdcache.runtime.flops import count_flops
 
     args = dict(hidden_states=torch.randn(2, 1, FRAMES, FRAME, FRAME), timestep=torch.full((2,), 500.0),
                 encoder_hidden_states=torch.randn(2, TEXT_LEN, TEXT_DIM), return_dict=False)

@@ -10,13 +10,12 @@
 """
 __version__ = "0.1.0"
 
-from .apply import current_basis, disable, enable, is_enabled, reset, stats  # noqa: E402
+from .api import current_basis, disable, enable, generation, is_enabled, reset, stats  # noqa: E402
 from .basis import Basis, FeatureBasis, load_basis  # noqa: E402
 from .calibration import calibrate  # noqa: E402
 from .config import SVDCacheConfig, fora, taylorseer  # noqa: E402
 from .hub import push_to_hub  # noqa: E402
-from .generation import generation  # noqa: E402
-from .stats import CacheStats, RunStats  # noqa: E402
+from .runtime.stats import CacheStats, RunStats  # noqa: E402
 
 __all__ = [
     "enable",

@@ -1,8 +1,6 @@
-"""The one-time SVD: Gram accumulation during a reference generation (offline), or a randomized
-low-rank SVD of the first full steps (online, zero setup)."""
+"""The one-time SVD: Gram accumulation during a reference generation (offline); the basis built online
+from the first full steps is svdcache.runtime.online_basis."""
 from __future__ import annotations
-
-import time
 
 import torch
 from diffusers.hooks import ModelHook
@@ -11,11 +9,10 @@ from diffusers.hooks.hooks import BaseState
 import svdcache_kernels as K
 
 from .basis import Basis, FeatureBasis, config_fingerprint
-from .config import SVDCacheConfig
-from .state import DefaultContextStateManager
-
-
-CHANGE_PREFIX = "change/"  # fitted-gain keys of the change subspace
+from .hooks import CALIBRATION_HOOK
+from .hooks.registry import install, plan, root_of, transformers, uninstall
+from .runtime.gains import CHANGE_PREFIX, fit_gains
+from .runtime.state import DefaultContextStateManager
 
 
 class _StepCounter(BaseState):
@@ -53,8 +50,16 @@ class CalibrationHook(ModelHook):
         self.state_manager.reset()
         return module
 
+    # the controller protocol of the block hooks (svdcache.hooks.block): every call computed, features recorded
+    feature_dims = None  # any feature a full step produces is recorded
+    traced = None
+    deferred_sum = None
+
     def mode(self):
         return "full" if self._active else None
+
+    def declare(self, name: str, D) -> None:
+        pass
 
     def new_forward(self, module, *args, **kwargs):
         counter = self.state_manager.get_state()
@@ -99,8 +104,14 @@ class CalibrationHook(ModelHook):
             X = X[:: max(1, -(-X.shape[0] // self.sample_rows))]
             self.samples.setdefault((ctx, name), {})[step] = X.float().cpu()
 
+    def record_eager(self, name: str, F) -> None:
+        self.record(name, F)  # (a subclass's record, e.g. bench/fidelity.py's recorder)
+
     def forecast(self, name, **kw):  # never called: calibration computes every step
         raise RuntimeError("forecast during calibration")
+
+    def buffer(self, key, shape, dtype, device):  # never called: no cached step
+        raise RuntimeError("buffer during calibration")
 
 
 def basis_from_grams(grams: dict[str, torch.Tensor], tau: float, store_tau: float, progress: bool = True):
@@ -118,55 +129,6 @@ def basis_from_grams(grams: dict[str, torch.Tensor], tau: float, store_tau: floa
     return feats
 
 
-def fit_gains(samples, feats, *, warmup: int = 3, intervals=range(2, 13), orders=(1, 2), prefix: str = "") -> dict:
-    """Least-squares gains of the principal Taylor increment, per feature, order and interval.
-
-    Teacher-forced on the calibration trajectory (its own features, row-subsampled): at each step the
-    schedule would forecast, the increment P - C_last of gain 1 is compared with the true C_t - C_last
-    in k dims, and g = sum <dP, dC> / sum |dP|^2 (clipped to [0, 2]). No extra model run."""
-    from .features import newton_weights
-    from .schedule import full_steps
-
-    acc: dict[tuple, list[float]] = {}
-    for (_, name), traj in samples.items():
-        steps = sorted(traj)
-        if steps != list(range(len(steps))) or name not in feats:
-            continue  # gains need the whole trajectory from step 0
-        fb = feats[name]
-        V = fb.V[:, : fb.k].double()
-        C = [traj[i].double() @ V for i in steps]
-        S = len(C)
-        for order in orders:
-            for N in intervals:
-                fs = set(full_steps(S, interval=N, warmup=warmup))
-                hist, D1, D2 = [], None, None
-                num = den = 0.0
-                for i in range(S):
-                    if i in fs:
-                        if hist:
-                            d1 = (C[i] - hist[-1][1]) / (i - hist[-1][0])
-                            if order >= 2 and D1 is not None and len(hist) >= 2:
-                                D2 = (d1 - D1) / (i - hist[-2][0])
-                            D1 = d1
-                        hist = (hist + [(i, C[i])])[-3:]
-                        continue
-                    if len(hist) < 2:
-                        continue
-                    times = [t for t, _ in hist]
-                    w = newton_weights(float(i - times[-1]), [float(t) for t in times], len(hist), order, 1.0)
-                    dP = sum(wi * d for wi, d in zip(w, (D1, D2)))
-                    dC = C[i] - hist[-1][1]
-                    num += float((dP * dC).sum())
-                    den += float((dP * dP).sum())
-                a = acc.setdefault((name, f"{prefix}o{order}_N{N}_w{warmup}"), [0.0, 0.0])
-                a[0] += num
-                a[1] += den
-    gains: dict[str, dict[str, float]] = {}
-    for (name, key), (num, den) in acc.items():
-        gains.setdefault(name, {})[key] = round(min(2.0, max(0.0, num / den)), 4) if den > 0 else 1.0
-    return gains
-
-
 def _model_identity(target) -> dict:
     from .hub import model_identity
 
@@ -177,8 +139,8 @@ def _resolved_granularity(model, requested: str) -> str:
     """The granularity the blocks got (so enable(granularity="auto") with this basis picks the same)."""
     from .adapters import last_plan
 
-    plan = last_plan(model)
-    return plan.granularity if plan is not None and "+" not in plan.granularity else requested
+    p = last_plan(model)
+    return p.granularity if p is not None and "+" not in p.granularity else requested
 
 
 def calibrate(
@@ -213,13 +175,11 @@ def calibrate(
     :mod:`svdcache.schedule_search`; the SVD family with the change subspace at ``schedule_tau``).
     The rows kept are capped so that they take at most ``sample_bytes`` of host memory.
     """
-    from .apply import _install, _is_enabled, _transformers, _uninstall
-
-    models = _transformers(target)
+    models = transformers(target)
     if len(models) != 1:
         raise ValueError(f"calibrate expects one transformer, found {len(models)}")
     model = models[0]
-    if _is_enabled(model):
+    if root_of(model) is not None:
         raise ValueError("the cache is enabled on this model: call svdcache.disable first, calibration runs uncached")
     if run is None:
         if model is target:
@@ -231,17 +191,13 @@ def calibrate(
             return target(prompt=prompt, num_inference_steps=num_inference_steps, **pipe_kwargs)
 
     hook = CalibrationHook(steps=steps, backend=backend, sample_rows=fit_gain_rows)
-    planned = None
-    if blocks is not None or streams is not None:  # a user's block lists / stream names, as for enable
-        from .adapters import find_blocks
-
-        planned = find_blocks(model, granularity, blocks=blocks, streams=streams)
-    feature_dims = _install(model, hook, granularity, root_name="svdcache_calibration", blocks=planned)
+    planned, feature_dims = plan(model, granularity, blocks, streams)  # a user's block lists / stream names, as for enable
+    install(model, hook, planned, root_name=CALIBRATION_HOOK)
     if fit_gain_rows and feature_dims:
         # rows x D x 4 bytes per feature, step and context (cond / uncond): stay within sample_bytes
         per_row = 4 * sum(feature_dims.values()) * 2 * max(1, num_inference_steps if steps is None else len(set(steps)))
         hook.sample_rows = max(1, min(fit_gain_rows, sample_bytes // per_row))
-    from .distributed import all_gather_object, all_reduce_dict_, merge_samples, parallel_info
+    from .runtime.distributed import all_gather_object, all_reduce_dict_, merge_samples, parallel_info
 
     parallel = parallel_info(model)
     if parallel is not None and parallel.shards == 1:
@@ -252,7 +208,7 @@ def calibrate(
         with torch.no_grad():
             run()
     finally:
-        _uninstall(model, root_name="svdcache_calibration")
+        uninstall(model, root_name=CALIBRATION_HOOK)
     missing = [n for n in feature_dims if n not in hook.grams]
     if missing:
         raise RuntimeError(f"calibration saw no data for features {missing[:5]}: did the generation run?")
@@ -296,74 +252,3 @@ def calibrate(
         if sched:
             meta["schedules"] = sched
     return Basis(features=feats, meta=meta, changes=changes)
-
-
-class OnlineBasisBuilder:
-    """Zero-setup basis: rows of the first ``online_steps`` full steps of each feature, then a
-    randomized low-rank SVD (torch.svd_lowrank) of their Gram matrix G = A^T A, whose energy
-    fractions are taken against the exact total energy trace(G).
-
-    Through the Gram the basis is a function of a sum over rows, so under context parallelism
-    (rows sharded over ranks) one all-reduce of G per feature gives every rank the basis of all
-    the rows, the same as one process would build; ``parallel`` (set by ``enable``) returns the
-    model's :class:`svdcache.distributed.ParallelInfo` or None."""
-
-    MAX_ROWS_PER_STEP = 2048
-
-    def __init__(self, cfg: SVDCacheConfig):
-        self.cfg = cfg
-        self.parallel = lambda: None
-        self.rows: dict[str, list[torch.Tensor]] = {}
-        self.diffs: dict[str, list[torch.Tensor]] = {}  # change subspace: X_t - X_t-1 per context
-        self._last: dict[tuple[str, str], torch.Tensor] = {}
-        self.seconds = 0.0
-        self.flops = 0
-        self.built: set[str] = set()
-
-    @property
-    def done(self) -> bool:
-        return bool(self.built) and not self.rows
-
-    @torch.no_grad()
-    def collect(self, name: str, F: torch.Tensor, ctx: str = "default") -> FeatureBasis | None:
-        t0 = time.perf_counter()
-        X = F.detach().reshape(-1, F.shape[-1])
-        info = self.parallel()
-        shards = info.shards if info is not None else 1
-        # the row budget is per step of the whole sequence: a shard keeps its share of it
-        stride = max(1, -(-X.shape[0] * shards // self.MAX_ROWS_PER_STEP))
-        X = X[::stride].float()
-        self.rows.setdefault(name, []).append(X)
-        change = self.cfg.subspace == "change"
-        if change:
-            last = self._last.get((ctx, name))
-            if last is not None and last.shape == X.shape:
-                self.diffs.setdefault(name, []).append(X - last)
-            self._last[(ctx, name)] = X
-        # at most ``warmup`` steps (config doc): more would force scheduled-cached steps to run in full
-        if len(self.rows[name]) < min(self.cfg.online_steps, self.cfg.warmup) or (change and name not in self.diffs):
-            self.seconds += time.perf_counter() - t0
-            return None
-        A = torch.cat(self.diffs.pop(name) if change else self.rows[name])
-        del self.rows[name]
-        G = A.T @ A  # (D, D) fp32, the sum over rows: shards add up
-        if info is not None and info.shards > 1:
-            from .distributed import all_reduce_
-
-            all_reduce_(G, info)  # the one collective of the zero-setup basis (per feature, once)
-        q = max(1, min(self.cfg.online_rank, G.shape[0]))
-        with torch.random.fork_rng(devices=[G.device] if G.is_cuda else []):  # leave the user's RNG alone
-            torch.manual_seed(0)
-            _, S, V = torch.svd_lowrank(G, q=q, niter=2)  # G symmetric PSD: S = sigma^2 of the rows
-        total = float(torch.diagonal(G).double().sum())
-        rest = max(total - float(S.double().sum()), 0.0)
-        sigma = torch.cat([S.double().clamp_min(0).sqrt().float().cpu(), torch.tensor([rest**0.5])])
-        V = V.float().cpu()
-        k = max(1, min(K.rank_for_energy(sigma, self.cfg.tau) if self.cfg.tau else self.cfg.rank, q))
-        D = G.shape[0]
-        self.flops += 2 * A.shape[0] * D * D + 2 * D * D * q * 6  # Gram, then about 6 passes over G
-        self.built.add(name)
-        if A.is_cuda:
-            torch.cuda.synchronize(A.device)
-        self.seconds += time.perf_counter() - t0
-        return FeatureBasis(V=V, sigma=sigma, k=k)

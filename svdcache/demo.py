@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from . import apply, config as config_mod
+from . import api as apply, config as config_mod
 from .embedded import CALL_KWARGS, GUIDANCE, canonical_prompt, load_basis, load_pipeline
 from .metrics import psnr, ssim
 

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from .schedule import full_steps
+from .runtime.schedule import full_steps
 from .schedule_search import family_key
 
 
@@ -85,7 +85,7 @@ def tune_schedule(target, basis, config=None, *, num_full_steps, prompt, num_inf
     Returns {M: (steps, relative output error)}."""
     from tqdm.auto import tqdm
 
-    from . import disable, enable
+    from .api import disable, enable
     from .config import SVDCacheConfig
 
     cfg = (config or SVDCacheConfig()).replace(schedule="uniform")

@@ -17,6 +17,8 @@ class BlockAdapter:
     granularity = "block"
     #: the full forward is the block's own forward (capture hooks record): the runtime calls it directly
     plain_full_forward = False
+    #: the cached forward runs the block's own forward (its sites return forecasts): it is passed ``forward=``
+    needs_forward = False
 
     def feature_dims(self, block: torch.nn.Module) -> dict[str, int]:
         """Local feature name -> channel dim D."""
@@ -33,6 +35,11 @@ class BlockAdapter:
 
     def cached_forward(self, block, args, kwargs, forecast: Forecast) -> Any:
         raise NotImplementedError
+
+    @property
+    def refuses_calls(self) -> bool:
+        """It overrides :meth:`check_call` (the root hook runs those at the start of every call)."""
+        return type(self).check_call is not BlockAdapter.check_call
 
     def check_call(self, kwargs: dict) -> None:
         """Raise before any work on a transformer call (its keyword arguments) this adapter's blocks cannot

@@ -27,7 +27,7 @@ import torch
 
 from svdcache_kernels import quantize_rows_into
 
-from .features import QuantizedResidualCache
+from ..features import QuantizedResidualCache
 
 
 def defer_update(st, fc, F: torch.Tensor, t: float) -> bool:
@@ -62,7 +62,7 @@ def flush_updates(hook, st) -> bool:
             st.capture_plan = None  # the members' states may have left the arena's views
             for e in entries:
                 if e is not None:
-                    hook._update(st, e[0].name, e[1], e[2])  # its checks and errors
+                    hook.store.update(st, e[0].name, e[1], e[2])  # its checks and errors
     return every
 
 
@@ -105,12 +105,12 @@ def record_captured(hook, st, sink: list) -> None:
         slots = plan.get(h)
         if slots is None:
             for local, idx in h.outputs:
-                h.block_hook._record(local, out if idx is None else out[idx])
+                h.block_hook.record(local, out if idx is None else out[idx])
             continue
         for idx, ar, f, fc, name in slots:
             F = out if idx is None else out[idx]
             if type(F) is not torch.Tensor:  # tensor parallelism: the per-feature path gathers it
-                h.block_hook._record(name[len(h.block_hook.prefix):], F)
+                h.block_hook.record(name[len(h.block_hook.prefix):], F)
             elif ar.held[f] is None:
                 ar.held[f] = (fc, F, t)
                 updated.add(name)
@@ -219,5 +219,5 @@ def _batched(hook, st, ar, entries) -> bool:
             fc.state_key = sk = ar.state_key(f, src)
             fc._lprev = (fc.R, sk[1])
         ar.settled, ar.srcs = settled, list(map(state, fcs))
-    hook._add_cache_flops(st, fc0, proj * W)  # the group's
+    st.call_cache_flops += proj * W  # the group's
     return True

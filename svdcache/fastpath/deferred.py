@@ -25,7 +25,7 @@ import svdcache_kernels as K
 from svdcache_kernels.ops.reconstruct_sum import reference as _sum_ref
 from svdcache_kernels.plan import layout
 
-from .features import SubspaceCache
+from ..features import SubspaceCache
 
 _MISSING = object()
 
@@ -55,6 +55,13 @@ class DeferredSum:
         while self.undo:
             self.undo.pop()()
 
+    def defer(self, items, until, undo=None) -> None:
+        """Terms of the cached call in progress, summed when the block ``until`` flushes them."""
+        self.items.extend(items)
+        self.until = until
+        if undo is not None:
+            self.undo.append(undo)
+
     def _plan(self, hook, y, out, bound, terms):
         """The prepared sum for this layout: the same bound members (same states, gates and rows) and the
         same stream layout as the last call: the same plan; otherwise keyed by every layout."""
@@ -74,7 +81,7 @@ class DeferredSum:
 
     def flush(self, hook, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``x + sum of the deferred terms`` into ``out`` (a new tensor if None); the terms are consumed."""
-        st = hook._state
+        st = hook.state
         items, self.items = self.items, []
         self.until = None
         N = x.shape[-2]

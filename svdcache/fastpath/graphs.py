@@ -201,7 +201,7 @@ def pin_anchors(st) -> None:
     full step) copied into one buffer per feature that stays put, so the next interval's bound sum reads
     the same addresses and its graph is replayed, not captured again (one copy of each such feature per
     full step, only with graphs; features stacked in arenas are in place already)."""
-    from .features import SubspaceCache
+    from ..features import SubspaceCache
 
     arena_of = st.sum_arena_of
     for fc in st.features.values():
@@ -275,7 +275,7 @@ class StepGraphs:
             return self._refuse("off" if self.off else "first cached call of the interval")
         if st.graph_fruitless >= MAX_FRUITLESS:
             return self._refuse("states move every interval")
-        if hook._wants_count(st):
+        if hook.acct.wants_count(st):
             return self._refuse("counting FLOPs")
         if self.multi is None:
             dist = torch.distributed

@@ -18,14 +18,21 @@ POLICIES: list[type[FeatureCache]] = [
 ]
 
 
-def make_feature_cache(name: str, cfg, V, gain: float | None = None, bits: int | None = None) -> FeatureCache:
+def make_feature_cache(name: str, cfg, V, gain: float | None = None, bits: int | None = None, *,
+                       plans: dict | None = None, relative: bool = False) -> FeatureCache:
     """The cache of feature ``name`` under ``cfg``: ``V`` its basis (D, k) (None in full space), ``gain`` its
-    fitted gain, ``bits`` its residual bits where a memory budget chose them."""
+    fitted gain, ``bits`` its residual bits where a memory budget chose them, ``plans`` the prepared kernel
+    calls it shares with the feature's caches of other generations, ``relative``: it holds the difference
+    to the conditional branch's feature (svdcache.runtime.guidance)."""
     for policy in POLICIES:
         if policy.applies(cfg, bits):
             if policy.needs_basis and V is None:
                 raise ValueError(f"feature {name!r} has no basis")
-            return policy.create(name, cfg, V, gain, bits)
+            fc = policy.create(name, cfg, V, gain, bits)
+            if plans is not None:
+                fc.plans = plans
+            fc.relative = relative
+            return fc
     raise ValueError(f"no forecast policy serves feature {name!r} under {cfg.label}")
 
 

@@ -50,6 +50,12 @@ class FeatureCache:
     def create(cls, name: str, cfg: SVDCacheConfig, V, gain: float | None, bits: int | None) -> "FeatureCache":
         return cls(name, cfg, gain)
 
+    @property
+    def held_dtype(self):
+        """The dtype of the features it holds (None before its first update): a feature of another dtype
+        starts a new history."""
+        return None
+
     def __init__(self, name: str, cfg: SVDCacheConfig, gain: float | None = None):
         self.name = name
         self.cfg = cfg

@@ -18,6 +18,10 @@ class FullSpaceCache(FeatureCache):
         super().__init__(name, cfg, gain)
         self.F = self.D1 = self.D2 = self.E = None
 
+    @property
+    def held_dtype(self):
+        return None if self.F is None else self.F.dtype
+
     def update(self, F: torch.Tensor, t: float) -> None:
         cfg = self.cfg
         if self.shape != tuple(F.shape) or (self.F is not None and self.F.device != F.device):

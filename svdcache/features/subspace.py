@@ -41,6 +41,18 @@ class SubspaceCache(FeatureCache):
         self.R = self.dR = None  # anchor (reference to F_last) or explicit residual
         self.update_flops = self.forecast_flops = 0
 
+    @property
+    def held_dtype(self):
+        return None if self.R is None else self.R.dtype
+
+    def basis_fits(self, F: torch.Tensor) -> bool:
+        """Its basis is in ``F``'s dtype and on its device."""
+        return self.V.dtype == F.dtype and self.V.device == F.device
+
+    def set_basis(self, V: torch.Tensor) -> None:
+        """The same basis in another dtype / on another device (the features' changed)."""
+        self.V = V
+
     def _alloc(self, F: torch.Tensor) -> None:
         cfg = self.cfg
         new = lambda: torch.empty(self._cshape(F), dtype=torch.float32, device=F.device)  # noqa: E731

@@ -20,30 +20,31 @@ from __future__ import annotations
 PRIMARY, SECONDARY = "cond", "uncond"
 
 
-def decide(hook, st, ctx_name: str) -> None:
-    """After the schedule set ``st.mode`` for this call: book the conditional branch's full calls,
-    find the unconditional branch's partner and turn its full call into a forecast where due."""
+def decide(st, ctx_name: str, m: int, primary) -> bool:
+    """After the schedule set ``st.mode`` for this call: book the conditional branch's full calls, find
+    the unconditional branch's partner (``primary``: the conditional context's state) and turn its full
+    call into a forecast where due. True where the unconditional branch found its partner (the run
+    shares it)."""
     st.partner = None
-    m = hook.cfg.uncond_interval
     if ctx_name == PRIMARY:
         if st.mode == "full":
             st.full_calls += 1
             st.last_full = st.step
-        return
+        return False
     if m <= 1 or ctx_name != SECONDARY:
-        return
-    p = hook.state_manager._state_cache.get(PRIMARY)
+        return False
+    p = primary
     if p is None or p.step != st.step or not p.ready or _latent(p.signature) != _latent(st.signature):
-        return  # the conditional branch did not run this step first (or not on a latent of this layout)
+        return False  # the conditional branch did not run this step first (or not on a latent of this layout)
     st.partner = p
-    hook._shares = True  # from the next step on, the schedule of a shared run (its own plans)
     if st.mode != "full" or not st.ready or p.last_full != st.step:
-        return
+        return True
     if (p.full_calls - 1) % m == 0:
-        return  # this full step computes both branches (and renews the differences)
+        return True  # this full step computes both branches (and renews the differences)
     if st.features and all(getattr(fc, "relative", False) or fc is None for fc in st.features.values()):
         st.mode = "cached"
         st.shared = True
+    return True
 
 
 def _latent(sig):
@@ -73,7 +74,7 @@ def forecast(st, name: str, fc, x, gate, out):
     basis, so the conditional branch's and the difference's Taylor terms are summed in k dims and
     reconstructed once (the conditional call's forecast is not recomputed in full). Returns (output,
     cache FLOPs), or None where the two are not of that form (the caller then forecasts F_cond apart)."""
-    from .features import SubspaceCache
+    from ..features import SubspaceCache
     from svdcache_kernels.ops.reconstruct.reference import MAX_TERMS
 
     p = st.partner

@@ -29,7 +29,7 @@ class Schedule:
     uniform schedule is used, with one warning."""
 
     def __init__(self, cfg, basis=None):
-        from .schedule_search import check_schedules, family_key
+        from ..schedule_search import check_schedules, family_key
 
         self.cfg = cfg
         self.explicit = None if isinstance(cfg.schedule, str) else frozenset(int(s) for s in cfg.schedule)

@@ -14,8 +14,21 @@ class DefaultContextStateManager(StateManager):
     def context(self) -> CacheContext:
         return self._context if self._context is not None else DEFAULT_CONTEXT
 
+    @property
+    def context_is_set(self) -> bool:
+        """A pipeline's ``cache_context`` is active (else the call is a bare transformer's)."""
+        return self._context is not None
+
     def states(self):
         return list(self._state_cache.values())
+
+    def state_of(self, name: str):
+        """The state of context ``name``, None if it has none yet."""
+        return self._state_cache.get(name)
+
+    def contexts(self) -> dict:
+        """Context name -> state, for every context with a state."""
+        return dict(self._state_cache)
 
 
 class ContextState(BaseState):
@@ -30,6 +43,9 @@ class ContextState(BaseState):
         self.first_t = None
         self.t = 0.0
         self.mode = None  # "full" | "cached" while a call runs
+        self.shared = False  # this call is the unconditional branch forecast at a full step (guidance)
+        self.finite_flag = None  # a device-side "states finite" flag of the last full step (read lazily)
+        self.call_torch_flops = 0  # the share of call_cache_flops that ran as PyTorch ops (Triton backend)
         self.ready = False  # every feature holds state from a full step
         self.updated: set[str] = set()
         self.hist = 0  # full steps so far in this generation (caps at 3)

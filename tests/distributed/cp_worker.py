@@ -228,7 +228,7 @@ def parity(mode, inp, basis, counter, rank):
         m2 = build()
         svdcache.enable(m2, basis=basis, **cache_kw)
         m2.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))
-        from svdcache.distributed import sees_shards
+        from svdcache.runtime.distributed import sees_shards
 
         res["inner_sees_shards"] = sees_shards(m2, "svdcache")
         res["outer_sees_shards"] = sees_shards(m, "svdcache")
@@ -255,7 +255,7 @@ def parity(mode, inp, basis, counter, rank):
 
     hook.forecast = poisoned
     # the whole-stack cached call sums the image stream's forecasts at once: poison that sum too
-    import svdcache.deferred as deferred_mod
+    import svdcache.fastpath.deferred as deferred_mod
 
     orig_flush = deferred_mod.DeferredSum.flush
 
@@ -342,7 +342,7 @@ def main():
             return orig(name, **kw)
 
         hook.forecast = broken
-        import svdcache.deferred as deferred_mod
+        import svdcache.fastpath.deferred as deferred_mod
 
         orig_flush = deferred_mod.DeferredSum.flush
 
@@ -365,9 +365,9 @@ def main():
         m.enable_parallelism(config=ContextParallelConfig(**{f"{modes[0]}_degree": 2}))
         svdcache.enable(m, **cache_kw)
         hook = m._diffusers_hook.get_hook("svdcache")
-        import svdcache.hooks as H
+        import svdcache.runtime.decider as H
 
-        orig_first = H._first_tensor
+        orig_first = H.first_tensor
         state = {"n": 0}
 
         def fake_first(out):  # rank 1 alone sees a "non-finite" output at its first cached step
@@ -377,7 +377,7 @@ def main():
                 return o * float("nan")
             return o
 
-        H._first_tensor = fake_first
+        H.first_tensor = fake_first
         import warnings
 
         warnings.simplefilter("ignore")

@@ -1,4 +1,4 @@
-"""svdcache.distributed in one process: no process group, bad parallel plans, stats(all_ranks=True)."""
+"""svdcache.runtime.distributed in one process: no process group, bad parallel plans, stats(all_ranks=True)."""
 from __future__ import annotations
 
 import types
@@ -8,7 +8,7 @@ import torch
 from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 
 import svdcache
-from svdcache import distributed as D
+from svdcache.runtime import distributed as D
 
 
 def _tiny_flux():

@@ -107,7 +107,7 @@ def test_interval_1_reproduces_the_uncached_output(pipe):
     prompts, seeds = eval_set(1)
     ref = _generate(pipe, prompts[:2], seeds[:2])
     # uncond_interval=1 too: the default (2) still forecasts the unconditional branch at every 2nd
-    # full step when interval is 1 (svdcache.guidance)
+    # full step when interval is 1 (svdcache.runtime.guidance)
     svdcache.enable(pipe, basis=load_video_basis(), interval=1, uncond_interval=1, granularity="submodule")
     try:
         out = _generate(pipe, prompts[:2], seeds[:2])

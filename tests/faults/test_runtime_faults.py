@@ -239,9 +239,9 @@ def test_a_call_that_raises_leaves_no_state(loop):
     finally:
         handle.remove()
     hook = loop.tr._diffusers_hook.get_hook(ROOT_HOOK)
-    assert hook._state is None  # no call in progress is left behind
+    assert hook.state is None  # no call in progress is left behind
     assert torch.equal(loop.run(sig, loop.noise(0)), ref)  # the next generation is a clean one
-    assert not hook._lock.locked()
+    assert not hook.busy
 
 
 def test_backend_environment_variable_is_honoured(loop, monkeypatch):

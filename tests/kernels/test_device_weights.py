@@ -1,5 +1,5 @@
 """Device weights: ``weights`` as one fp32 tensor and ``dr_scale`` as a one-element tensor, read by the
-op when it runs (what a CUDA-graph replay of the cached step needs: svdcache.graphs). The kernel
+op when it runs (what a CUDA-graph replay of the cached step needs: svdcache.fastpath.graphs). The kernel
 (interpreter), the reference op and the plans against the same call with Python floats; then the
 same tensors rewritten in place and the launch repeated (a replay's view: the values are not baked
 into the launch). Fresh random inputs, poisoned outputs, shapes off the block sizes, every dtype."""

@@ -49,7 +49,7 @@ def tol_vs_old(dtype, ref, dr_scale, scales):
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("n_terms", (0, 2))
 def test_gated_in_place_shared_step_passes(dtype, bits, n_terms):
-    """The unconditional branch's cached step (svdcache.guidance.forecast): pass 1 with no term (the
+    """The unconditional branch's cached step (svdcache.runtime.guidance.forecast): pass 1 with no term (the
     difference's anchor and its residual), pass 2 with the two branches' terms, both gated in place."""
     bshape, N, D, k = (3,), 21, 77, 9
     g = gen(300 + 10 * bits + n_terms + DTYPES.index(dtype))
@@ -259,21 +259,3 @@ def test_bad_quantized_input(backend, case, monkeypatch):
         assert w in msg, f"{w!r} not in {msg}"
     with pytest.raises(exc):
         ReconstructPlan(V, R, backend=backend, **kw)
-
-
-def test_gpu_script_quantizes_like_the_runtime():
-    """bench/gpu_kernels.py restates quantize_rows (it must not import svdcache/diffusers): same codes."""
-    import importlib.util
-    import os
-    import sys
-
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "gpu_kernels.py")
-    spec = importlib.util.spec_from_file_location("_gpu_kernels_script", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    g = gen(99)
-    r = torch.randn(2, 7, 33, generator=g) * torch.rand(2, 7, 1, generator=g)
-    for bits, (q, s) in mod.quantized(r).items():
-        q_ref, s_ref = quantize_rows(r, bits)
-        assert q.dtype == q_ref.dtype and torch.equal(q, q_ref) and torch.equal(s, s_ref), bits
-    assert "_gpu_kernels_script" not in sys.modules

@@ -88,7 +88,7 @@ def test_stream_mapping_is_read_from_the_output():
 def test_submodule_forecasts_carry_the_signal(name, monkeypatch):
     """Cached outputs at submodule level: their error is well below that of a forecast of zeros
     (attention / feed-forward contributions dropped on cached steps), so the forecasts are used."""
-    from svdcache.hooks import SVDCacheHook
+    from svdcache.hooks.root import SVDCacheHook
 
     model = Z.build(name)
     inputs = Z.inputs(name)
@@ -128,9 +128,9 @@ def test_calibrated_submodule_basis_and_its_fitted_gains():
     svdcache.enable(model, basis=basis, interval=3, warmup=3, fitted_gains=True, num_inference_steps=C.STEPS,
                     schedule="uniform")
     C.denoise(name, model, C.STEPS)
-    hook = svdcache.apply._root(model)
+    hook = svdcache.hooks.registry.root_of(model)
     assert set(hook.feature_dims) == set(basis.features)
-    assert hook.gains == {n: g[key] for n, g in basis.meta["gains"].items()}
+    assert hook.store.gains == {n: g[key] for n, g in basis.meta["gains"].items()}
     assert svdcache.stats(model).last_generation.cached_steps == 2
     svdcache.disable(model)
 

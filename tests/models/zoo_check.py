@@ -24,7 +24,7 @@ import torch
 
 import zoo_all as Z
 import svdcache
-from svdcache.schedule import full_steps
+from svdcache.runtime.schedule import full_steps
 
 STEPS = 6
 INTERVAL = 3

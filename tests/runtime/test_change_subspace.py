@@ -40,7 +40,7 @@ def test_calibration_stores_both_subspaces_and_enable_uses_the_change_one(tiny_p
     ref = run_pipe(tiny_pipe, steps=12)
     svdcache.enable(tiny_pipe, basis=loaded, interval=3, warmup=2, order=1, subspace="change")
     hook = tiny_pipe.transformer._diffusers_hook.get_hook("svdcache")
-    assert hook.bases[n] is loaded.changes[n]
+    assert hook.store.bases[n] is loaded.changes[n]
     out = run_pipe(tiny_pipe, steps=12)
     svdcache.disable(tiny_pipe)
     assert float((out - ref).norm() / ref.norm()) < 0.05

@@ -1,4 +1,4 @@
-"""``cuda_graphs=True`` as far as a CPU allows: the graph path with :class:`svdcache.graphs.ReplayGraph`
+"""``cuda_graphs=True`` as far as a CPU allows: the graph path with :class:`svdcache.fastpath.graphs.ReplayGraph`
 (the captured call's ops replayed on the tensors of the capture with the arguments of the capture, as a
 CUDA graph would) in place of ``torch.cuda.CUDAGraph``. A replayed cached step must give the eager
 cached step's output at every step, though its forecast weights change from step to step (they reach
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import svdcache
-from svdcache.graphs import GraphUnsafe, ReplayGraph, StepGraphs, _fill, input_key
+from svdcache.fastpath.graphs import GraphUnsafe, ReplayGraph, StepGraphs, _fill, input_key
 
 from flux_helpers import FluxLoop
 from test_host_path import _clean, basis, model  # noqa: F401 (fixtures)
@@ -98,7 +98,7 @@ def test_replay_graph_bakes_python_scalars(model):
 def test_a_capture_that_syncs_turns_graphs_off_and_runs_eagerly(model, basis, monkeypatch, caplog):
     loop = FluxLoop(model, batch=2)
     (eager,), _ = _run(model, basis, loop, False)
-    import svdcache.deferred as deferred
+    import svdcache.fastpath.deferred as deferred
 
     real = deferred.DeferredSum.flush
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import svdcache
-from svdcache.schedule import full_steps
+from svdcache.runtime.schedule import full_steps
 
 from flux_helpers import FluxLoop, run_pipe
 
@@ -293,7 +293,7 @@ def test_stats_flops_and_memory(tiny_pipe, basis):
 
 def test_flop_counter_matches_analytic_count(tiny_pipe):
     """The counted FLOPs of a full call agree with an analytic count of the transformer's matmuls."""
-    from svdcache.flops import count_flops
+    from svdcache.runtime.flops import count_flops
 
     tr = tiny_pipe.transformer
     loop = FluxLoop(tr, batch=1)

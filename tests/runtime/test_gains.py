@@ -46,11 +46,11 @@ def test_calibrate_stores_gains_and_enable_uses_them(tiny_pipe):
     plain = run_pipe(tiny_pipe, steps=12)
     svdcache.enable(tiny_pipe, basis=basis, interval=4, warmup=3, order=1, fitted_gains=True, subspace="feature")
     hook = tiny_pipe.transformer._diffusers_hook.get_hook("svdcache")
-    assert hook.gains == {n: table[n]["o1_N4_w3"] for n in basis.features}
+    assert hook.store.gains == {n: table[n]["o1_N4_w3"] for n in basis.features}
     fitted = run_pipe(tiny_pipe, steps=12)
     svdcache.enable(tiny_pipe, basis=basis, interval=4, warmup=3, order=1, fitted_gains=True, subspace="change")
     hook = tiny_pipe.transformer._diffusers_hook.get_hook("svdcache")
-    assert hook.gains == {n: table[n]["change/o1_N4_w3"] for n in basis.features}
+    assert hook.store.gains == {n: table[n]["change/o1_N4_w3"] for n in basis.features}
     svdcache.disable(tiny_pipe)
     assert not torch.equal(fitted, plain)
     assert float((fitted - ref).norm()) < 1.5 * float((plain - ref).norm())

@@ -1,10 +1,10 @@
 """True CFG: the unconditional branch computed at every m-th full step of the conditional one and
-forecast from it in between (svdcache.guidance)."""
+forecast from it in between (svdcache.runtime.guidance)."""
 import pytest
 import torch
 
 import svdcache
-from svdcache.schedule import full_steps
+from svdcache.runtime.schedule import full_steps
 
 from flux_helpers import run_pipe
 
@@ -115,7 +115,7 @@ def test_identical_branches_share_exactly(tiny_pipe, basis):
 def test_stale_uncond_is_worse(tiny_pipe, basis, monkeypatch):
     """The test above can fail: forecasting the unconditional branch from its own stale state at the
     shared steps (no conditional base) moves the identical-branch image well away."""
-    from svdcache import guidance
+    from svdcache.runtime import guidance
 
     kw = dict(negative_prompt="a handwritten digit seven", true_cfg_scale=3.0)
     svdcache.enable(tiny_pipe, basis=basis, interval=2, warmup=1, uncond_interval=2, schedule="uniform")
@@ -230,7 +230,7 @@ def test_one_pass_forecast_equals_two(tiny_pipe, basis, residual):
 
 
 def _check_one_pass(states, residual) -> int:
-    from svdcache import guidance
+    from svdcache.runtime import guidance
 
     st = states["uncond"]
     p = st.partner
@@ -287,7 +287,7 @@ def test_shared_uncond_step_is_summed_with_the_stack(tiny_pipe, basis, monkeypat
     each feature with guidance's merged forecast inside the same sum; the same images as the per-block
     forecasts (up to fp32 summation order and the 4-bit code flips it may cause)."""
     from svdcache.adapters import last_plan
-    from svdcache.hooks import SVDCacheHook
+    from svdcache.hooks.root import SVDCacheHook
 
     calls = []
     real = SVDCacheHook.forecast

@@ -14,10 +14,12 @@ import pytest
 import torch
 
 import svdcache
-import svdcache.hooks as hooks_mod
+import svdcache.hooks.site as site_mod
+import svdcache.runtime.decider as decider_mod
 from svdcache.adapters import flux as flux_mod
-from svdcache.hooks import SVDCacheHook
-from svdcache.schedule import is_full_step
+from svdcache.hooks.root import SVDCacheHook
+from svdcache.runtime.decider import StepDecider
+from svdcache.runtime.schedule import is_full_step
 
 from flux_helpers import FluxLoop
 
@@ -120,10 +122,10 @@ def test_buffered_cached_forward_equals_plain(model, basis, monkeypatch, residua
     assert g.cached_steps >= 4
     hook = model._diffusers_hook.get_hook("svdcache")
     if defer:  # the gates of all blocks in one buffer, the image stream summed into another
-        assert set(hook._buffers) == {"flux.gates.all", "flux.sum.img"}
+        assert hook.store.buffer_keys() == {"flux.gates.all", "flux.sum.img"}
     else:
-        assert {"flux.double.img", "flux.single"} <= set(hook._buffers)
-        assert "flux.double.txt" not in hook._buffers  # the unread text stream is not forecast (next test)
+        assert {"flux.double.img", "flux.single"} <= hook.store.buffer_keys()
+        assert "flux.double.txt" not in hook.store.buffer_keys()  # the unread text stream is not forecast (next test)
     svdcache.disable(model)
     monkeypatch.setattr(flux_mod.FluxDoubleBlockAdapter, "cached_forward", _plain_double)
     monkeypatch.setattr(flux_mod.FluxSingleBlockAdapter, "cached_forward", _plain_single)
@@ -165,7 +167,7 @@ def test_cached_step_skips_the_text_stream_nothing_reads(model, basis, monkeypat
     _defer(model, False)  # the per-block path (the whole-stack sum is compared below)
     blk = model.transformer_blocks[0]
     assert not hasattr(blk.ff_context.forward, "_svdcache_capture")  # nothing read of it: not captured
-    assert isinstance(blk.ff.forward._svdcache_capture, hooks_mod.CaptureHook)
+    assert isinstance(blk.ff.forward._svdcache_capture, site_mod.CaptureHook)
     skip, names_skip, g_skip = run()
     # the text features captured and held (as before), and forecast
     monkeypatch.setattr(flux_mod.FluxDoubleBlockAdapter, "unread_features", lambda self, block: set())
@@ -199,7 +201,7 @@ def _generation(loop, model, steps=10):
 def test_whole_stack_sum_equals_per_block_forecasts(model, basis, monkeypatch, kw):
     """A cached call of the whole stack: the first block computes every gate and defers every image
     feature, the blocks in between return their inputs without entering the adapter, the last one sums
-    all forecasts at once (svdcache.deferred). Same outputs as the per-block forecasts up to fp32
+    all forecasts at once (svdcache.fastpath.deferred). Same outputs as the per-block forecasts up to fp32
     summation order, same FLOPs; states of another form (EMA, full space) are forecast one by one."""
     loop = FluxLoop(model, batch=2)
     calls, fcalls = [], []
@@ -304,10 +306,10 @@ def test_text_stream_kept_where_something_may_read_it(model, basis):
 @pytest.fixture
 def gpu_policy(monkeypatch):
     """Treat every tensor as device-side (a host read would sync), and count the timestep reads."""
-    monkeypatch.setattr(SVDCacheHook, "_device_side", staticmethod(lambda t: isinstance(t, torch.Tensor)))
+    monkeypatch.setattr(StepDecider, "device_side", staticmethod(lambda t: isinstance(t, torch.Tensor)))
     reads = []
-    real = hooks_mod._timestep_value
-    monkeypatch.setattr(hooks_mod, "_timestep_value", lambda t: reads.append(1) or real(t))
+    real = decider_mod.timestep_value
+    monkeypatch.setattr(decider_mod, "timestep_value", lambda t: reads.append(1) or real(t))
     return reads
 
 
@@ -349,7 +351,7 @@ def test_gpu_policy_state_check_falls_back_before_the_forecast(model, basis, gpu
             if not poisoned and fc is not None and fc.n >= 2 and not is_full_step(i, interval=3, warmup=2, num_steps=10):
                 # just before the first cached step whose forecast reads D1
                 fc.D1.view(-1)[0] = float("nan")
-                st.finite_flag = hook._states_finite(st)  # as the full step would have computed it now
+                st.finite_flag = hook.decider.states_finite(st)  # as the full step would have computed it now
                 poisoned = True
             h = h - loop.call(h, 1.0 - i / 10) / 10
     assert poisoned
@@ -364,8 +366,8 @@ def test_gpu_policy_state_flag_is_computed_at_full_steps(model, basis, gpu_polic
     loop = FluxLoop(model)
     svdcache.enable(model, basis=basis, interval=3, warmup=2, num_inference_steps=10)
     calls = []
-    real = SVDCacheHook._states_finite
-    monkeypatch.setattr(SVDCacheHook, "_states_finite", lambda self, st: calls.append(1) or real(self, st))
+    real = StepDecider.states_finite
+    monkeypatch.setattr(StepDecider, "states_finite", staticmethod(lambda st: calls.append(1) or real(st)))
     loop.run(10)
     g = svdcache.stats(model).last_generation
     assert g.fallbacks == 0 and g.cached_steps > 0
@@ -389,7 +391,7 @@ def test_bypassed_blocks_are_restored_after_every_call(model, basis, monkeypatch
     svdcache.enable(model, basis=basis, interval=3, warmup=2)
     loop.run(10)
     assert seen and all(n == "_Pass" for n in seen) and same()
-    import svdcache.deferred as deferred_mod
+    import svdcache.fastpath.deferred as deferred_mod
 
     def boom(self, hook, x, out=None):
         raise RuntimeError("injected")
@@ -436,7 +438,7 @@ def test_small_feature_states_live_in_one_stacked_tensor(model, basis, monkeypat
     """Small features (the dispatch-bound regime): from the first cached call after a full step each
     cache's anchor, D1, D2 and residual codes are views of one stacked tensor per kind (the anchor copied
     in, the model's own feature tensor released: no memory added); later full steps update the group in
-    one pass (svdcache.batched_update), copying the new features in; the next generation starts over."""
+    one pass (svdcache.fastpath.batched_update), copying the new features in; the next generation starts over."""
     import gc
     import weakref
 
@@ -471,19 +473,20 @@ def test_batched_full_step_updates_equal_one_by_one(model, basis, monkeypatch):
     """The arena's full-step update in one pass gives the per-feature updates' states and outputs (the
     same fp32 arithmetic, batched), the same FLOPs and memory; so do full steps whose features are handed
     over by their capture hooks and held by the state's capture plan (no per-feature record call)."""
-    import svdcache.batched_update as bu
-    import svdcache.hooks as hooks
+    import svdcache.fastpath.batched_update as bu
+    import svdcache.hooks.root as root_mod
+    import svdcache.runtime.store as store_mod
 
     loop = FluxLoop(model, batch=2)
     calls, bulk = [], []
     real = bu._batched
     monkeypatch.setattr(bu, "_batched", lambda *a: calls.append(1) or real(*a))
     real_bulk = bu.record_captured
-    monkeypatch.setattr(hooks, "record_captured", lambda *a: bulk.append(1) or real_bulk(*a))
+    monkeypatch.setattr(root_mod, "record_captured", lambda *a: bulk.append(1) or real_bulk(*a))
     res = {}
     for batched in (True, False):
         if not batched:
-            monkeypatch.setattr(hooks, "defer_update", lambda *a: False)
+            monkeypatch.setattr(store_mod, "defer_update", lambda *a: False)
         svdcache.enable(model, basis=basis, interval=3, warmup=2)
         with torch.no_grad():
             outs, g = _generation(loop, model, steps=12)
@@ -544,8 +547,8 @@ def test_plain_blocks_bypassed_on_bulk_full_steps_and_restored(model, basis):
         assert len(root.plain_blocks) == 4
         if not bypass:
             root.plain_blocks = []
-        real = root._bypass_plain_blocks
-        root._bypass_plain_blocks = lambda sink: (real(sink), bypassed.append(len(root._bypassed)))
+        real = root.bypass_plain_blocks
+        root.bypass_plain_blocks = lambda sink: (real(sink), bypassed.append(len(root.bypassed)))
         with torch.no_grad():
             res[bypass] = _generation(loop, model, steps=12)
         assert all(bh.block.forward is bh.wrapper and bh.active_sink is None for bh in root.plain_blocks)
@@ -553,14 +556,14 @@ def test_plain_blocks_bypassed_on_bulk_full_steps_and_restored(model, basis):
             assert 4 in bypassed  # some full steps ran the blocks straight
             hd = model.single_transformer_blocks[1].proj_out.register_forward_pre_hook(
                 lambda m, a: (_ for _ in ()).throw(KeyboardInterrupt))
-            root.schedule.is_full = lambda *a, **k: True
+            root.decider.schedule.is_full = lambda *a, **k: True
             n = len(bypassed)
             with pytest.raises(KeyboardInterrupt), torch.no_grad():
                 loop.call(loop.x, 0.01)  # a bulk full step of the same generation
             hd.remove()
             assert bypassed[n:] == [4]
             assert all(bh.block.forward is bh.wrapper and bh.active_sink is None for bh in root.plain_blocks)
-            assert not root._bypassed
+            assert not root.bypassed
         svdcache.disable(model)
     (o1, g1), (o2, g2) = res[True], res[False]
     assert all(torch.equal(a, b) for a, b in zip(o1, o2))

@@ -4,7 +4,7 @@ user's own denoising loop, no pipeline and no cache_context):
 - interval 1 computes every step: outputs equal the uncached ones exactly; disable restores the model
   bit for bit;
 - with interval N the expensive modules run on the scheduled full steps only (counted with forward
-  hooks) and stats agree with svdcache.schedule;
+  hooks) and stats agree with svdcache.runtime.schedule;
 - cached outputs stay close to uncached ones (online and calibrated basis), by a bound that a broken
   forecast (zeros: blocks skipped) exceeds;
 - a second generation (timestep back up), also after an interrupted one, starts clean.
@@ -18,8 +18,8 @@ import torch
 
 import model_zoo as Z
 import svdcache
-from svdcache.hooks import SVDCacheHook
-from svdcache.schedule import full_steps
+from svdcache.hooks.root import SVDCacheHook
+from svdcache.runtime.schedule import full_steps
 
 STEPS = 10
 INTERVAL = 3
@@ -182,7 +182,7 @@ def test_bound_catches_a_zero_forecast(name, model, monkeypatch):
     monkeypatch.setattr(SVDCacheHook, "forecast", lambda self, feature, *, x=None, gate=None, out=None:
                         x if out is None or out is x else out.copy_(x))
     # FLUX's whole-stack cached call sums its forecasts at the last block: that sum passes through too
-    from svdcache.deferred import DeferredSum
+    from svdcache.fastpath.deferred import DeferredSum
 
     def zero_sum(self, hook, x, out=None):
         self.clear()

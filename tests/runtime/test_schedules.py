@@ -11,7 +11,7 @@ import svdcache
 from svdcache import SVDCacheConfig
 from svdcache.features import plan_for_budget
 from svdcache_kernels import dequantize_codes as dequantize_rows, quantize_rows
-from svdcache.schedule import Schedule, full_steps
+from svdcache.runtime.schedule import Schedule, full_steps
 from svdcache.schedule_search import (calibrated_schedules, check_schedules, coherent_costs, search,
                                       segment_costs, trajectory_grams)
 
@@ -146,7 +146,7 @@ def test_calibrated_schedule_is_used_and_falls_back_with_one_warning(tiny_pipe, 
         warnings.simplefilter("error")
         svdcache.enable(tiny_pipe, basis=basis, config=cfg.replace(space="full"))
     hook = tiny_pipe.transformer._diffusers_hook.get_hook("svdcache")
-    assert [i for i in range(10) if hook.schedule.is_full(i, 10)] == full_plan
+    assert [i for i in range(10) if hook.decider.schedule.is_full(i, 10)] == full_plan
 
 
 def test_explicit_schedule_and_config_errors():

@@ -12,7 +12,7 @@ import torch
 import model_zoo as Z
 import svdcache
 from svdcache.hooks import BLOCK_HOOK
-from svdcache.schedule import full_steps
+from svdcache.runtime.schedule import full_steps
 
 STEPS, INTERVAL, WARMUP = 8, 3, 2
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

@@ -202,7 +202,7 @@ def _residual_kernel(
 
 
 def split_config(M: int, D: int, K: int, dtype: torch.dtype, device: torch.device, has_r: bool = True) -> dict[str, int]:
-    """Launch parameters (before overrides). GPU heuristic, to be refined by bench/gpu_kernels.py.
+    """Launch parameters (before overrides). GPU heuristic, to be refined by bench/gpu/check.py.
 
     The split is memory-bound on F and R, but every program also re-reads V (D x k) from L2 in each
     of its loops. 16-bit: 64-row tiles for every M (sm_90's wgmma path; 32-row tiles would take

@@ -1,0 +1,119 @@
+"""The block hook: on each cached transformer block, its full forward (features recorded) or its cached
+forward (forecasts), as the root hook decided for the call.
+
+Its controller (the root hook, or the calibration hook) offers: ``mode()``, ``feature_dims``,
+``declare(name, D)``, ``record(name, F)`` / ``record_eager(name, F)``, ``traced`` (a list a compiled full
+step hands its features out through, or None), ``forecast(name, x=, gate=, out=)``, ``buffer(...)`` and
+``deferred_sum`` (None where cached calls are never summed at once)."""
+from __future__ import annotations
+
+import torch
+from diffusers.hooks import ModelHook
+
+
+class BlockHook(ModelHook):
+    """On a transformer block: full forward (features recorded) or cached forward (forecasts)."""
+
+    def __init__(self, controller, name: str, adapter):
+        super().__init__()
+        self.controller = controller
+        self.name = name
+        self.adapter = adapter
+        self.active_record = None
+        self.active_sink = None  # a bulk full call's list of (capture hook, output) (SVDCacheHook.bypass_plain_blocks)
+        self.active_forecast = None  # set during a cached forward (submodule hooks read it)
+        self.prefix = name + "."
+        self.forecaster = Forecaster(controller, self.prefix)
+        self._sum = controller.deferred_sum
+        self._names: dict[str, str] = {}  # local -> full feature name (no string concatenation per call)
+        self.recorder = self.record  # one bound method, not one per call
+        self.plain = adapter.plain_full_forward  # its full forward is the block's own
+        self.block = self.wrapper = None  # the block and the registry's wrapper of it (hooks.registry.install)
+
+    def record(self, local: str, F) -> None:
+        """The block's feature ``local`` of a full step."""
+        ctl = self.controller
+        compiling = torch.compiler.is_compiling()
+        if compiling and ctl.traced is not None:
+            # traced: hand the feature out of the graph, the root hook's end of call records it eagerly
+            # (no graph break inside the blocks, no per-feature guard, one graph per kind of call)
+            ctl.traced.append((self, local, F))
+            return
+        name = self._names.get(local)
+        if name is None:
+            name = self._names[local] = self.prefix + local
+        dims = ctl.feature_dims
+        if dims is None or name not in dims:
+            # adapters that learn their features on the first full step (submodule, block level) declare them then
+            ctl.declare(name, None if F is None else F.shape[-1])
+        if compiling:
+            ctl.record(name, F)  # behind a graph break
+        else:  # the same, without the compiler-disable wrapper per feature
+            ctl.record_eager(name, F)
+
+    def new_forward(self, module, *args, **kwargs):
+        mode = self.controller.mode()
+        if mode == "cached":
+            ds = self._sum
+            if ds is not None and ds.until is not None and ds.until is not module:
+                # a whole-stack cached call: this block's terms were deferred by the first block
+                return self.adapter.passthrough(module, args, kwargs)
+            if torch.compiler.is_compiling():
+                return self._cached_forward(module, args, kwargs)
+            return self._cached_forward_eager(module, args, kwargs)
+        if mode is None:  # called outside a managed transformer call
+            return self.fn_ref.original_forward(*args, **kwargs)
+        # (a bulk full call runs plain blocks without this hook: SVDCacheHook.bypass_plain_blocks; one
+        # that still comes here, under another wrapper, records feature by feature)
+        self.active_record = rec = self.recorder
+        try:
+            if self.plain:
+                return self.fn_ref.original_forward(*args, **kwargs)
+            return self.adapter.full_forward(module, self.fn_ref.original_forward, args, kwargs, rec)
+        finally:
+            self.active_record = None
+
+    def _cached_forward_eager(self, module, args, kwargs):
+        if self.adapter.needs_forward:  # the block's own forward runs (submodule and block level)
+            self.active_forecast = self.forecaster
+            try:
+                return self.adapter.cached_forward(module, args, kwargs, self.forecaster,
+                                                   forward=self.fn_ref.original_forward)
+            finally:
+                self.active_forecast = None
+        return self.adapter.cached_forward(module, args, kwargs, self.forecaster)
+
+    _cached_forward = torch.compiler.disable(_cached_forward_eager)  # under torch.compile: a graph break
+
+
+class Forecaster:
+    """What a block's cached forward calls: ``forecast(local_name, x=, gate=, out=)``, plus
+    ``buffer(key, shape, dtype, device)``, a work tensor owned by the runtime and reused every
+    cached call (adapters write block outputs into it instead of allocating, or concatenating), and
+    ``defer_all(items, until=, undo=)`` / ``flush(x, out)``: gated forecasts added to the stream later,
+    all in one batched sum (svdcache.fastpath.deferred)."""
+
+    __slots__ = ("controller", "prefix", "names")
+
+    def __init__(self, controller, prefix: str):
+        self.controller = controller
+        self.prefix = prefix
+        self.names: dict[str, str] = {}
+
+    def __call__(self, local: str, **kw):
+        name = self.names.get(local)
+        if name is None:
+            name = self.names[local] = self.prefix + local
+        return self.controller.forecast(name, **kw)
+
+    def buffer(self, key: str, shape, dtype, device):
+        return self.controller.buffer(key, shape, dtype, device)
+
+    def defer_all(self, items, until=None, undo=None) -> None:
+        """Deferred terms of any blocks of the call: ``(full feature name, gate, rows)``; ``until``: the
+        block module that will flush them (the blocks called before it pass their inputs on); ``undo``: a
+        callable run when the call ends, however it ends (an adapter's change to the model for this call)."""
+        self.controller.deferred_sum.defer(items, until, undo)
+
+    def flush(self, x, out=None):
+        return self.controller.deferred_sum.flush(self.controller, x, out)
