@@ -1,4 +1,5 @@
-"""The one-time SVD basis: per cached feature V (D, r) and sigma, saved as safetensors + metadata."""
+"""The one-time SVD basis: per cached feature V (D, r) and sigma, saved as safetensors + metadata.
+Where files are found and how they are written and checksummed: :mod:`svdcache.basis_io`."""
 from __future__ import annotations
 
 import hashlib
@@ -11,27 +12,10 @@ import torch
 
 from svdcache_kernels import rank_for_energy
 
-FORMAT = "svdcache-basis"
-FORMAT_VERSION = "1"
+from .basis_io import (CHECKSUM_KEY, FILENAME, FORMAT, FORMAT_VERSION, checksum, checksum_v1, local_basis_file,
+                       looks_like_repo_id, read_safetensors, resolve, write_atomically)
 
-CHECKSUM_KEY = "checksum"
 ORTHO_TOL = 1e-3  # fp32 calibration gives ~1e-6; a damaged or rescaled V is far off
-
-
-def _checksum(tensors: dict[str, torch.Tensor], meta: dict) -> str:
-    """sha256 over the tensors (as fp32 values) and the metadata fields that change an image."""
-    h = hashlib.sha256()
-    for key in sorted(tensors):
-        t = tensors[key]
-        h.update(key.encode())
-        if t.is_floating_point():
-            h.update(t.detach().float().contiguous().cpu().numpy().tobytes())
-        else:
-            h.update(t.detach().contiguous().cpu().numpy().tobytes())
-    for key in ("features", "gains", "granularity", "model_class"):
-        v = meta.get(key)
-        h.update(f"{key}={v if v is None or isinstance(v, str) else json.dumps(v)}".encode())
-    return h.hexdigest()[:32]
 
 
 def _is_int(v) -> bool:
@@ -120,6 +104,19 @@ def _check_feature(where: str, name: str, kind: str, fb: "FeatureBasis", D: int 
     fb._checked = stamp
 
 
+def _read(path: str) -> tuple[dict, dict]:
+    """(metadata, tensors) of an svdcache basis file; a ValueError naming it if it is none."""
+    try:
+        meta, tensors = read_safetensors(path)
+    except OSError:
+        raise
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise ValueError(f"{path} is not a readable svdcache basis file ({type(e).__name__}: {e})") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is a safetensors file but not an svdcache basis (metadata format={meta.get('format')!r})")
+    return meta, tensors
+
+
 def config_fingerprint(model: torch.nn.Module) -> str:
     """A short hash of the model's architecture config (paths and versions left out)."""
     cfg = getattr(model, "config", None)
@@ -175,6 +172,8 @@ class Basis:
                 f"k {min(ks, default=0)}..{max(ks, default=0)}, tau={self.meta.get('tau')})")
 
     def save(self, path: str | os.PathLike) -> None:
+        """Write the basis (format 2: a checksum over every stored field). Errors are one-line OSErrors
+        naming ``path`` (its directory missing or not writable, ``path`` a directory)."""
         from safetensors.torch import save_file
 
         tensors, shapes, seen = {}, {}, set()
@@ -197,28 +196,16 @@ class Basis:
                 shapes[name]["dk"] = cb.k
         meta = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in self.meta.items()}
         meta.update(format=FORMAT, format_version=FORMAT_VERSION, features=json.dumps(shapes))
-        meta[CHECKSUM_KEY] = _checksum(tensors, meta)
-        tmp = f"{os.fspath(path)}.tmp"
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)  # never leave a half-written basis behind
+        meta[CHECKSUM_KEY] = checksum(tensors, meta)  # over every tensor and every metadata field
+        # a temporary file of its own, then os.replace: no half-written basis, no collision between savers
+        write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Basis":
         """Read a basis file and check it (see :meth:`check`); every error is a ValueError naming the
         file and the field. A file that loads cannot make a wrong image through its numbers."""
-        from safetensors import safe_open
-
-        path = os.fspath(path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"no basis file at {path}")
-        try:
-            with safe_open(path, framework="pt", device="cpu") as f:
-                meta = dict(f.metadata() or {})
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # safetensors raises several types for a damaged file
-            raise ValueError(f"{path} is not a readable svdcache basis file ({type(e).__name__}: {e})") from None
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} is a safetensors file but not an svdcache basis (metadata format={meta.get('format')!r})")
+        path = local_basis_file(path)  # a folder or a missing path: one line naming it
+        meta, tensors = _read(path)
         raw_meta = dict(meta)  # the checksum is over the fields as stored
         shapes = _parse_features(path, meta)
         features, changes = {}, {}
@@ -249,15 +236,25 @@ class Basis:
                 raise ValueError(f"{path}: feature {name!r}: metadata field 'stored_rank' says {s['stored_rank']} "
                                  f"columns but V has {features[name].V.shape[1]}; recalibrate or save the basis again")
         basis.source = path  # errors at enable name the file
-        want = meta.pop(CHECKSUM_KEY, None)
-        if want is not None and want != _checksum(tensors, raw_meta):
-            raise ValueError(f"{path}: the tensors or metadata do not match the checksum saved with them (the file "
-                             "was modified or damaged after it was saved); recalibrate or save the basis again")
+        verify_checksum(path, tensors, raw_meta)
+        meta.pop(CHECKSUM_KEY, None)
         meta.pop("format", None)
         meta.pop("features", None)
         if str(device) != "cpu":
             for fb in (*features.values(), *changes.values()):
                 fb.V, fb.sigma = fb.V.to(device), fb.sigma.to(device)
+        return basis
+
+    @classmethod
+    def from_pretrained(cls, repo_or_dir, subfolder: str | None = None, filename: str = FILENAME,
+                        revision: str | None = None, device: str | torch.device = "cpu", **hub_kwargs) -> "Basis":
+        """A basis from a file, a folder (``[subfolder/]svdcache_basis.safetensors``) or a Hub repo id
+        (``revision=``, ``filename=``, huggingface_hub's ``cache_dir``, ``token``, offline mode); see
+        :mod:`svdcache.hub` and :func:`svdcache.basis_io.resolve`."""
+        local = resolve(repo_or_dir, subfolder, filename, revision, **hub_kwargs)
+        basis = cls.load(local, device=device)
+        if looks_like_repo_id(repo_or_dir):
+            basis.meta.setdefault("hub_repo", os.fspath(repo_or_dir))
         return basis
 
     def check(self, where: str = "basis", dims: dict[str, int] | None = None) -> None:
@@ -300,20 +297,62 @@ class Basis:
             )
 
 
+def verify_checksum(path: str, tensors: dict, meta: dict) -> None:
+    """Refuse (ValueError naming the file and the fix) unless ``meta`` holds a format-2 checksum that
+    matches every stored tensor and metadata field."""
+    version, want = meta.get("format_version"), meta.get(CHECKSUM_KEY)
+    if want is None:
+        raise ValueError(f"{path} has no checksum (removed, or written by another tool), so an edit of it cannot be "
+                         f"seen; recalibrate, or if you trust the file re-save it with "
+                         f"svdcache.basis.resave({path!r}, trust=True)")
+    if version == "1":
+        raise ValueError(f"{path} is in basis format 1, whose checksum does not cover the schedules and most "
+                         f"metadata; re-save it once with svdcache.basis.resave({path!r}) or recalibrate")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path}: metadata field 'format_version' is {version!r}, not a basis format this svdcache "
+                         f"reads ({FORMAT_VERSION}); upgrade svdcache or recalibrate")
+    if want != checksum(tensors, meta):
+        raise ValueError(f"{path}: the tensors or metadata do not match the checksum saved with them (the file "
+                         "was modified or damaged after it was saved); recalibrate or save the basis again")
+
+
+def resave(path: str | os.PathLike, out: str | os.PathLike | None = None, *, trust: bool = False) -> str:
+    """Rewrite a basis file in the current format (a checksum over every stored field) with every
+    tensor and metadata value unchanged; writes ``out`` (default: in place) and returns its path.
+    A format-1 file's own checksum is verified first; a file without a checksum is rewritten only
+    with ``trust=True``. The result is loaded and checked before it replaces anything."""
+    from safetensors.torch import save_file
+
+    path = local_basis_file(path)
+    out = path if out is None else os.fspath(out)
+    meta, tensors = _read(path)
+    version, want = meta.get("format_version"), meta.get(CHECKSUM_KEY)
+    if want is None and not trust:
+        raise ValueError(f"{path} has no checksum: pass trust=True to re-save it as it is, or recalibrate")
+    if want is not None and version == "1" and want != checksum_v1(tensors, meta):
+        raise ValueError(f"{path}: the tensors or metadata do not match its format-1 checksum (modified or damaged "
+                         "after it was saved); recalibrate")
+    if want is not None and version == FORMAT_VERSION:
+        verify_checksum(path, tensors, meta)
+    elif want is not None and version != "1":
+        raise ValueError(f"{path}: metadata field 'format_version' is {version!r}; upgrade svdcache or recalibrate")
+    meta["format_version"] = FORMAT_VERSION
+    meta[CHECKSUM_KEY] = checksum(tensors, meta)
+
+    def write(tmp):
+        save_file(tensors, tmp, metadata=meta)
+        try:
+            Basis.load(tmp)  # every structural check, before anything is replaced
+        except ValueError as e:
+            raise ValueError(str(e).replace(tmp, path)) from None
+
+    write_atomically(out, write)
+    return out
+
+
 def load_basis(path: str | os.PathLike, device: str | torch.device = "cpu") -> Basis:
     """Load a basis saved by :meth:`Basis.save` (or from a Hub repo id ``org/name``, see
-    :mod:`svdcache.hub`); errors name the file and what is wrong."""
-    from .hub import from_pretrained, looks_like_repo_id  # Hub repo ids: svdcache.hub
-
-    return from_pretrained(path, device=device) if looks_like_repo_id(path) else Basis.load(path, device=device)
-
-
-def _from_pretrained(cls, repo_or_dir, subfolder: str | None = None, **kwargs) -> Basis:
-    """A basis from a file, a folder (``[subfolder/]svdcache_basis.safetensors``) or a Hub repo id
-    (``revision=``, ``filename=``, huggingface_hub's cache and offline mode); see :mod:`svdcache.hub`."""
-    from .hub import from_pretrained
-
-    return from_pretrained(repo_or_dir, subfolder=subfolder, **kwargs)
-
-
-Basis.from_pretrained = classmethod(_from_pretrained)
+    :meth:`Basis.from_pretrained`); errors name the file and what is wrong."""
+    if looks_like_repo_id(path):
+        return Basis.from_pretrained(path, device=device)
+    return Basis.load(path, device=device)

@@ -12,19 +12,12 @@ The basis records the model it was calibrated on (``model_id``, ``model_revision
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 
 import torch
 
-FILENAME = "svdcache_basis.safetensors"
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-def looks_like_repo_id(name) -> bool:
-    """``org/name`` that is not an existing local path."""
-    s = os.fspath(name) if isinstance(name, os.PathLike) else name
-    return isinstance(s, str) and bool(_REPO_ID.match(s)) and not os.path.exists(s)
+from .basis import Basis
+from .basis_io import FILENAME, looks_like_repo_id, resolve  # noqa: F401  (the Hub path lives in basis_io)
 
 
 def model_identity(model) -> dict:
@@ -45,46 +38,10 @@ def model_identity(model) -> dict:
     return out
 
 
-def resolve(repo_or_dir, subfolder: str | None = None, filename: str = FILENAME, revision: str | None = None,
-            cache_dir=None, token=None, local_files_only: bool | None = None) -> str:
-    """The local path of the basis file: a file, a folder holding ``[subfolder/]filename``, or a Hub
-    repo id (downloaded through huggingface_hub's cache; offline mode reads the cache only)."""
-    p = os.fspath(repo_or_dir)
-    if os.path.isfile(p):
-        return p
-    if os.path.isdir(p):
-        path = os.path.join(p, subfolder or "", filename)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"svdcache: no basis file {os.path.join(subfolder or '', filename)!r} in folder {p}")
-        return path
-    if not looks_like_repo_id(p):
-        raise FileNotFoundError(f"svdcache: {p!r} is neither a basis file, a folder nor a Hub repo id (org/name)")
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    try:
-        return hf_hub_download(p, filename, subfolder=subfolder, revision=revision, cache_dir=cache_dir,
-                               token=token, local_files_only=bool(local_files_only))
-    except LocalEntryNotFoundError:
-        raise FileNotFoundError(
-            f"svdcache: {p}/{os.path.join(subfolder or '', filename)} is not in the local Hugging Face cache and "
-            "the Hub cannot be reached (offline mode or no network): download it once online"
-        ) from None
-    except (EntryNotFoundError, RepositoryNotFoundError) as e:
-        raise FileNotFoundError(f"svdcache: no basis {os.path.join(subfolder or '', filename)!r} in Hub repo "
-                                f"{p!r} ({type(e).__name__})") from None
-
-
 def from_pretrained(repo_or_dir, subfolder: str | None = None, filename: str = FILENAME,
-                    revision: str | None = None, device: str | torch.device = "cpu", **hub_kwargs):
-    """Load a basis from a file, a folder or a Hub repo (see :func:`resolve`)."""
-    from .basis import Basis
-
-    path = resolve(repo_or_dir, subfolder, filename, revision, **hub_kwargs)
-    basis = Basis.load(path, device=device)
-    if looks_like_repo_id(os.fspath(repo_or_dir)):
-        basis.meta.setdefault("hub_repo", os.fspath(repo_or_dir))
-    return basis
+                    revision: str | None = None, device: str | torch.device = "cpu", **hub_kwargs) -> Basis:
+    """Load a basis from a file, a folder or a Hub repo (see :func:`svdcache.basis_io.resolve`)."""
+    return Basis.from_pretrained(repo_or_dir, subfolder, filename, revision, device=device, **hub_kwargs)
 
 
 def push_to_hub(basis, repo_id: str, subfolder: str | None = None, filename: str = FILENAME, *,

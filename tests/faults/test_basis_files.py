@@ -2,6 +2,7 @@
 the field, or it loads and gives an image as close to the uncached one as the untouched basis."""
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from safetensors.torch import save_file
 
 import svdcache
 from svdcache.basis import Basis, FeatureBasis
+from svdcache.basis_io import checksum
 
 FUZZ = settings(max_examples=25, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -39,8 +41,10 @@ def refused(path, *fields):
     return msg
 
 
-def edited(tmp_path, good_file, *, keep_checksum=False, tensors=None, meta=None, name="bad.safetensors"):
-    """The good file with some tensors / metadata fields replaced (None deletes a field)."""
+def edited(tmp_path, good_file, *, keep_checksum=False, resign=False, tensors=None, meta=None, name="bad.safetensors"):
+    """The good file with some tensors / metadata fields replaced (None deletes a field); its checksum
+    removed, kept as it was (``keep_checksum``: the edit is after saving), or recomputed over the
+    edited content (``resign``: a tool that writes valid files made it)."""
     t, m = read_raw(good_file)
     if not keep_checksum:
         m.pop("checksum", None)
@@ -51,6 +55,8 @@ def edited(tmp_path, good_file, *, keep_checksum=False, tensors=None, meta=None,
             m.pop(k, None)
         else:
             m[k] = v
+    if resign:
+        m["checksum"] = checksum(t, m)
     return write_raw(tmp_path / name, t, m)
 
 
@@ -85,7 +91,7 @@ def test_zero_setup_basis_saves_and_loads(emb, tmp_path):
 
 
 def test_unknown_metadata_is_passed_through(tmp_path, good_file):
-    path = edited(tmp_path, good_file, meta={"my_tool": '{"N5": [0, 1, 2]}', "note": "x"})
+    path = edited(tmp_path, good_file, resign=True, meta={"my_tool": '{"N5": [0, 1, 2]}', "note": "x"})
     b = svdcache.load_basis(path)
     assert b.meta["my_tool"] == '{"N5": [0, 1, 2]}' and b.meta["note"] == "x"
     b.save(tmp_path / "again.safetensors")
@@ -313,3 +319,167 @@ def test_handmade_basis_in_memory_round_trips(tmp_path):
     b.save(tmp_path / "h.safetensors")
     c = svdcache.load_basis(tmp_path / "h.safetensors")
     assert torch.equal(c.features["f"].V, V) and c.changes["f"].k == 3 and not math.isnan(c.features["f"].energy(2))
+
+
+# -- the checksum covers every stored field (basis format 2) -------------------------------------
+def _schedules(good_file):
+    return json.loads(read_raw(good_file)[1]["schedules"])
+
+
+def test_edited_plan_is_refused(tmp_path, good_file):
+    """An edited calibrated plan used to load (the checksum left the schedules out) and gave 9 dB
+    where 40.8 dB were expected; so did a single changed digit in a plan (38.2 dB)."""
+    s = _schedules(good_file)
+    fam = next(iter(s["plans"]))
+    s["plans"][fam]["5"] = [0, 1, 2, 3, 4]  # a valid plan, the wrong one
+    refused(edited(tmp_path, good_file, keep_checksum=True, meta={"schedules": json.dumps(s)}), "checksum")
+    raw = read_raw(good_file)[1]["schedules"]
+    one = raw.replace('"5": [0, 9, 22, 35, 48]', '"5": [0, 9, 23, 35, 48]')
+    assert one != raw
+    refused(edited(tmp_path, good_file, keep_checksum=True, meta={"schedules": one}, name="digit.safetensors"), "checksum")
+
+
+def _changed(value: str) -> str:
+    """A small edit of a stored metadata string that keeps it valid where it can: one digit up, else
+    one letter changed, else a space appended."""
+    for i, c in enumerate(value):
+        if c.isdigit():
+            return value[:i] + str((int(c) + 1) % 10) + value[i + 1:]
+    for i, c in enumerate(value):
+        if c.isalpha():
+            return value[:i] + ("b" if c != "b" else "c") + value[i + 1:]
+    return value + " "
+
+
+def test_every_metadata_field_is_covered(tmp_path, good_file):
+    _, m = read_raw(good_file)
+    keys = [k for k in m if k != "checksum"]
+    assert {"schedules", "gains", "granularity", "model_class", "tau", "steps", "prompt", "format_version"} <= set(keys)
+    for key in keys:
+        path = edited(tmp_path, good_file, keep_checksum=True, meta={key: _changed(m[key])}, name=f"{key}.safetensors")
+        with pytest.raises(ValueError) as e:
+            svdcache.load_basis(path)
+        assert str(path) in str(e.value) and "\n" not in str(e.value), (key, str(e.value))
+        # an added field is an edit too
+    refused(edited(tmp_path, good_file, keep_checksum=True, meta={"note": "x"}, name="added.safetensors"), "checksum")
+    for key in keys:
+        if key not in ("format", "features", "format_version"):  # removing these is refused for its own reason
+            refused(edited(tmp_path, good_file, keep_checksum=True, meta={key: None}, name="gone.safetensors"), "checksum")
+
+
+def test_every_tensor_is_covered(tmp_path, good_file):
+    t, _ = read_raw(good_file)
+    for key in sorted(t):
+        x = t[key].clone()
+        flat = x.view(-1).view(torch.int32)
+        flat[len(flat) // 2] ^= 1  # the lowest mantissa bit of one value: every structural check still passes
+        refused(edited(tmp_path, good_file, keep_checksum=True, tensors={key: x}, name="t.safetensors"), "checksum")
+
+
+def test_file_without_checksum_is_refused_with_the_fix(tmp_path, good_file):
+    path = edited(tmp_path, good_file)  # the checksum field removed: this used to switch the check off
+    msg = refused(path, "no checksum", "resave", "recalibrate")
+    with pytest.raises(ValueError, match="trust=True"):
+        svdcache.basis.resave(path)
+    svdcache.basis.resave(path, trust=True)  # the user vouches for it: values unchanged, checksum added
+    assert _same_content(read_raw(path), read_raw(good_file), but={"checksum"})
+    svdcache.load_basis(path)
+    assert "\n" not in msg
+
+
+def _same_content(a, b, but=()):
+    (ta, ma), (tb, mb) = a, b
+    same_t = set(ta) == set(tb) and all(ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]) for k in ta)
+    keys = (set(ma) | set(mb)) - set(but)
+    return same_t and all(ma.get(k) == mb.get(k) for k in keys)
+
+
+def _format_1(tmp_path, good_file, name="v1.safetensors", **edits):
+    """The good file as svdcache 0.1.0 wrote it: format_version 1 and the old checksum."""
+    from svdcache.basis_io import checksum_v1
+
+    t, m = read_raw(good_file)
+    for k, v in edits.items():
+        m[k] = v
+    m["format_version"] = "1"
+    m["checksum"] = checksum_v1(t, m)
+    return write_raw(tmp_path / name, t, m)
+
+
+def test_format_1_file_is_refused_and_resaved_unchanged(tmp_path, good_file):
+    path = _format_1(tmp_path, good_file)
+    refused(path, "format 1", "resave")
+    out = svdcache.basis.resave(path, tmp_path / "v2.safetensors")
+    assert _same_content(read_raw(out), read_raw(good_file))  # bit-identical to what this version saves
+    assert _same_content(read_raw(path), read_raw(good_file), but={"checksum", "format_version"})  # source untouched
+    b, g = svdcache.load_basis(out), svdcache.load_basis(good_file)
+    assert b.meta == g.meta and all(torch.equal(b.features[n].V, g.features[n].V) for n in g.features)
+    svdcache.basis.resave(path)  # in place
+    svdcache.load_basis(path)
+
+
+def test_resave_refuses_a_damaged_format_1_file(tmp_path, good_file):
+    path = _format_1(tmp_path, good_file)
+    t, m = read_raw(path)
+    t[f"{FEAT}::sigma"] = t[f"{FEAT}::sigma"] * 1.5
+    write_raw(path, t, m)
+    with pytest.raises(ValueError, match="format-1 checksum"):
+        svdcache.basis.resave(path)
+    assert read_raw(path)[1]["format_version"] == "1"  # nothing replaced
+
+
+def test_unknown_format_version_is_refused(tmp_path, good_file):
+    refused(edited(tmp_path, good_file, resign=True, meta={"format_version": "3"}), "format_version", "upgrade")
+
+
+def test_shipped_basis_files_are_format_2():
+    """The repository's basis files carry the checksum over every field (re-saved, values unchanged)."""
+    import glob
+    import os
+
+    root = os.path.join(os.path.dirname(svdcache.__file__), "embedded")
+    files = sorted(glob.glob(os.path.join(root, "*", "svdcache_basis*.safetensors")))
+    assert len(files) >= 3
+    for f in files:
+        _, m = read_raw(f)
+        assert m["format_version"] == "2" and m["checksum"].startswith("sha256:"), f
+        svdcache.load_basis(f)
+
+
+@FUZZ
+@given(pos=st.floats(0.0, 1.0, exclude_max=True), bit=st.integers(0, 7))
+def test_fuzz_header_bit_flips(good_file, scratch, pos, bit):
+    """A flipped bit anywhere in the header (tensor table and every metadata field): refused, or the
+    file reads back to exactly the same content."""
+    raw = bytearray(good_file.read_bytes())
+    n = 8 + int.from_bytes(raw[:8], "little")
+    i = int(pos * n)
+    raw[i] ^= 1 << bit
+    path = scratch / "hflip.safetensors"
+    path.write_bytes(bytes(raw))
+    try:
+        svdcache.load_basis(path)
+    except ValueError as e:
+        assert str(path) in str(e) and "\n" not in str(e), str(e)
+        event("refused")
+        return
+    assert _same_content(read_raw(path), read_raw(good_file))
+    event("same content")
+
+
+def test_load_basis_of_a_folder_names_it(tmp_path):
+    """load_basis(<pipeline folder>) said "No such device": now one line naming the folder and the
+    basis file inside it."""
+    from svdcache.embedded import BASIS_PATH, PIPELINE_DIR
+
+    with pytest.raises(IsADirectoryError) as e:
+        svdcache.load_basis(PIPELINE_DIR)
+    msg = str(e.value)
+    assert "\n" not in msg and PIPELINE_DIR in msg and "folder" in msg and BASIS_PATH in msg, msg
+    wan = os.path.join(os.path.dirname(PIPELINE_DIR), "tiny-wan-digits")
+    with pytest.raises(IsADirectoryError, match="2 basis files .*svdcache_basis.safetensors"):
+        svdcache.load_basis(wan)
+    with pytest.raises(IsADirectoryError, match="no svdcache basis file"):
+        svdcache.load_basis(tmp_path)
+    with pytest.raises(IsADirectoryError, match="folder"):
+        svdcache.enable(torch.nn.Linear(2, 2), basis=str(tmp_path))

@@ -136,3 +136,39 @@ def test_calibrate_records_the_model_id():
 
     basis = svdcache.calibrate(model, run=run, progress=False)
     assert basis.meta["model_id"] == "stabilityai/tiny-sd3"
+
+
+def test_basis_and_hub_do_not_import_each_other():
+    """svdcache.basis and svdcache.hub imported each other (lazily, inside functions): the Hub path
+    now lives in svdcache.basis_io, which imports neither; hub builds on basis, never the reverse."""
+    import ast
+
+    def imported(mod):
+        tree = ast.parse(open(mod.__file__).read())
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                base = ("." * node.level) + (node.module or "")
+                names.add(base)
+                names.update(f"{base}.{a.name}" if node.module else f"{base}{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+        return names
+
+    from svdcache import basis, basis_io
+
+    assert not {".hub", "svdcache.hub"} & imported(basis)
+    assert not {".hub", ".basis", "svdcache.hub", "svdcache.basis"} & imported(basis_io)
+    # the public paths a hub id takes still work from both modules
+    assert basis.load_basis.__module__ == "svdcache.basis" and hub.from_pretrained.__module__ == "svdcache.hub"
+    assert hub.resolve is basis_io.resolve and hub.FILENAME == basis_io.FILENAME
+
+
+def test_load_basis_in_the_basis_module_takes_a_repo_id(offline_cache):
+    from svdcache.basis import load_basis
+
+    want = _basis(4)
+    _snapshot(offline_cache, "org/direct", {hub.FILENAME: want})
+    got = load_basis("org/direct")
+    _same(got, want)
+    assert got.meta["hub_repo"] == "org/direct"
