@@ -187,7 +187,7 @@ class Bench:
             steps = m["steps"]
             imgs, sec, flops, _ = self.generate(steps)
         elif m["kind"] == "svdcache":
-            cfg = SVDCacheConfig(**m["cfg"])
+            cfg = SVDCacheConfig(**m["cfg"]).resolve()
             basis = self.block_basis if cfg.granularity == "block" else self.basis
             svdcache.enable(pipe, basis=None if m.get("online") else basis, config=cfg)
             if m.get("online"):  # zero-setup: the first generation builds the basis; time the second
@@ -309,8 +309,10 @@ def teacher_forced(feats_by_ctx, cfg: SVDCacheConfig, basis, steps: int, ref_bas
     of ``ref_basis`` (the tau=0.99 basis): principal = error projected on V_k, residual = the rest."""
     from svdcache.features import make_feature_cache
 
+    from svdcache.runtime.gains import config_gain_key
     from svdcache.runtime.schedule import Schedule
 
+    cfg = cfg.resolve()
     sch = Schedule(cfg, basis)
     fs = {i for i in range(steps) if sch.is_full(i, steps)}
     sums: dict[str, list[float]] = {}
@@ -320,9 +322,7 @@ def teacher_forced(feats_by_ctx, cfg: SVDCacheConfig, basis, steps: int, ref_bas
             V = fb.V[:, : fb.rank(cfg.tau, cfg.rank)].contiguous() if cfg.space == "svd" else None
             gain = None
             if cfg.fitted_gains:
-                prefix = "change/" if cfg.subspace == "change" else ""
-                key = f"{prefix}o{cfg.order}_N{cfg.interval}_w{cfg.warmup}"
-                gain = basis.meta.get("gains", {}).get(name, {}).get(key)
+                gain = basis.meta.get("gains", {}).get(name, {}).get(config_gain_key(cfg))
             fc = make_feature_cache(name, cfg, V, gain)
             rb = (ref_basis or basis).features[name]
             Vr = rb.V[:, : rb.rank(0.99)]

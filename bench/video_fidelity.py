@@ -390,7 +390,7 @@ def main(argv=None):
     for m in method_list(args.intervals):
         if m["name"] in done or (args.only and args.only not in m["name"]):
             continue
-        cfg = SVDCacheConfig(**m["cfg"])
+        cfg = SVDCacheConfig(**m["cfg"]).resolve()
         svdcache.enable(pipe, basis=bases[m["granularity"]], config=cfg)
         counter.flops = 0
         vids, sec = generate(pipe, prompts, seeds, args.steps)

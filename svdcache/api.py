@@ -4,11 +4,13 @@ from __future__ import annotations
 import os
 import weakref
 from contextlib import contextmanager
+from dataclasses import fields
 
 import torch
 
 from .adapters import basis_granularity, last_plan
 from .basis import Basis, load_basis
+from . import env
 from .config import SVDCacheConfig
 from .hooks import CALIBRATION_HOOK
 from .hooks.registry import install, plan, root_of, transformers, uninstall
@@ -31,13 +33,14 @@ def enable(target, basis: Basis | str | os.PathLike | None = None, config: SVDCa
     if not isinstance(cfg, SVDCacheConfig):
         raise TypeError(f"config must be an SVDCacheConfig, got {type(cfg).__name__}")
     if overrides:
+        unknown = sorted(set(overrides) - {f.name for f in fields(SVDCacheConfig)} - {"resolved"})
+        if unknown:
+            raise TypeError(f"svdcache.enable: unknown setting(s) {unknown}; see svdcache.SVDCacheConfig")
         cfg = cfg.replace(**overrides)
-    cfg.validate()
-    env_backend = os.environ.get("SVDCACHE_BACKEND", "")
-    if cfg.backend == "auto" and env_backend not in ("", "auto"):  # the environment decides what "auto" means
-        if env_backend not in ("triton", "torch"):
-            raise ValueError(f"SVDCACHE_BACKEND={env_backend!r} must be auto, triton or torch")
+    env_backend = env.backend()
+    if cfg.backend == "auto" and env_backend is not None:  # the environment decides what "auto" means
         cfg = cfg.replace(backend=env_backend)
+    cfg = cfg.resolve()
     if isinstance(basis, (str, os.PathLike)):
         basis = load_basis(basis)
     if basis is not None and not isinstance(basis, Basis):

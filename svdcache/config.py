@@ -1,7 +1,8 @@
 """SVD-Cache configuration: what is cached, when steps are computed, and how cached steps are forecast."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
 
 DEFAULT_TAU = 0.85  # residual reused: k carries the forecast
 DEFAULT_TAU_KEPT_RESIDUAL = 0.15  # residual difference kept (int4 / int8): k = 1-2, the top change directions
@@ -12,9 +13,14 @@ PREDICTORS = ("taylor", "ema", "reuse")
 RESIDUALS = ("reuse", "taylor", "damped", "int8", "int4")
 GRANULARITIES = ("auto", "module", "submodule", "block")
 TIME_AXES = ("step", "timestep")
+FAST_PATHS = ("deferred_sum", "arenas", "batched_update")
+FAST_PATH_MODES = ("auto", "on", "off")
+_AUTO = ("tau", "order", "uncond_interval")
+_INTEGERS = ("interval", "warmup", "tail", "num_inference_steps", "num_full_steps", "uncond_interval", "order", "rank",
+             "online_steps", "online_rank")  # None: chosen by resolve() from the other settings
 
 
-@dataclass
+@dataclass(frozen=True)
 class SVDCacheConfig:
     """How SVD-Cache runs. The defaults were chosen on a development set of the embedded model
     (prompts and seeds outside the benchmark's; bench/results/fidelity.md has the evaluated table):
@@ -112,7 +118,18 @@ class SVDCacheConfig:
         cuda_graphs: on CUDA, replay cached steps from CUDA graphs (one launch for the whole call instead
             of a few hundred): captured at a cached call whose forecasts all go through the deferred sum
             (FLUX-style models), replayed while the states and input layouts stay where they were; any
-            other call runs eagerly. Off CUDA it does nothing. See :mod:`svdcache.graphs`.
+            other call runs eagerly. Off CUDA it does nothing. See :mod:`svdcache.fastpath.graphs`.
+        fast_paths: "auto", or a dict naming some of ``deferred_sum`` (a cached call's gated forecasts
+            summed at once at the last block: FLUX-style adapters), ``arenas`` (small features' states
+            stacked, one op per kind of state) and ``batched_update`` (an arena's full-step updates in one
+            pass) with "auto" (where it applies and pays: ``arenas`` for streams of at most 2^15 elements,
+            ``batched_update`` for fp32 features), "on" (``arenas``: whatever the size) or "off" (the
+            per-feature path). The outputs are the same either way (up to fp32 rounding and int4 code
+            flips); see :mod:`svdcache.fastpath`.
+
+    The config is frozen: ``replace(**changes)`` makes a changed copy (settings left automatic are chosen
+    again), ``resolve()`` the copy with every automatic setting chosen (what the runtime uses and
+    ``enable`` returns); ``None`` (tau, order, uncond_interval) means automatic.
     """
 
     interval: int = 5
@@ -143,110 +160,162 @@ class SVDCacheConfig:
     sync_free: bool = False
     count_flops: bool = True
     cuda_graphs: bool = False
+    fast_paths: str | dict = "auto"
+    #: the settings ``resolve`` chose automatically (empty on a config not resolved yet)
+    resolved: frozenset = field(default=frozenset(), compare=False, repr=False)
 
     def __post_init__(self):
-        self.validate()
+        _validate(self)
+        for name in _INTEGERS:  # 5.0 from a JSON file is 5
+            v = getattr(self, name)
+            if v is not None and type(v) is not int:
+                object.__setattr__(self, name, int(v))
+        if not isinstance(self.schedule, str):  # a list of full steps: kept sorted and unique
+            object.__setattr__(self, "schedule", tuple(sorted({int(x) for x in self.schedule})))
+        if isinstance(self.fast_paths, dict):
+            object.__setattr__(self, "fast_paths", tuple(sorted(self.fast_paths.items())))
 
-    def validate(self) -> None:
-        def one_of(name, value, allowed):
-            if value not in allowed:
-                raise ValueError(f"SVDCacheConfig.{name} must be one of {allowed}, got {value!r}")
-
-        one_of("space", self.space, SPACES)
-        one_of("predictor", self.predictor, PREDICTORS)
-        one_of("residual", self.residual, RESIDUALS)
-        one_of("granularity", self.granularity, GRANULARITIES)
-        one_of("time_axis", self.time_axis, TIME_AXES)
-        one_of("subspace", self.subspace, SUBSPACES)
-        one_of("backend", self.backend, ("auto", "triton", "torch"))
-        if int(self.interval) != self.interval or self.interval < 1:
-            raise ValueError(f"SVDCacheConfig.interval must be an integer >= 1, got {self.interval!r}")
-        if self.warmup < 1:
-            raise ValueError(f"SVDCacheConfig.warmup must be >= 1 (a cached step needs a computed one), got {self.warmup}")
-        if isinstance(self.schedule, str):
-            one_of("schedule", self.schedule, ("auto", "uniform", "calibrated"))
-        else:
-            try:
-                steps = [int(x) for x in self.schedule]
-            except (TypeError, ValueError):
-                raise ValueError(f"SVDCacheConfig.schedule must be 'uniform', 'calibrated' or a list of step indices, "
-                                 f"got {self.schedule!r}") from None
-            if not steps or min(steps) < 0 or any(int(x) != x for x in self.schedule):
-                raise ValueError(f"SVDCacheConfig.schedule: full-step indices must be integers >= 0, got {self.schedule!r}")
-            self.schedule = tuple(sorted(set(steps)))
-        if self.num_full_steps is not None and (int(self.num_full_steps) != self.num_full_steps or self.num_full_steps < 1):
-            raise ValueError(f"SVDCacheConfig.num_full_steps must be an integer >= 1, got {self.num_full_steps!r}")
+    def resolve(self) -> "SVDCacheConfig":
+        """This config with every automatic setting chosen (idempotent): the values the runtime uses."""
+        if self.resolved:
+            return self
+        auto, ch = set(), {}
         if self.uncond_interval is None:
             # interval 1 with the uniform / auto schedule means "compute every step": nothing shared
             # either (an explicit uncond_interval=2 still shares the unconditional branch)
             every = self.interval == 1 and self.num_full_steps is None and self.schedule in ("auto", "uniform")
-            self.uncond_interval = 1 if every else 2
-            self._uncond_auto = True  # replace() re-chooses it (e.g. for another interval)
-        if int(self.uncond_interval) != self.uncond_interval or self.uncond_interval < 1:
-            raise ValueError(f"SVDCacheConfig.uncond_interval must be an integer >= 1, got {self.uncond_interval!r}")
-        if self.tail < 0:
-            raise ValueError(f"SVDCacheConfig.tail must be >= 0, got {self.tail}")
-        if not isinstance(self.cuda_graphs, bool):
-            raise ValueError(f"SVDCacheConfig.cuda_graphs must be True or False, got {self.cuda_graphs!r}")
+            ch["uncond_interval"] = 1 if every else 2
+        residual = self.residual
+        if residual in ("int8", "int4") and (self.space != "svd" or self.predictor != "taylor"):
+            residual = ch["residual"] = "reuse"  # the kept difference is a Taylor term: other forecasts reuse the residual
         if self.order is None:
             per_full = self.interval
             if self.num_full_steps is not None and self.num_inference_steps is not None:
                 per_full = self.num_inference_steps / self.num_full_steps
-            kept = self.space == "svd" and self.predictor == "taylor" and self.residual in ("int8", "int4")
-            self.order = 2 if kept and per_full >= ORDER2_MIN_INTERVAL else 1
-            self._order_auto = True  # replace() re-chooses it (e.g. for another interval)
-        if self.order not in (1, 2):
-            raise ValueError(f"SVDCacheConfig.order must be 1 or 2, got {self.order}")
-        if not 0.0 <= self.beta < 1.0:
-            raise ValueError(f"SVDCacheConfig.beta must lie in [0, 1), got {self.beta}")
-        if self.residual in ("int8", "int4") and (self.space != "svd" or self.predictor != "taylor"):
-            self.residual = "reuse"  # the kept difference is a Taylor term: other forecasts reuse the residual
-        if self.residual == "damped" and not 0.0 <= self.residual_gain < 1.0:
-            raise ValueError(f"a damped residual needs 0 <= residual_gain < 1, got {self.residual_gain}")
+            kept = self.space == "svd" and self.predictor == "taylor" and residual in ("int8", "int4")
+            ch["order"] = 2 if kept and per_full >= ORDER2_MIN_INTERVAL else 1
         if self.tau is None and self.rank is None and self.space == "svd":
-            self.tau = DEFAULT_TAU_KEPT_RESIDUAL if self.residual in ("int8", "int4") else DEFAULT_TAU
-            self._tau_auto = True  # replace() re-chooses it (e.g. for another residual)
-        if self.tau is not None and not 0.0 < self.tau <= 1.0:
-            raise ValueError(f"SVDCacheConfig.tau must lie in (0, 1], got {self.tau}")
-        if self.memory_budget is not None:
-            if not (isinstance(self.memory_budget, (int, float)) and 1.0 < self.memory_budget < 16):
-                raise ValueError(f"SVDCacheConfig.memory_budget must be a number of copies in (1, 16), got "
-                                 f"{self.memory_budget!r} (the last full feature itself is one copy)")
-            if self.space != "svd" or self.predictor != "taylor":
-                raise ValueError("memory_budget needs space='svd' and predictor='taylor'")
-        if self.rank is not None and self.rank < 1:
-            raise ValueError(f"SVDCacheConfig.rank must be >= 1, got {self.rank}")
-        if self.online_steps < 1 or self.online_rank < 1:
-            raise ValueError("online_steps and online_rank must be >= 1")
+            ch["tau"] = DEFAULT_TAU_KEPT_RESIDUAL if residual in ("int8", "int4") else DEFAULT_TAU
+        auto = frozenset(k for k in ch if k in _AUTO) | frozenset(["resolved"])
+        return replace(self, **ch, resolved=auto)
 
     def replace(self, **changes) -> "SVDCacheConfig":
-        if getattr(self, "_tau_auto", False) and "tau" not in changes:
-            changes["tau"] = None
-        if getattr(self, "_order_auto", False) and "order" not in changes:
-            changes["order"] = None
-        if getattr(self, "_uncond_auto", False) and "uncond_interval" not in changes:
-            changes["uncond_interval"] = None
+        """A copy with ``changes``; settings that were chosen automatically are chosen again."""
+        if self.resolved:
+            for k in self.resolved - {"resolved"}:
+                changes.setdefault(k, None)
+            changes.setdefault("resolved", frozenset())
         return replace(self, **changes)
 
+    def fast_path(self, name: str) -> str:
+        """"auto", "on" or "off" for one of :data:`FAST_PATHS`."""
+        return self.fast_paths if isinstance(self.fast_paths, str) else dict(self.fast_paths).get(name, "auto")
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("resolved")
+        return d
 
     @property
     def label(self) -> str:
         """A short name for tables: the method and its settings."""
-        if self.space == "full":
-            name = "FORA" if self.predictor == "reuse" else (
-                f"TaylorSeer-o{self.order}" if self.predictor == "taylor" else "full-EMA")
+        c = self.resolve()
+        if c.space == "full":
+            name = "FORA" if c.predictor == "reuse" else (
+                f"TaylorSeer-o{c.order}" if c.predictor == "taylor" else "full-EMA")
         else:
-            p = {"taylor": f"taylor{self.order}", "ema": "ema", "reuse": "reuse"}[self.predictor]
-            r = {"reuse": "reuse", "taylor": "taylor", "damped": f"damped{self.residual_gain:g}", "int8": "int8", "int4": "int4"}[self.residual]
-            k = f"tau{self.tau:g}" if self.rank is None else f"k{self.rank}"
-            sub = "|dF" if self.subspace == "change" else ""
+            p = {"taylor": f"taylor{c.order}", "ema": "ema", "reuse": "reuse"}[c.predictor]
+            r = {"reuse": "reuse", "taylor": "taylor", "damped": f"damped{c.residual_gain:g}", "int8": "int8", "int4": "int4"}[c.residual]
+            k = f"tau{c.tau:g}" if c.rank is None else f"k{c.rank}"
+            sub = "|dF" if c.subspace == "change" else ""
             name = f"SVD[{p}|R:{r}|{k}{sub}]"
-        sched = {"uniform": "", "auto": " auto", "calibrated": " cal"}.get(self.schedule, " explicit") if isinstance(
-            self.schedule, str) else " explicit"
-        share = f" U{self.uncond_interval}" if self.uncond_interval > 1 else ""
-        return f"{name} N={self.interval}{sched}{share}"
+        sched = {"uniform": "", "auto": " auto", "calibrated": " cal"}.get(c.schedule, " explicit") if isinstance(
+            c.schedule, str) else " explicit"
+        share = f" U{c.uncond_interval}" if c.uncond_interval > 1 else ""
+        return f"{name} N={c.interval}{sched}{share}"
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _validate(c: SVDCacheConfig) -> None:
+    """Every field's type and range, checked at construction: a one-line error naming the field."""
+    def bad(name, want):
+        raise ValueError(f"SVDCacheConfig.{name} must be {want}, got {getattr(c, name)!r}")
+
+    def one_of(name, allowed):
+        if not isinstance(getattr(c, name), str) or getattr(c, name) not in allowed:
+            bad(name, f"one of {allowed}")
+
+    def integer(name, lo, none=False):
+        v = getattr(c, name)
+        if v is None and none:
+            return
+        if not _is_number(v) or not math.isfinite(v) or int(v) != v or v < lo:
+            bad(name, f"an integer >= {lo}" + (" or None" if none else ""))
+
+    def number(name, lo, hi, lo_open=False, hi_open=False, none=False):
+        v = getattr(c, name)
+        if v is None and none:
+            return
+        if (not _is_number(v) or not math.isfinite(v) or (v <= lo if lo_open else v < lo)
+                or (v >= hi if hi_open else v > hi)):
+            rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+            bad(name, f"a finite number in {rng}" + (" or None" if none else ""))
+
+    def flag(name):
+        if not isinstance(getattr(c, name), bool):
+            bad(name, "True or False")
+
+    for name, allowed in (("space", SPACES), ("predictor", PREDICTORS), ("residual", RESIDUALS),
+                          ("granularity", GRANULARITIES), ("time_axis", TIME_AXES), ("subspace", SUBSPACES),
+                          ("backend", ("auto", "triton", "torch"))):
+        one_of(name, allowed)
+    integer("interval", 1)
+    if not _is_number(c.warmup) or not math.isfinite(c.warmup) or int(c.warmup) != c.warmup or c.warmup < 1:
+        bad("warmup", "an integer >= 1 (a cached step needs a computed one)")
+    integer("tail", 0)
+    integer("num_inference_steps", 1, none=True)
+    integer("num_full_steps", 1, none=True)
+    integer("uncond_interval", 1, none=True)
+    integer("order", 1, none=True)
+    if c.order is not None and c.order > 2:
+        bad("order", "1, 2 or None")
+    integer("rank", 1, none=True)
+    integer("online_steps", 1)
+    integer("online_rank", 1)
+    number("tau", 0.0, 1.0, lo_open=True, none=True)
+    number("gain", 0.0, 16.0)
+    number("beta", 0.0, 1.0, hi_open=True)
+    number("residual_gain", 0.0, 1.0, hi_open=True)
+    if c.memory_budget is not None:
+        number("memory_budget", 1.0, 16.0, lo_open=True, hi_open=True)
+        if c.space != "svd" or c.predictor != "taylor":
+            raise ValueError("SVDCacheConfig.memory_budget needs space='svd' and predictor='taylor'")
+    for name in ("fitted_gains", "check_finite", "sync_free", "count_flops", "cuda_graphs"):
+        flag(name)
+    if isinstance(c.schedule, str):
+        one_of("schedule", ("auto", "uniform", "calibrated"))
+    else:
+        try:
+            steps = list(c.schedule)
+        except TypeError:
+            steps = None
+        if steps is None:
+            bad("schedule", "'auto', 'uniform', 'calibrated' or a list of full-step indices")
+        if not steps or not all(_is_number(x) and math.isfinite(x) and int(x) == x and x >= 0 for x in steps):
+            bad("schedule", "a non-empty list of integer full-step indices >= 0")
+    fp = c.fast_paths
+    if isinstance(fp, str):
+        if fp not in FAST_PATH_MODES:
+            bad("fast_paths", f"'auto' or a dict of {FAST_PATHS} -> {FAST_PATH_MODES}")
+    else:
+        items = fp.items() if isinstance(fp, dict) else fp if isinstance(fp, tuple) else None
+        if items is None or not all(k in FAST_PATHS and v in FAST_PATH_MODES for k, v in items):
+            bad("fast_paths", f"'auto' or a dict of {FAST_PATHS} -> {FAST_PATH_MODES}")
+        if dict(items).get("batched_update") == "on":
+            bad("fast_paths", "batched_update 'auto' or 'off' (it applies to fp32 features only)")
 
 
 def fora(interval: int = 5, **kw) -> SVDCacheConfig:

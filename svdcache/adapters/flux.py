@@ -274,8 +274,6 @@ def _whole_stack(model, blocks):
 class _StackMixin:
     #: the text stream's forecasts are skipped on cached steps (see _whole_stack)
     text_unused = False
-    #: the image stream's gated forecasts are deferred and summed at the last block (svdcache.deferred)
-    defer_sum = True
     stack = None
 
     def bind(self, model, blocks):
@@ -291,7 +289,7 @@ class _StackMixin:
         """The cached forward of the whole-stack path: (text stream, image stream) as they came, the
         image stream summed at the last block; None where it does not apply."""
         stk = self.stack
-        if stk is None or not self.defer_sum or getattr(forecast, "defer_all", None) is None:
+        if stk is None or not getattr(forecast, "can_defer", False):
             return None
         enc, hs = a["encoder_hidden_states"], a["hidden_states"]
         if enc is None:

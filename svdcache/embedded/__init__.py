@@ -17,8 +17,9 @@ import os
 
 from .data import MAX_SEQUENCE_LENGTH, NUMBER_WORDS, canonical_prompt, prompts_for  # noqa: F401
 
-# SVDCACHE_EMBEDDED_DIR points at another trained folder (e.g. a training checkpoint under test)
-PIPELINE_DIR = os.environ.get("SVDCACHE_EMBEDDED_DIR") or os.path.join(os.path.dirname(__file__), "tiny-flux-digits")
+from ..env import embedded_dir
+
+PIPELINE_DIR = embedded_dir(os.path.join(os.path.dirname(__file__), "tiny-flux-digits"))
 BASIS_PATH = os.path.join(PIPELINE_DIR, "svdcache_basis.safetensors")
 CALL_KWARGS = dict(height=32, width=32, max_sequence_length=MAX_SEQUENCE_LENGTH)
 GUIDANCE = dict(negative_prompt="", true_cfg_scale=2.0)

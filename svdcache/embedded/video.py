@@ -21,9 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..env import video_dir
 from .video_data import FRAME, FRAMES, TEXT_DIM, encode_prompts
 
-VIDEO_DIR = os.environ.get("SVDCACHE_VIDEO_DIR") or os.path.join(os.path.dirname(__file__), "tiny-wan-digits")
+VIDEO_DIR = video_dir(os.path.join(os.path.dirname(__file__), "tiny-wan-digits"))
 VIDEO_BASIS_PATH = os.path.join(VIDEO_DIR, "svdcache_basis.safetensors")
 VIDEO_BLOCK_BASIS_PATH = os.path.join(VIDEO_DIR, "svdcache_basis_block.safetensors")
 VIDEO_GUIDANCE = dict(negative_prompt="", guidance_scale=3.0)

@@ -33,9 +33,11 @@ _MISSING = object()
 class DeferredSum:
     """The terms deferred in the cached call in progress, and the prepared sums (by layout)."""
 
-    __slots__ = ("items", "plans", "last", "until", "undo", "device_weights")
+    __slots__ = ("items", "plans", "last", "until", "undo", "device_weights", "enabled", "stacking")
 
-    def __init__(self):
+    def __init__(self, enabled: bool = True, stacking: str = "auto"):
+        self.enabled = enabled  # fast_paths["deferred_sum"] is not "off": adapters may defer
+        self.stacking = stacking  # fast_paths["arenas"]: "auto" (small streams), "on" or "off"
         self.items: list = []  # (feature name, gate, row offset)
         self.plans: dict = {}
         self.last = None  # (plan, bound, stream layouts) of the last sum
@@ -85,7 +87,7 @@ class DeferredSum:
         items, self.items = self.items, []
         self.until = None
         N = x.shape[-2]
-        bound = _bound(st, items, x, K.resolve_backend(hook.cfg.backend, x) == "torch")
+        bound = _bound(st, items, x, K.resolve_backend(hook.cfg.backend, x) == "torch", self.stacking)
         # the weights of this step, once per kind of state (all features of a context share their times)
         wd = self.device_weights or [fc.forecast_terms(st.t)[1::2] for fc in bound.reps]
         SumTerm = K.SumTerm
@@ -135,7 +137,7 @@ def _summable(fc, lead, rows, N) -> bool:
             and fc.shape[:-2] == lead and fc.shape[-2] >= rows + N)
 
 
-def _bound(st, items, x, views: bool) -> _Bound:
+def _bound(st, items, x, views: bool, stacking: str = "auto") -> _Bound:
     """``views``: the stream's rows of each state as views (the torch ops read any strides); else as views
     where they flatten to rows (batch 1), the whole states with their row offsets otherwise."""
     b = st.sum_bound
@@ -182,7 +184,8 @@ def _bound(st, items, x, views: bool) -> _Bound:
             # the model's own count is what it saw less this
             b.flops += 2 * (R.numel() // R.shape[-1]) * fc.V.shape[0] * fc.V.shape[1]
     b.names = names
-    b.stacked = _stack_groups(st, b, x) if views and x.numel() <= _sum_ref.STACK_ELEMS else []
+    stack = stacking == "on" or (stacking == "auto" and x.numel() <= _sum_ref.STACK_ELEMS)
+    b.stacked = _stack_groups(st, b, x) if views and stack else []
     st.sum_bound = b
     return b
 

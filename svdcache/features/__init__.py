@@ -24,6 +24,7 @@ def make_feature_cache(name: str, cfg, V, gain: float | None = None, bits: int |
     fitted gain, ``bits`` its residual bits where a memory budget chose them, ``plans`` the prepared kernel
     calls it shares with the feature's caches of other generations, ``relative``: it holds the difference
     to the conditional branch's feature (svdcache.runtime.guidance)."""
+    cfg = cfg.resolve()
     for policy in POLICIES:
         if policy.applies(cfg, bits):
             if policy.needs_basis and V is None:

@@ -109,6 +109,12 @@ class Forecaster:
     def buffer(self, key: str, shape, dtype, device):
         return self.controller.buffer(key, shape, dtype, device)
 
+    @property
+    def can_defer(self) -> bool:
+        """Adapters may defer their terms to a sum at a later block (``fast_paths["deferred_sum"]``)."""
+        ds = self.controller.deferred_sum
+        return ds is not None and ds.enabled
+
     def defer_all(self, items, until=None, undo=None) -> None:
         """Deferred terms of any blocks of the call: ``(full feature name, gate, rows)``; ``until``: the
         block module that will flush them (the blocks called before it pass their inputs on); ``undo``: a

@@ -58,7 +58,8 @@ class SVDCacheHook(ModelHook):
         schedule = Schedule(config, basis if schedule_basis is None else schedule_basis)  # full space: plans only
         self.decider = StepDecider(config, schedule, self.acct, self.state_manager, self.warn_once, ROOT_HOOK)
         self.state: ContextState | None = None  # the context state of the call in progress
-        self.deferred_sum = DeferredSum()  # gated forecasts of the cached call in progress, summed at its last block
+        # gated forecasts of the cached call in progress, summed at its last block (fast paths: svdcache.fastpath)
+        self.deferred_sum = DeferredSum(config.fast_path("deferred_sum") != "off", config.fast_path("arenas"))
         self.traced: list = []  # (block hook, feature, F) recorded inside a compiled graph, for the end of the call
         self.captures: list = []  # the capture hooks pointing here (hooks.registry.install)
         self.sink: list | None = None  # [capture hook, output, ...] of the eager full call in progress
@@ -253,7 +254,7 @@ class SVDCacheHook(ModelHook):
                     acct.cur.shared_steps += st.shared
                     acct.account(st)
                     decider.track(st, out)
-                    if st.capture_plan is None and st.sum_arena and not st.plan_tried:
+                    if st.capture_plan is None and st.sum_arena and not st.plan_tried and self.store.batched:
                         # the arenas exist from the first cached call: the next full step records in bulk
                         st.plan_tried = True
                         st.capture_plan = capture_plan(st, self.captures)

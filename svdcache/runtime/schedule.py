@@ -31,7 +31,7 @@ class Schedule:
     def __init__(self, cfg, basis=None):
         from ..schedule_search import check_schedules, family_key
 
-        self.cfg = cfg
+        cfg = self.cfg = cfg.resolve()
         self.explicit = None if isinstance(cfg.schedule, str) else frozenset(int(s) for s in cfg.schedule)
         self.plans: dict[str, list[int]] = {}
         self.shared_plans: dict[str, list[int]] = {}  # for runs that share the unconditional branch

@@ -35,6 +35,7 @@ class FeatureStore:
         self.gains = self._fitted_gains(basis) if cfg.fitted_gains else {}
         self.unread: set[str] = set()  # features no cached step forecasts (adapters' unread_features): no cache
         self.online = OnlineBasisBuilder(cfg) if basis is None and cfg.space == "svd" else None
+        self.batched = cfg.fast_path("batched_update") != "off"  # small features' full steps in one pass per arena
         self._V: dict[str, torch.Tensor] = {}
         self._bits: dict[str, int] = {}  # residual bits per feature chosen by a memory budget
         self._plans: dict[str, dict] = {}  # per feature: prepared split / reconstruct calls by layout
@@ -110,7 +111,7 @@ class FeatureStore:
         if type(F) is not torch.Tensor:  # tensor parallelism: a pending all-reduce or a DTensor
             F = plain_feature(name, F)
         fc = st.features.get(name)
-        if fc is not None and st.partner is None and defer_update(st, fc, F, st.t):
+        if fc is not None and st.partner is None and self.batched and defer_update(st, fc, F, st.t):
             st.updated.add(name)  # with its arena's batched update at the end of the call
             return
         if self.cfg.space == "svd" and name not in self.bases:

@@ -101,9 +101,9 @@ def _adapters(model):
     return {id(a): a for _, _, a in last_plan(model).blocks}.values()
 
 
-def _defer(model, on: bool) -> None:
-    for a in _adapters(model):
-        a.defer_sum = on
+def _fast(defer: bool) -> dict:
+    """The whole-stack deferred sum on (the fast path) or off (the per-block forecasts it must equal)."""
+    return {"deferred_sum": "on" if defer else "off"}
 
 
 @pytest.mark.parametrize("defer", [True, False], ids=["whole-stack", "per-block"])
@@ -115,8 +115,7 @@ def test_buffered_cached_forward_equals_plain(model, basis, monkeypatch, residua
     itself is compared with the unfused path in test_residual_fused.py). There the bound is 1e-3 of
     the output's scale (a code flip moves it ~1e-5; stale gates or buffers would move it ~1e-1)."""
     loop = FluxLoop(model, batch=2)
-    svdcache.enable(model, basis=basis, interval=3, warmup=2, residual=residual)
-    _defer(model, defer)
+    svdcache.enable(model, basis=basis, interval=3, warmup=2, residual=residual, fast_paths=_fast(defer))
     fast = _run_with_lora_fuse(loop, model)
     g = svdcache.stats(model).last_generation
     assert g.cached_steps >= 4
@@ -162,17 +161,16 @@ def test_cached_step_skips_the_text_stream_nothing_reads(model, basis, monkeypat
             h = h - out / 10
         return outs, list(calls), svdcache.stats(model).last_generation
 
-    svdcache.enable(model, basis=basis, interval=3, warmup=2, residual=residual)
+    # the per-block path (the whole-stack sum is compared below)
+    svdcache.enable(model, basis=basis, interval=3, warmup=2, residual=residual, fast_paths=_fast(False))
     assert all(a.text_unused for a in _double_adapters(model))
-    _defer(model, False)  # the per-block path (the whole-stack sum is compared below)
     blk = model.transformer_blocks[0]
     assert not hasattr(blk.ff_context.forward, "_svdcache_capture")  # nothing read of it: not captured
     assert isinstance(blk.ff.forward._svdcache_capture, site_mod.CaptureHook)
     skip, names_skip, g_skip = run()
     # the text features captured and held (as before), and forecast
     monkeypatch.setattr(flux_mod.FluxDoubleBlockAdapter, "unread_features", lambda self, block: set())
-    svdcache.enable(model, basis=basis, interval=3, warmup=2, residual=residual)
-    _defer(model, False)
+    svdcache.enable(model, basis=basis, interval=3, warmup=2, residual=residual, fast_paths=_fast(False))
     for a in _double_adapters(model):
         a.text_unused = False
     full, names_full, g_full = run()
@@ -212,8 +210,7 @@ def test_whole_stack_sum_equals_per_block_forecasts(model, basis, monkeypatch, k
     monkeypatch.setattr(SVDCacheHook, "forecast", lambda self, name, **k: fcalls.append(name) or real(self, name, **k))
     res = {}
     for defer in (True, False):
-        svdcache.enable(model, basis=None if kw.get("space") == "full" else basis, interval=3, warmup=2, **kw)
-        _defer(model, defer)
+        svdcache.enable(model, basis=None if kw.get("space") == "full" else basis, interval=3, warmup=2, **kw, fast_paths=_fast(defer))
         calls.clear()
         fcalls.clear()
         outs, g = _generation(loop, model)
@@ -425,8 +422,7 @@ def test_whole_stack_keeps_controlnet_residuals(model, basis):
 
     res = {}
     for defer in (True, False):
-        svdcache.enable(model, basis=basis, interval=3, warmup=2, residual="reuse")
-        _defer(model, defer)
+        svdcache.enable(model, basis=basis, interval=3, warmup=2, residual="reuse", fast_paths=_fast(defer))
         res[defer] = run()
         svdcache.disable(model)
     (a, ga), (b, gb) = res[True], res[False]

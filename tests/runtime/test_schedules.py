@@ -158,8 +158,8 @@ def test_explicit_schedule_and_config_errors():
             SVDCacheConfig(schedule=bad)
     with pytest.raises(ValueError, match="num_full_steps"):
         SVDCacheConfig(num_full_steps=0)
-    assert SVDCacheConfig(residual="int4", space="full").residual == "reuse"  # a Taylor term only
-    assert SVDCacheConfig(predictor="ema").residual == "reuse"
+    assert SVDCacheConfig(residual="int4", space="full").resolve().residual == "reuse"  # a Taylor term only
+    assert SVDCacheConfig(predictor="ema").resolve().residual == "reuse"
     with pytest.raises(ValueError, match="memory_budget"):
         SVDCacheConfig(memory_budget=0.9)
 
@@ -237,14 +237,15 @@ def test_kept_residual_forecast_is_full_space_taylor_up_to_quantization(residual
 def test_default_order_follows_the_interval():
     """Order 2 on the principal part from interval 4 on with a kept residual; order 1 elsewhere
     (shorter intervals, the residual reused, full space); replace() re-chooses it, an explicit one stays."""
-    assert SVDCacheConfig(interval=4).order == 2 and SVDCacheConfig(interval=3).order == 1
-    assert SVDCacheConfig().order == 2  # interval 5
-    assert SVDCacheConfig(interval=8, residual="reuse").order == 1
-    assert svdcache.taylorseer(interval=8).order == 1 and svdcache.fora(interval=8).order == 1
-    assert SVDCacheConfig(interval=3, num_full_steps=10, num_inference_steps=50).order == 2
-    assert SVDCacheConfig(interval=8, order=1).order == 1
-    assert SVDCacheConfig(interval=8).replace(interval=2).order == 1
-    assert SVDCacheConfig(interval=8, order=2).replace(interval=2).order == 2
+    assert SVDCacheConfig(interval=4).resolve().order == 2 and SVDCacheConfig(interval=3).resolve().order == 1
+    assert SVDCacheConfig().resolve().order == 2  # interval 5
+    assert SVDCacheConfig(interval=8, residual="reuse").resolve().order == 1
+    assert svdcache.taylorseer(interval=8).resolve().order == 1 and svdcache.fora(interval=8).resolve().order == 1
+    assert SVDCacheConfig(interval=3, num_full_steps=10, num_inference_steps=50).resolve().order == 2
+    assert SVDCacheConfig(interval=8, order=1).resolve().order == 1
+    assert SVDCacheConfig(interval=8).resolve().replace(interval=2).resolve().order == 1
+    assert SVDCacheConfig(interval=8, order=2).resolve().replace(interval=2).resolve().order == 2
+    assert SVDCacheConfig().order is None  # automatic until resolved: the config itself is never rewritten
     with pytest.raises(ValueError, match="order"):
         SVDCacheConfig(order=3)
 
