@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import svdcache  # noqa: E402
 import svdcache.adapters as A  # noqa: E402
-import svdcache.adapters.submodule as S  # noqa: E402
+import svdcache.adapters.heavy as S  # noqa: E402
 from calibrate_embedded import calibrate_reference  # noqa: E402
 from common import generate, prompt_set  # noqa: E402
 from svdcache.embedded import load_pipeline  # noqa: E402

@@ -85,7 +85,7 @@ def enable(target, basis: Basis | str | os.PathLike | None = None, config: SVDCa
         # features no cached step reads are not captured (a module none of whose outputs is read gets no hook),
         # except while a basis is built online: it learns every feature
         install(model, hook, planned, skip=store.unread if store.online is None else set(), captures=hook.captures,
-                plain_blocks=hook.plain_blocks, call_checks=hook.call_checks)
+                call_checks=hook.call_checks)
     return cfg
 
 

@@ -54,6 +54,7 @@ class CalibrationHook(ModelHook):
     feature_dims = None  # any feature a full step produces is recorded
     traced = None
     deferred_sum = None
+    sink = None
 
     def mode(self):
         return "full" if self._active else None

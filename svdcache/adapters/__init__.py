@@ -16,18 +16,15 @@ import torch
 from .base import BlockAdapter
 from .flux import ADAPTERS as _FLUX
 from .generic import GenericBlockAdapter
-from .submodule import SubmoduleAdapter, heavy_submodules, is_heavy
+from .heavy import heavy_submodules, is_heavy
+from .submodule import SubmoduleAdapter
 
 MODULE_ADAPTERS: dict[str, type[BlockAdapter]] = {**_FLUX}
 
 
-def _block_identifiers() -> tuple[str, ...]:
-    try:
-        from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
-
-        return tuple(_ALL_TRANSFORMER_BLOCK_IDENTIFIERS)
-    except Exception:  # older diffusers
-        return ("blocks", "transformer_blocks", "single_transformer_blocks", "temporal_transformer_blocks", "layers")
+# the block-list names diffusers' own hooks know, in their order (diffusers.hooks._common, 0.42)
+BLOCK_IDENTIFIERS = ("blocks", "temporal_transformer_blocks", "layers", "transformer_blocks", "visual_transformer_blocks",
+                     "single_transformer_blocks")
 
 
 def model_dim(model: torch.nn.Module) -> int | None:
@@ -71,7 +68,7 @@ def block_lists(model: torch.nn.Module) -> list[tuple[str, torch.nn.ModuleList]]
             continue
         if all(not is_heavy(b) and heavy_submodules(b) for b in mod):
             found.append((path, mod))
-    idents = _block_identifiers()
+    idents = BLOCK_IDENTIFIERS
     return sorted(found, key=lambda pm: (idents.index(pm[0]) if pm[0] in idents else len(idents)))
 
 

@@ -6,6 +6,14 @@ from typing import Any, Callable
 
 import torch
 
+BLOCK_ATTR = "_svdcache_block_hook"  # a cached block's hook, in the block's __dict__ while attached
+
+
+def block_hook_of(block: torch.nn.Module):
+    """The block hook on ``block`` (adapters that find it from inside the block's own forward), or None."""
+    return block.__dict__.get(BLOCK_ATTR)
+
+
 Record = Callable[[str, torch.Tensor], None]  # (local feature name, feature) on a full step
 Forecast = Callable[..., torch.Tensor]  # (local name, x=, gate=, out=) -> F_hat or x + gate * F_hat
 

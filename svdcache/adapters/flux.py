@@ -180,10 +180,6 @@ class _WholeStack:
         self.first, self.last_module = id(every[0]), every[-1]
         self.last = id(every[-1])
         self._views = None  # (gate buffer, text length, GEMM outputs, deferred items)
-        # (list, first, end) of the blocks between the first and the last one
-        nd, ns = len(self.double), len(self.single)
-        self._middle = [(model.transformer_blocks, 1, nd - (ns == 0)), (model.single_transformer_blocks,
-                                                                         1 if nd == 0 else 0, ns - 1)]
 
     def defer_all(self, forecast, temb: torch.Tensor, L: int) -> None:
         nd, ns = len(self.double), len(self.single)
@@ -224,34 +220,7 @@ class _WholeStack:
                 s = _SILU(temb)
                 s = s.to(Wt.dtype) if s.dtype != Wt.dtype else s
             torch.addmm(b, s, Wt, out=o) if b is not None else torch.mm(s, Wt, out=o)
-        forecast.defer_all(v[3], until=self.last_module, undo=self._bypass())
-
-    def _bypass(self):
-        """For the rest of this call, the blocks between the first and the last are a bare pass-through
-        module in their lists (same lengths and indices: ControlNet residuals still land between the
-        blocks): their hook dispatch is skipped (~6 us each). Returns the undo, which the runtime runs when
-        the call ends however it ends."""
-        swapped = []
-        for lst, lo, hi in self._middle:
-            mods = lst._modules
-            for key in list(mods)[lo:hi]:
-                swapped.append((mods, key, mods[key]))
-                mods[key] = _PASS
-
-        def undo():
-            for mods, key, m in swapped:
-                mods[key] = m
-        return undo
-
-
-class _Pass(torch.nn.Module):
-    """A block of a whole-stack cached call between its first and last: the streams as they came."""
-
-    def forward(self, hidden_states=None, encoder_hidden_states=None, *args, **kwargs):
-        return encoder_hidden_states, hidden_states
-
-
-_PASS = _Pass()
+        forecast.defer_all(v[3], until=self.last_module)
 
 
 def _whole_stack(model, blocks):

@@ -58,7 +58,7 @@ def encode_prompts(prompts) -> torch.Tensor:
     return _TABLE[torch.tensor(ids)]
 
 
-def _digits():
+def digit_images():
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -68,7 +68,7 @@ def _digits():
 
 def make_clips(n: int, seed: int = 0, images=None):
     """``n`` clips (n, 1, FRAMES, FRAME, FRAME) in [-1, 1], their digit labels (n,) and directions (n,)."""
-    x, y = _digits() if images is None else images
+    x, y = digit_images() if images is None else images
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, x.shape[0], (n,), generator=g)
     dirs = torch.randint(0, len(DIRECTIONS), (n,), generator=g)

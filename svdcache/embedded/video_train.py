@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .video import VIDEO_DIR, build_transformer
-from .video_data import DIRECTIONS, _digits, encode_prompts, make_clips, prompt_for
+from .video_data import DIRECTIONS, digit_images, encode_prompts, make_clips, prompt_for
 
 
 def _save(path, obj):
@@ -46,7 +46,7 @@ def train(minutes, work, out, seed=0, batch_size=32, lr=1e-3, log_every=50):
     step = state.get("step", 0)
     elapsed = state.get("elapsed", 0.0)
     losses = state.get("losses", [])  # (step, mean loss over the last log_every steps)
-    images = _digits()
+    images = digit_images()
     # every (digit, direction) prompt, then the empty prompt
     table = encode_prompts([prompt_for(d, k) for d in range(10) for k in range(len(DIRECTIONS))] + [""])
     empty = table.shape[0] - 1

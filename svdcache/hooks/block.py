@@ -1,17 +1,22 @@
 """The block hook: on each cached transformer block, its full forward (features recorded) or its cached
-forward (forecasts), as the root hook decided for the call.
+forward (forecasts), as the root hook decided for the call. A thin wrapper of the block's ``forward`` (a
+feature site's kind of hook, svdcache.hooks.site), not a registry hook: a cached call that sums the whole
+stack at its last block passes the blocks in between through for the cost of one frame each.
 
 Its controller (the root hook, or the calibration hook) offers: ``mode()``, ``feature_dims``,
 ``declare(name, D)``, ``record(name, F)`` / ``record_eager(name, F)``, ``traced`` (a list a compiled full
-step hands its features out through, or None), ``forecast(name, x=, gate=, out=)``, ``buffer(...)`` and
-``deferred_sum`` (None where cached calls are never summed at once)."""
+step hands its features out through, or None), ``sink`` (a bulk full call's list its feature sites append
+to, or None), ``forecast(name, x=, gate=, out=)``, ``buffer(...)`` and ``deferred_sum`` (None where
+cached calls are never summed at once)."""
 from __future__ import annotations
 
 import torch
-from diffusers.hooks import ModelHook
+
+from ..adapters.base import BLOCK_ATTR
+from .site import ForwardWrapper
 
 
-class BlockHook(ModelHook):
+class BlockHook(ForwardWrapper):
     """On a transformer block: full forward (features recorded) or cached forward (forecasts)."""
 
     def __init__(self, controller, name: str, adapter):
@@ -20,15 +25,13 @@ class BlockHook(ModelHook):
         self.name = name
         self.adapter = adapter
         self.active_record = None
-        self.active_sink = None  # a bulk full call's list of (capture hook, output) (SVDCacheHook.bypass_plain_blocks)
+        self.active_sink = None  # a bulk full call's list of (capture hook, output)
         self.active_forecast = None  # set during a cached forward (submodule hooks read it)
         self.prefix = name + "."
         self.forecaster = Forecaster(controller, self.prefix)
-        self._sum = controller.deferred_sum
         self._names: dict[str, str] = {}  # local -> full feature name (no string concatenation per call)
         self.recorder = self.record  # one bound method, not one per call
         self.plain = adapter.plain_full_forward  # its full forward is the block's own
-        self.block = self.wrapper = None  # the block and the registry's wrapper of it (hooks.registry.install)
 
     def record(self, local: str, F) -> None:
         """The block's feature ``local`` of a full step."""
@@ -51,39 +54,74 @@ class BlockHook(ModelHook):
         else:  # the same, without the compiler-disable wrapper per feature
             ctl.record_eager(name, F)
 
-    def new_forward(self, module, *args, **kwargs):
-        mode = self.controller.mode()
-        if mode == "cached":
-            ds = self._sum
-            if ds is not None and ds.until is not None and ds.until is not module:
-                # a whole-stack cached call: this block's terms were deferred by the first block
-                return self.adapter.passthrough(module, args, kwargs)
-            if torch.compiler.is_compiling():
-                return self._cached_forward(module, args, kwargs)
-            return self._cached_forward_eager(module, args, kwargs)
-        if mode is None:  # called outside a managed transformer call
-            return self.fn_ref.original_forward(*args, **kwargs)
-        # (a bulk full call runs plain blocks without this hook: SVDCacheHook.bypass_plain_blocks; one
-        # that still comes here, under another wrapper, records feature by feature)
+    TAG = "_svdcache_block"
+
+    def make_forward(self, block, inner):
+        adapter = self.adapter
+
+        def forward(*args, **kwargs):
+            ctl = self.controller
+            mode = ctl.mode()
+            if mode == "cached":
+                ds = ctl.deferred_sum
+                if ds is not None and ds.until is not None and ds.until is not block:
+                    # a whole-stack cached call: this block's terms were deferred by the first block
+                    return adapter.passthrough(block, args, kwargs)
+                if torch.compiler.is_compiling():
+                    return self._cached_forward(block, inner, args, kwargs)
+                return self._cached_forward_eager(block, inner, args, kwargs)
+            if mode is None:  # called outside a managed transformer call
+                return inner(*args, **kwargs)
+            return self._full_forward(block, inner, args, kwargs)
+
+        return forward
+
+    def _full_forward(self, block, inner, args, kwargs):
         self.active_record = rec = self.recorder
+        if self.plain:  # its feature sites hand their outputs to the bulk call's sink where there is one
+            self.active_sink = self.controller.sink
         try:
             if self.plain:
-                return self.fn_ref.original_forward(*args, **kwargs)
-            return self.adapter.full_forward(module, self.fn_ref.original_forward, args, kwargs, rec)
+                return inner(*args, **kwargs)
+            return self.adapter.full_forward(block, inner, args, kwargs, rec)
         finally:
-            self.active_record = None
+            self.active_record = self.active_sink = None
 
-    def _cached_forward_eager(self, module, args, kwargs):
+    def _cached_forward_eager(self, block, inner, args, kwargs):
         if self.adapter.needs_forward:  # the block's own forward runs (submodule and block level)
             self.active_forecast = self.forecaster
             try:
-                return self.adapter.cached_forward(module, args, kwargs, self.forecaster,
-                                                   forward=self.fn_ref.original_forward)
+                return self.adapter.cached_forward(block, args, kwargs, self.forecaster, forward=inner)
             finally:
                 self.active_forecast = None
-        return self.adapter.cached_forward(module, args, kwargs, self.forecaster)
+        return self.adapter.cached_forward(block, args, kwargs, self.forecaster)
 
     _cached_forward = torch.compiler.disable(_cached_forward_eager)  # under torch.compile: a graph break
+
+    def attach(self, module) -> None:
+        super().attach(module)
+        module.__dict__[BLOCK_ATTR] = self  # adapters find it from inside the block (block_hook_of)
+
+    def go_inert(self, module) -> None:
+        if module.__dict__.get(BLOCK_ATTR) is self:
+            del module.__dict__[BLOCK_ATTR]
+        self.controller = _INERT
+
+    @property
+    def block(self):
+        return None if self._attached is None else self._attached[0]
+
+
+class _InertController:
+    """What a detached block hook still wrapped by another forward wrapper points at: it passes calls through."""
+
+    deferred_sum = sink = None
+
+    def mode(self):
+        return None
+
+
+_INERT = _InertController()
 
 
 class Forecaster:

@@ -5,7 +5,7 @@ import torch
 from diffusers.hooks import HookRegistry
 
 from ..adapters import find_blocks
-from . import BLOCK_HOOK, CAPTURE_HOOK, ROOT_HOOK
+from . import CAPTURE_HOOK, ROOT_HOOK
 from .block import BlockHook
 from .site import CaptureHook
 
@@ -45,21 +45,20 @@ def feature_dims(blocks) -> dict[str, int]:
 
 
 def install(model, controller, blocks, *, root_name: str = ROOT_HOOK, skip: set[str] = frozenset(),
-            captures: list | None = None, plain_blocks: list | None = None, call_checks: list | None = None) -> None:
-    """Register block and capture hooks (pointing at ``controller``) on ``blocks`` ((name, block, adapter)) and
-    ``controller`` as the root hook. ``skip``: features not captured (no cached step reads them);
-    ``captures`` / ``plain_blocks`` / ``call_checks``: the controller's lists of its capture hooks, of the block
-    hooks whose full forward is the block's own, and of the adapters that refuse some calls. Every hook is
-    registered before any call, and the child-registry cache invalidated, so pipeline cache contexts reach
-    them (diffusers caches the list of child registries)."""
+            captures: list | None = None, call_checks: list | None = None) -> None:
+    """Wrap ``blocks`` ((name, block, adapter)) in block hooks and their feature sites in capture hooks (all
+    pointing at ``controller``), and register ``controller`` as the model's root hook. ``skip``: features not
+    captured (no cached step reads them); ``captures`` / ``call_checks``: the controller's lists of its capture
+    hooks and of the adapters that refuse some calls. Every hook is in place before any call, and the
+    child-registry cache invalidated, so pipeline cache contexts reach adapters' own registry hooks
+    (diffusers caches the list of child registries)."""
     captures = [] if captures is None else captures
-    model.__dict__.setdefault("_svdcache_captures", {})[root_name] = captures  # detached by uninstall
+    wrappers: list = []
+    model.__dict__.setdefault("_svdcache_wrappers", {})[root_name] = wrappers  # detached by uninstall
     for name, block, adapter in blocks:
         bh = BlockHook(controller, name, adapter)
-        HookRegistry.check_if_exists_or_initialize(block).register_hook(bh, BLOCK_HOOK)
-        bh.block, bh.wrapper = block, block.__dict__.get("forward")  # the forward the registry gave it (ours)
-        if bh.plain and plain_blocks is not None:
-            plain_blocks.append(bh)
+        bh.attach(block)
+        wrappers.append(bh)
         if call_checks is not None and adapter.refuses_calls and adapter not in call_checks:
             call_checks.append(adapter)
         for _, sub, outputs in adapter.capture_points(block):
@@ -72,6 +71,7 @@ def install(model, controller, blocks, *, root_name: str = ROOT_HOOK, skip: set[
             hook = CaptureHook(bh, outputs)
             hook.attach(sub)
             captures.append(hook)
+            wrappers.append(hook)
     registry = HookRegistry.check_if_exists_or_initialize(model)
     registry.register_hook(controller, root_name)
     registry.invalidate_child_registries_cache()
@@ -83,14 +83,8 @@ def uninstall(model, root_name: str = ROOT_HOOK) -> bool:
     if registry is None or registry.get_hook(root_name) is None:
         return False
     registry.remove_hook(root_name, recurse=False)
-    registry.remove_hook(BLOCK_HOOK, recurse=True)
-    registry.remove_hook(CAPTURE_HOOK, recurse=True)
-    for hook in reversed(model.__dict__.get("_svdcache_captures", {}).pop(root_name, [])):
+    registry.remove_hook(CAPTURE_HOOK, recurse=True)  # adapters' own hooks
+    for hook in reversed(model.__dict__.get("_svdcache_wrappers", {}).pop(root_name, [])):
         hook.detach()
     registry.invalidate_child_registries_cache()
     return True
-
-
-def block_hook_of(block):
-    """The block hook on ``block`` (adapters that find it from inside the block's own forward)."""
-    return block._diffusers_hook.get_hook(BLOCK_HOOK)

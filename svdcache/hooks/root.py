@@ -63,9 +63,7 @@ class SVDCacheHook(ModelHook):
         self.traced: list = []  # (block hook, feature, F) recorded inside a compiled graph, for the end of the call
         self.captures: list = []  # the capture hooks pointing here (hooks.registry.install)
         self.sink: list | None = None  # [capture hook, output, ...] of the eager full call in progress
-        self.plain_blocks: list = []  # block hooks of plain_full_forward adapters (hooks.registry.install)
         self.call_checks: list = []  # adapters that refuse some calls (check_call), run at the start of a call
-        self.bypassed: list = []  # those the call in progress runs without their hook (bypass_plain_blocks)
         self._lock = threading.Lock()  # held for the length of a call: a second thread's call is refused
         self._owner = None  # the thread holding it
         # cached steps replayed from CUDA graphs (svdcache.fastpath.graphs); None: eager (off CUDA, or not asked for)
@@ -172,8 +170,6 @@ class SVDCacheHook(ModelHook):
         # small features of an eager full step are handed over by their capture hooks and recorded in bulk
         # at the end of the call, where the state's capture plan holds (svdcache.fastpath.batched_update)
         self.sink = [] if st.mode == "full" and st.capture_plan is not None and st.partner is None else None
-        if self.sink is not None:
-            self.bypass_plain_blocks(self.sink)
         try:
             # a cached call replayed (or captured) from a CUDA graph; None: run eagerly
             out = self.graphs.run(self, st, args, kwargs) if self.graphs is not None and st.mode == "cached" else None
@@ -223,7 +219,7 @@ class SVDCacheHook(ModelHook):
         st.new_generation()
         st.mode = None
         self.state = None
-        self.restore_plain_blocks()
+        self.sink = None
         self.traced.clear()
         self.deferred_sum.clear()
         self._lock.release()
@@ -262,8 +258,7 @@ class SVDCacheHook(ModelHook):
                 decider.fall_back(st, "a forecast")
                 st.call_cache_flops = st.call_torch_flops = 0
                 out = self.fn_ref.original_forward(*args, **kwargs)
-            sink = self.sink
-            self.restore_plain_blocks()
+            sink, self.sink = self.sink, None
             if sink:
                 record_captured(self, st, sink)
             if st.pending_updates:  # the held updates of small features, batched per arena
@@ -287,7 +282,7 @@ class SVDCacheHook(ModelHook):
             raise
         finally:
             self.deferred_sum.clear()  # nothing an adapter changed for the call outlives it
-            self.restore_plain_blocks()
+            self.sink = None
             self.state = None
             st.mode = None
             self._lock.release()
@@ -295,24 +290,3 @@ class SVDCacheHook(ModelHook):
     def _backend_is_torch(self, args, kwargs) -> bool:
         hs = kwargs.get("hidden_states", args[0] if args else None)
         return not isinstance(hs, torch.Tensor) or resolve_backend(self.cfg.backend, hs) == "torch"
-
-    # -- bulk full calls ---------------------------------------------------------------------------------
-    def bypass_plain_blocks(self, sink: list) -> None:
-        """For an eager full call that records in bulk: blocks whose full forward is the block's own
-        (plain_full_forward) run the forward our hook wraps straight (the registry's wrapper, our hook and its
-        frames left out for the call: the block calls cost what they cost uncached), their captures handed the
-        call's sink. Swapped only where the block's forward is still the registry's wrapper of our hook."""
-        for bh in self.plain_blocks:
-            d = bh.block.__dict__
-            if bh.wrapper is not None and d.get("forward") is bh.wrapper:
-                d["forward"] = bh.fn_ref.original_forward
-                bh.active_record, bh.active_sink = bh.recorder, sink
-                self.bypassed.append(bh)
-
-    def restore_plain_blocks(self) -> None:
-        """The bulk call undone: its sink dropped, the bypassed blocks' forwards (and hooks) back."""
-        self.sink = None
-        for bh in self.bypassed:
-            bh.block.__dict__["forward"] = bh.wrapper
-            bh.active_record = bh.active_sink = None
-        self.bypassed.clear()

@@ -1,5 +1,9 @@
-"""The feature site: "this module's output is feature X". A thin wrapper of the module's ``forward``
-that hands its outputs to the block's recorder on a full step (one frame per call)."""
+"""Thin forward wrappers: the feature site ("this module's output is feature X": its outputs handed to the
+block's recorder on a full step) and, on the same mechanism, the block hook (svdcache.hooks.block).
+
+A wrapper replaces the module's ``forward`` (one frame per call), not a diffusers registry hook (four frames
+and the packing of the arguments per call): every captured module runs at every full step and every block
+at every step, and on a dispatch-bound model those frames are a measurable share of it."""
 from __future__ import annotations
 
 import functools
@@ -9,23 +13,68 @@ import torch
 from ..runtime.distributed import reduce_partial
 
 
+class ForwardWrapper:
+    """``attach(module)`` sets ``module.forward`` to ``make_forward(module, inner)`` (``inner``: the forward
+    it replaces); ``detach()`` puts the replaced forward back. A wrapper put over ours after attach keeps
+    working: ours then stays in its chain, inert (``go_inert``: it passes the call through)."""
+
+    #: the attribute naming the wrapper on its forward function (``module.forward.<TAG>``)
+    TAG = "_svdcache_wrapper"
+
+    def __init__(self):
+        self._attached = None  # (module, our forward, the instance forward it replaced or None)
+
+    def make_forward(self, module, inner):
+        raise NotImplementedError
+
+    def go_inert(self, module) -> None:
+        """Detached from ``module``: pass calls through from now on (another wrapper may still call ours)."""
+        raise NotImplementedError
+
+    @property
+    def attached(self) -> bool:
+        return self._attached is not None
+
+    def attach(self, module: torch.nn.Module) -> None:
+        inner, own = module.forward, module.__dict__.get("forward")
+        # functools.wraps: inspect.signature (torch.export) follows __wrapped__ to the real one
+        forward = functools.wraps(inner)(self.make_forward(module, inner))
+        forward._svdcache_wrapper, forward._svdcache_own = self, own
+        setattr(forward, self.TAG, self)
+        module.forward = forward
+        self._attached = (module, forward, own)
+
+    def detach(self) -> None:
+        if self._attached is None:
+            return
+        module, forward, own = self._attached
+        self._attached = None
+        self.go_inert(module)
+        if module.__dict__.get("forward") is not forward:
+            return  # another wrapper took ours in: it stays in that chain, passing calls through
+        while getattr(own, "_svdcache_wrapper", None) is not None and not own._svdcache_wrapper.attached:
+            own = own._svdcache_own  # an inert wrapper under ours goes too
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
+
+
 class _Inert:
     """What a detached capture still wrapped by another forward wrapper points at: it records nothing."""
 
     active_sink = active_record = None
 
 
-class CaptureHook:
-    """On a submodule: during a full step of its block, record the listed outputs as features.
+class CaptureHook(ForwardWrapper):
+    """The feature site on a submodule: during a full step of its block, the listed outputs are features."""
 
-    Attached as a thin wrapper of the submodule's ``forward`` (one frame per call), not a diffusers registry
-    hook (four frames and the packing of the arguments per call): every captured module runs at every full
-    step, and on a dispatch-bound model those frames are a measurable share of it (issue 12)."""
+    TAG = "_svdcache_capture"
 
-    def __init__(self, block_hook: "BlockHook", outputs: list[tuple[str, int | None]]):
+    def __init__(self, block_hook, outputs: list[tuple[str, int | None]]):
+        super().__init__()
         self.block_hook = block_hook
         self.outputs = outputs
-        self._attached = None  # (module, our forward, the instance forward it replaced or None)
 
     def record_output(self, module, output):
         """The per-feature path: each listed output recorded now (the wrapper's bulk path hands the output
@@ -38,11 +87,9 @@ class CaptureHook:
                 record(name, output if idx is None else output[idx])
         return output
 
-    def attach(self, module: torch.nn.Module) -> None:
-        inner, own = module.forward, module.__dict__.get("forward")
+    def make_forward(self, module, inner):
         post = self.record_output
 
-        @functools.wraps(inner)  # inspect.signature (torch.export) follows __wrapped__ to the real one
         def forward(*args, **kwargs):
             out = inner(*args, **kwargs)
             bh = self.block_hook
@@ -52,21 +99,7 @@ class CaptureHook:
                 return out
             return out if bh.active_record is None else post(module, out)
 
-        forward._svdcache_capture, forward._svdcache_own = self, own
-        module.forward = forward
-        self._attached = (module, forward, own)
+        return forward
 
-    def detach(self) -> None:
-        if self._attached is None:
-            return
-        module, forward, own = self._attached
-        self._attached = None
+    def go_inert(self, module) -> None:
         self.block_hook = _Inert()
-        if module.__dict__.get("forward") is not forward:
-            return  # another wrapper took ours in: it stays in that chain, recording nothing
-        while getattr(own, "_svdcache_capture", None) is not None and own._svdcache_capture._attached is None:
-            own = own._svdcache_own  # an inert capture under ours goes too
-        if own is None:
-            del module.forward
-        else:
-            module.forward = own

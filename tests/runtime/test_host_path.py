@@ -371,23 +371,25 @@ def test_gpu_policy_state_flag_is_computed_at_full_steps(model, basis, gpu_polic
     assert len(calls) == g.full_steps  # once per full step, never on a cached one
 
 
-def test_bypassed_blocks_are_restored_after_every_call(model, basis, monkeypatch):
-    """The blocks between the first and the last are a pass-through module only while a whole-stack cached
-    call runs: after it, and after a call that raised inside the sum, the lists hold the model's blocks."""
+def test_whole_stack_leaves_the_block_lists_alone(model, basis, monkeypatch):
+    """The blocks between the first and the last of a whole-stack cached call pass their streams through
+    (their hooks return the inputs): the model's block lists are never changed, during the call, after it,
+    and after a call that raised inside the sum."""
     loop = FluxLoop(model, batch=2)
-    blocks = list(model.transformer_blocks) + list(model.single_transformer_blocks)
-    same = lambda: [*model.transformer_blocks, *model.single_transformer_blocks] == blocks  # noqa: E731
+    lists = (model.transformer_blocks, model.single_transformer_blocks)
+    blocks = [list(lst) for lst in lists]
+    same = lambda: [list(lst) for lst in lists] == blocks  # noqa: E731
     seen = []
     real = flux_mod._WholeStack.defer_all
 
     def spy(self, forecast, temb, L):
         real(self, forecast, temb, L)
-        seen.append(type(model.single_transformer_blocks[0]).__name__)  # while the call runs
+        seen.append(same())  # while the call runs
 
     monkeypatch.setattr(flux_mod._WholeStack, "defer_all", spy)
     svdcache.enable(model, basis=basis, interval=3, warmup=2)
     loop.run(10)
-    assert seen and all(n == "_Pass" for n in seen) and same()
+    assert seen and all(seen) and same()
     import svdcache.fastpath.deferred as deferred_mod
 
     def boom(self, hook, x, out=None):
@@ -531,38 +533,45 @@ def test_capture_wrappers_come_off_with_disable_and_under_another_wrapper(model,
     HookRegistry.check_if_exists_or_initialize(ff).remove_hook("counting")
 
 
-def test_plain_blocks_bypassed_on_bulk_full_steps_and_restored(model, basis):
-    """A full step recording in bulk runs the blocks (FLUX's have a plain full forward) without the registry's
-    wrapper and our hook: the same outputs and stats as through them, every block's forward restored after
-    each call, and after a call that raised."""
+def test_bulk_full_steps_leave_no_sink_behind(model, basis):
+    """A full step recording in bulk hands the feature sites' outputs to the call's sink (no per-feature
+    record): the same outputs and stats as recording one by one; after every call, and after one that raised,
+    no block hook holds a recorder or a sink, and every block's forward is still its hook's."""
+    from svdcache.adapters.base import block_hook_of
+
     loop = FluxLoop(model, batch=2)
-    res, bypassed = {}, []
-    for bypass in (True, False):
-        svdcache.enable(model, basis=basis, interval=3, warmup=2)
+    res, sinks = {}, []
+    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+
+    def clean():
+        return all(block_hook_of(b).active_sink is None and block_hook_of(b).active_record is None
+                   and b.forward._svdcache_block is block_hook_of(b) for b in blocks)
+
+    for bulk in (True, False):
+        svdcache.enable(model, basis=basis, interval=3, warmup=2,
+                        fast_paths="auto" if bulk else {"batched_update": "off"})
         root = model._diffusers_hook.get_hook("svdcache")
-        assert len(root.plain_blocks) == 4
-        if not bypass:
-            root.plain_blocks = []
-        real = root.bypass_plain_blocks
-        root.bypass_plain_blocks = lambda sink: (real(sink), bypassed.append(len(root.bypassed)))
+        hd = blocks[-1].register_forward_hook(lambda m, a, o: sinks.append(root.sink is not None))
         with torch.no_grad():
-            res[bypass] = _generation(loop, model, steps=12)
-        assert all(bh.block.forward is bh.wrapper and bh.active_sink is None for bh in root.plain_blocks)
-        if bypass:
-            assert 4 in bypassed  # some full steps ran the blocks straight
+            res[bulk] = _generation(loop, model, steps=12)
+        hd.remove()
+        assert clean()
+        if bulk:
+            assert any(sinks)  # some full steps recorded in bulk
             hd = model.single_transformer_blocks[1].proj_out.register_forward_pre_hook(
                 lambda m, a: (_ for _ in ()).throw(KeyboardInterrupt))
             root.decider.schedule.is_full = lambda *a, **k: True
-            n = len(bypassed)
             with pytest.raises(KeyboardInterrupt), torch.no_grad():
                 loop.call(loop.x, 0.01)  # a bulk full step of the same generation
             hd.remove()
-            assert bypassed[n:] == [4]
-            assert all(bh.block.forward is bh.wrapper and bh.active_sink is None for bh in root.plain_blocks)
-            assert not root.bypassed
+            assert clean() and root.sink is None
+        else:
+            assert not any(sinks)  # one by one: no capture plan, no sink
+        sinks.clear()
         svdcache.disable(model)
     (o1, g1), (o2, g2) = res[True], res[False]
-    assert all(torch.equal(a, b) for a, b in zip(o1, o2))
+    for a, b in zip(o1, o2):
+        assert float((a - b).abs().max()) <= 1e-3 * float(b.abs().max())  # int4 code flips at most
     assert g1.flops == g2.flops and g1.cached_steps == g2.cached_steps >= 4
 
 

@@ -11,7 +11,7 @@ import torch
 
 import model_zoo as Z
 import svdcache
-from svdcache.hooks import BLOCK_HOOK
+from svdcache.adapters.base import block_hook_of
 from svdcache.runtime.schedule import full_steps
 
 STEPS, INTERVAL, WARMUP = 8, 3, 2
@@ -21,7 +21,7 @@ FULL = full_steps(STEPS, interval=INTERVAL, warmup=WARMUP)
 
 
 def _fusion(block):
-    bh = block._diffusers_hook.get_hook(BLOCK_HOOK)
+    bh = block_hook_of(block)
     return bh.adapter.fusion.get(id(bh), "undecided")
 
 
