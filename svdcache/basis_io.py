@@ -187,6 +187,8 @@ def write_atomically(path, write) -> None:
     if os.path.isdir(p):
         raise IsADirectoryError(f"cannot save to {p}: it is a directory; give a file name such as "
                                 f"{os.path.join(p, FILENAME)}")
+    if os.path.lexists(p) and not os.path.isfile(p):  # a device, a pipe, a dangling link: never replaced
+        raise FileExistsError(f"cannot save to {p}: it exists and is not a regular file; give another file name")
     parent = os.path.dirname(os.path.abspath(p))
     if not os.path.isdir(parent):
         what = "is not a directory" if os.path.exists(parent) else "does not exist"

@@ -1,23 +1,16 @@
-"""The demo: the embedded FLUX pipeline generates digits uncached and with SVD-Cache, side by side.
+"""The demo: the embedded FLUX pipeline generates digits uncached and with SVD-Cache, side by side
+(``python -m svdcache demo --help``; its arguments and their checks: :mod:`svdcache.cli_args`).
 
-    python -m svdcache demo [--interval 5] [--predictor taylor] [--steps 50] [--device cpu] [--out out/demo.png]
-
-Prints wall-clock time of both runs (median of --repeats, interleaved), the speed-up, the transformer
-FLOPs ratio, cache memory, and PSNR / SSIM of the cached images against the uncached ones; writes
-a PNG with one column per image: uncached / cached / |difference| x 10.
+Uses the public API only (``svdcache.enable`` / ``disable`` / ``stats`` / ``SVDCacheConfig``), and
+imports torch only when it runs, so the command line answers ``--help`` without it.
 """
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import time
 
-import torch
-
-from . import api as apply, config as config_mod
-from .embedded import CALL_KWARGS, GUIDANCE, canonical_prompt, load_basis, load_pipeline
-from .metrics import psnr, ssim
+from .cli_args import DEMO_DOC, UsageError, add_demo_arguments, check_demo, check_device_available  # noqa: F401
+from .cli_args import demo_parser, quiet_foreign_libraries
 
 
 class _Timer:
@@ -31,6 +24,8 @@ class _Timer:
 
     def _sync(self):
         if str(self.device).startswith("cuda"):
+            import torch
+
             torch.cuda.synchronize()
 
     def _pre(self, *a):
@@ -43,6 +38,10 @@ class _Timer:
 
 
 def _generate(pipe, prompts, seeds, steps, device, cfg_scale):
+    import torch
+
+    from .embedded import CALL_KWARGS, GUIDANCE
+
     gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
     guidance = dict(GUIDANCE, true_cfg_scale=cfg_scale) if cfg_scale > 1 else {}
     if str(device).startswith("cuda"):
@@ -56,6 +55,9 @@ def _generate(pipe, prompts, seeds, steps, device, cfg_scale):
 
 def save_comparison(path, ref, cached, scale=4, amplify=10.0):
     """One column per image: uncached (top), cached (middle), |difference| x amplify (bottom)."""
+    import os
+
+    import torch
     from PIL import Image
 
     diff = ((cached - ref).abs() * amplify).clamp(0, 1)
@@ -67,19 +69,59 @@ def save_comparison(path, ref, cached, scale=4, amplify=10.0):
     Image.fromarray(arr).save(path)
 
 
+def _check_basis(pipe, basis, cfg, device):
+    """The --basis file against the embedded model, before any generation: loaded and validated
+    through ``svdcache.enable`` (then disabled again); a UsageError naming the file otherwise."""
+    import svdcache
+
+    loaded = _load_basis(basis, device)
+    try:
+        svdcache.enable(pipe, basis=loaded, config=cfg)
+    except (ValueError, OSError) as e:
+        raise _basis_error(basis, e) from None
+    finally:
+        svdcache.disable(pipe)
+    return loaded
+
+
+def _basis_error(basis: str, e: Exception) -> UsageError:
+    msg = " ".join(str(e).split())
+    return UsageError(msg if basis in msg else f"--basis {basis}: {msg}")
+
+
+def _load_basis(basis: str, device):
+    import svdcache
+
+    try:
+        return svdcache.load_basis(basis, device=device)
+    except (ValueError, OSError) as e:
+        raise _basis_error(basis, e) from None
+
+
 def run_demo(args) -> dict:
+    """Generate uncached and cached (interleaved, --repeats times); the table's numbers. Bad
+    arguments that need torch or the model (a CUDA device that is not there, a basis of another
+    model) raise UsageError before the first generation."""
+    import torch
+
+    import svdcache
+
+    from .embedded import BASIS_PATH, canonical_prompt, load_pipeline
+    from .metrics import psnr, ssim
+
+    device = args.device
+    check_device_available(device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = args.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for but no CUDA device is available")
+    if args.basis not in (None, "online"):
+        _load_basis(args.basis, device)  # a file that is no basis: refused before the model loads
     pipe = load_pipeline(device)
     pipe.set_progress_bar_config(disable=True)
     digits = list(range(10))
     prompts = [canonical_prompt(d) for d in digits for _ in range(args.seeds)]
     seeds = [1000 * d + s for d in digits for s in range(args.seeds)]
-    cfg = config_mod.SVDCacheConfig(interval=args.interval, predictor=args.predictor, residual=args.residual)
-    basis = None if args.basis == "online" else (load_basis(device) if args.basis is None else args.basis)
+    cfg = svdcache.SVDCacheConfig(interval=args.interval, predictor=args.predictor, residual=args.residual)
+    basis = None if args.basis == "online" else _check_basis(pipe, BASIS_PATH if args.basis is None else args.basis, cfg, device)
     timer = _Timer(pipe.transformer, device)
 
     _generate(pipe, prompts[:2], seeds[:2], 2, device, args.cfg)  # warm-up: lazy initialisation, not timed
@@ -92,17 +134,17 @@ def run_demo(args) -> dict:
         for _ in range(args.repeats):
             for mode in ("uncached", "cached"):
                 if mode == "cached":
-                    apply.enable(pipe, basis=basis, config=cfg)
+                    svdcache.enable(pipe, basis=basis, config=cfg)
                 else:
-                    apply.disable(pipe)
+                    svdcache.disable(pipe)
                 timer.total = 0.0
                 images[mode], dt = _generate(pipe, prompts, seeds, args.steps, device, args.cfg)
                 times[mode].append(dt)
                 tr_times[mode].append(timer.total)
                 if mode == "cached":
-                    st = apply.stats(pipe)
+                    st = svdcache.stats(pipe)
                 bar.update()
-    apply.disable(pipe)
+    svdcache.disable(pipe)
     ref, cached = images["uncached"], images["cached"]
     p, s = psnr(cached, ref), ssim(cached, ref)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -150,49 +192,33 @@ def format_table(r: dict) -> str:
     return "\n".join(f"| {a:<{w}} | {b} |" for a, b in rows)
 
 
-def add_arguments(ap: argparse.ArgumentParser) -> None:
-    d = config_mod.SVDCacheConfig()
-    ap.add_argument("--interval", type=int, default=d.interval, help=f"full step every N steps (default {d.interval})")
-    ap.add_argument("--predictor", choices=config_mod.PREDICTORS, default=d.predictor,
-                    help=f"principal-subspace predictor (default {d.predictor})")
-    ap.add_argument("--residual", choices=config_mod.RESIDUALS, default=d.residual,
-                    help=f"residual policy (default {d.residual})")
-    ap.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
-    ap.add_argument("--seeds", type=int, default=2, help="images per digit (default 2: 20 images)")
-    ap.add_argument("--cfg", type=float, default=GUIDANCE["true_cfg_scale"],
-                    help="true classifier-free guidance scale; cond and uncond calls are cached in separate "
-                         f"contexts (default {GUIDANCE['true_cfg_scale']:g}; 1 = no guidance)")
-    ap.add_argument("--repeats", type=int, default=5, help="timed runs of each mode, interleaved; the median is shown (default 5)")
-    ap.add_argument("--device", default="cpu", help="cpu, or cuda (bf16, Triton kernels)")
-    ap.add_argument("--basis", default=None, help="basis file (default: the embedded one); 'online' builds one online")
-    ap.add_argument("--out", default="out/demo.png", help="side-by-side PNG (default out/demo.png)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+def add_arguments(ap) -> None:
+    """The demo's arguments on an argparse parser (see :mod:`svdcache.cli_args`)."""
+    add_demo_arguments(ap)
 
 
-def check_arguments(ap: argparse.ArgumentParser, args) -> None:
+def check_arguments(ap, args) -> None:
     """Bad arguments end here, in one line (exit 2), before a minute of generation."""
-    from PIL import Image
+    try:
+        check_demo(args)
+    except UsageError as e:
+        if hasattr(ap, "fail"):  # cli_args.Parser: one line, exit 2
+            ap.fail(str(e))
+        ap.error(str(e))
 
-    for name in ("interval", "steps", "seeds", "repeats"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.threads < 0:
-        ap.error(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
-    if not args.cfg >= 1.0:
-        ap.error(f"--cfg must be >= 1 (1 = no guidance), got {args.cfg:g}")
-    if args.basis not in (None, "online") and not os.path.isfile(args.basis):
-        ap.error(f"--basis {args.basis}: no such file (or 'online' to build one)")
-    if os.path.isdir(args.out):
-        ap.error(f"--out {args.out} is a directory; give a file name such as {os.path.join(args.out, 'demo.png')}")
-    ext = os.path.splitext(args.out)[1].lower()
-    if ext not in Image.registered_extensions():
-        ap.error(f"--out {args.out}: not an image file name (give e.g. out/demo.png)")
+
+def run_cli(args) -> None:
+    """Run the demo (arguments checked by :func:`check_arguments`) and print its table; a UsageError
+    for what is found wrong before the first generation."""
+    print(format_table(run_demo(args)))
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m svdcache demo", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(ap)
+    ap = demo_parser()
     args = ap.parse_args(argv)
     check_arguments(ap, args)
-    print(format_table(run_demo(args)))
+    try:
+        with quiet_foreign_libraries():
+            run_cli(args)
+    except UsageError as e:
+        ap.fail(str(e))

@@ -67,6 +67,19 @@ def test_save_where_nothing_can_be_written(path):
     assert not os.path.exists(path)
 
 
+def test_save_onto_a_device_or_a_dangling_link(tmp_path):
+    """os.replace would put the basis where /dev/null was (as root); a dangling link likewise."""
+    with pytest.raises(FileExistsError) as e:
+        _basis().save("/dev/null")
+    assert "not a regular file" in _one_line_naming(e.value, "/dev/null")
+    assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
+    link = tmp_path / "link.safetensors"
+    os.symlink(tmp_path / "nowhere", link)
+    with pytest.raises(FileExistsError):
+        _basis().save(link)
+    assert _listing(tmp_path) == ["link.safetensors"]
+
+
 def test_save_into_a_read_only_directory(tmp_path):
     if os.geteuid() == 0:
         pytest.skip("root writes into read-only directories")
