@@ -41,7 +41,8 @@ print("\\nPROBE " + json.dumps({{"code": code, "heavy": sorted(m for m in {heavy
 
 def _probe(argv, stub, cwd):
     code = _PROBE.format(stub=stub, pkg_dir=PKG_DIR, argv=list(argv), heavy=HEAVY)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=cwd)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(PKG_DIR), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
     line = [ln for ln in r.stdout.splitlines() if ln.startswith("PROBE ")]
     assert line, (r.stdout[-2000:], r.stderr[-2000:])
     return json.loads(line[-1][6:]), r.stderr
