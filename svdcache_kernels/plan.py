@@ -57,7 +57,10 @@ def _scratch2d(M, D, dtype, device, tag=None) -> torch.Tensor:
     if buf is None:
         if len(bufs) > 8:  # shapes changed many times: drop the old buffers
             bufs.clear()
-        buf = bufs[key] = torch.empty(M if D is None else (M, D), dtype=dtype, device=device)
+        # a normal tensor even under torch.inference_mode: an inference tensor could not be written
+        # by a later call outside it (the buffers are shared by every model of the thread)
+        with torch.inference_mode(False):
+            buf = bufs[key] = torch.empty(M if D is None else (M, D), dtype=dtype, device=device)
     return buf
 
 

@@ -34,8 +34,10 @@ class _SiluOnce:
         self.temb = self.version = self.out = self.out2 = None
 
     def __call__(self, temb: torch.Tensor) -> torch.Tensor:
-        if temb is not self.temb or temb._version != self.version:
-            self.temb, self.version = temb, temb._version
+        # an inference tensor (torch.inference_mode) has no version counter: the identity decides (the
+        # model makes a new temb per call; none is changed in place between its blocks)
+        if temb is not self.temb or (self.version is not None and temb._version != self.version):
+            self.temb, self.version = temb, _version_of(temb)
             self.out = torch.nn.functional.silu(temb)
             self.out2 = None
         return self.out
@@ -48,6 +50,14 @@ class _SiluOnce:
 
 
 _SILU = _SiluOnce()
+
+
+def _version_of(t):
+    """``t``'s version counter; None for an absent tensor, a non-tensor or an inference tensor (made under
+    torch.inference_mode: it has none, and can be changed in place only there)."""
+    if not isinstance(t, torch.Tensor) or t.is_inference():
+        return None
+    return t._version
 
 
 def _gate_weights(lin: torch.nn.Linear, n_chunks: int, pairs: bool):
@@ -63,11 +73,12 @@ def _gate_weights(lin: torch.nn.Linear, n_chunks: int, pairs: bool):
     if w is None:  # not a parameter (a dynamic-quantized Linear's weight() method, a plain tensor attribute)
         w, bias = lin.weight, lin.bias
     ent = lin.__dict__.get("_svdcache_gate_rows")
-    if (ent is not None and ent[0] is w and ent[1] == w._version and ent[3] is bias
-            and (ent[5] is None or ent[2] == w.data_ptr()) and (bias is None or ent[4] == bias._version)):
+    # (a version None: an inference tensor, checked by identity and address only)
+    if (ent is not None and ent[0] is w and (ent[1] is None or ent[1] == w._version) and ent[3] is bias
+            and (ent[5] is None or ent[2] == w.data_ptr()) and (ent[4] is None or ent[4] == bias._version)):
         return ent[5]
     if not _plain_weights(lin):
-        lin.__dict__["_svdcache_gate_rows"] = (w, getattr(w, "_version", None), _ptr(w), bias, getattr(bias, "_version", None), None)
+        lin.__dict__["_svdcache_gate_rows"] = (w, _version_of(w), _ptr(w), bias, _version_of(bias), None)
         return None
     W = w.detach()
     D, dim = W.shape[0] // n_chunks, W.shape[1]
@@ -79,8 +90,7 @@ def _gate_weights(lin: torch.nn.Linear, n_chunks: int, pairs: bool):
         Wt = W[2 * D:3 * D].t()
         b = None if b is None else b[2 * D:3 * D]
     # the weight and bias objects are held (so their addresses are not reused), with their versions
-    lin.__dict__["_svdcache_gate_rows"] = (w, w._version, w.data_ptr(), bias, None if bias is None else bias._version,
-                                           (Wt, b))
+    lin.__dict__["_svdcache_gate_rows"] = (w, _version_of(w), w.data_ptr(), bias, _version_of(bias), (Wt, b))
     return Wt, b
 
 

@@ -83,6 +83,9 @@ class StepDecider:
             tuple(ehs.shape) if isinstance(ehs, torch.Tensor) else None,
             getattr(hs, "dtype", None),
             getattr(hs, "device", None),
+            # states made under torch.inference_mode cannot be updated in place outside it: a switch
+            # starts the context over, as a shape change does
+            torch.is_inference_mode_enabled(),
         )
         timestep = next((kwargs[k] for k in TIMESTEP_ARGS if kwargs.get(k) is not None), None)
         num_steps = ctx.num_inference_steps or self.scheduler_steps() or cfg.num_inference_steps
@@ -90,7 +93,8 @@ class StepDecider:
         t_raw = None if skip_read else timestep_value(timestep)
         bare = not self.states.context_is_set and isinstance(hs, torch.Tensor) and not skip_read
         if st.signature is not None and sig != st.signature:
-            logger.info("svdcache: input shape/dtype/device changed (%s -> %s): state reset, computing in full", st.signature, sig)
+            logger.info("svdcache: input shape/dtype/device/inference mode changed (%s -> %s): state reset, computing in full",
+                        st.signature, sig)
             new = True
         elif self.explicit:  # inside svdcache.generation(): the user says where generations start
             new = st.step < 0

@@ -97,7 +97,10 @@ class FeatureStore:
         if self.cfg.memory_budget is not None:  # rank and residual bits from the budget (per row of F)
             self.ranks[name], self._bits[name] = plan_for_budget(
                 self.cfg.memory_budget, fb.D, fb.rank(self.cfg.tau, self.cfg.rank), F.element_size())
-        V = fb.V[:, : self.ranks[name]].to(device=F.device, dtype=F.dtype).contiguous()
+        with torch.inference_mode(False):  # kept across generations: a normal tensor, whatever the mode
+            V = fb.V[:, : self.ranks[name]].to(device=F.device, dtype=F.dtype).contiguous()
+            if V.is_inference():  # a basis loaded under torch.inference_mode (kernels read V's version)
+                V = V.clone()
         self._V[name] = V
         return V
 
@@ -213,7 +216,8 @@ class FeatureStore:
         return from it is consumed by the next block of the same call."""
         buf = self._buffers.get(key)
         if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != device:
-            buf = self._buffers[key] = torch.empty(shape, dtype=dtype, device=device)
+            with torch.inference_mode(False):  # written by later calls, under torch.inference_mode or not
+                buf = self._buffers[key] = torch.empty(shape, dtype=dtype, device=device)
         return buf
 
     def buffer_keys(self) -> set[str]:
