@@ -22,8 +22,9 @@ class OnlineBasisBuilder:
 
     MAX_ROWS_PER_STEP = 2048
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, warn_once=None):
         self.cfg = cfg
+        self.warn_once = warn_once  # (key, message): the store's, once per cache
         self.parallel = lambda: None
         self.rows: dict[str, list[torch.Tensor]] = {}
         self.diffs: dict[str, list[torch.Tensor]] = {}  # change subspace: X_t - X_t-1 per context
@@ -53,7 +54,8 @@ class OnlineBasisBuilder:
                 self.diffs.setdefault(name, []).append(X - last)
             self._last[(ctx, name)] = X
         # at most ``warmup`` steps (config doc): more would force scheduled-cached steps to run in full
-        if len(self.rows[name]) < min(self.cfg.online_steps, self.cfg.warmup) or (change and name not in self.diffs):
+        if len(self.rows[name]) < min(self.cfg.online_steps, self.cfg.warmup) or (change and name not in self.diffs) \
+                or not self._finite(name, change):
             self.seconds += time.perf_counter() - t0
             return None
         A = torch.cat(self.diffs.pop(name) if change else self.rows[name])
@@ -79,3 +81,25 @@ class OnlineBasisBuilder:
             torch.cuda.synchronize(A.device)
         self.seconds += time.perf_counter() - t0
         return FeatureBasis(V=V, sigma=sigma, k=k)
+
+    def _finite(self, name: str, change: bool) -> bool:
+        """Drop the steps whose rows (or changes) of ``name`` are not finite (a NaN / inf in a generation
+        would make the SVD fail, now and in every later generation): one host read per attempt. False
+        when too few are left to build from: later full steps (or generations) bring more."""
+        groups = [self.rows] + ([self.diffs] if change else [])
+        for g in groups:
+            chunks = g[name]
+            ok = torch.stack([torch.isfinite(c).all() for c in chunks]).tolist()
+            if all(ok):
+                continue
+            if self.warn_once is not None:
+                self.warn_once("online_nonfinite", f"svdcache: feature {name!r} held NaN/inf at a full step: those "
+                               "steps are left out of the basis built online, which is built from finite ones (warned once)")
+            kept = [c for c, good in zip(chunks, ok) if good]
+            if kept:
+                g[name] = kept
+            else:
+                del g[name]
+        if len(self.rows.get(name, ())) < min(self.cfg.online_steps, self.cfg.warmup):
+            return False
+        return not change or name in self.diffs

@@ -34,7 +34,7 @@ class FeatureStore:
         self.ranks = {n: fb.rank(cfg.tau, cfg.rank) for n, fb in self.bases.items()}
         self.gains = self._fitted_gains(basis) if cfg.fitted_gains else {}
         self.unread: set[str] = set()  # features no cached step forecasts (adapters' unread_features): no cache
-        self.online = OnlineBasisBuilder(cfg) if basis is None and cfg.space == "svd" else None
+        self.online = OnlineBasisBuilder(cfg, warn_once) if basis is None and cfg.space == "svd" else None
         self.batched = cfg.fast_path("batched_update") != "off"  # small features' full steps in one pass per arena
         self._V: dict[str, torch.Tensor] = {}
         self._bits: dict[str, int] = {}  # residual bits per feature chosen by a memory budget
@@ -120,7 +120,11 @@ class FeatureStore:
         if self.cfg.space == "svd" and name not in self.bases:
             # zero-setup: hold the feature until its online basis exists, then replay it, so the
             # first generation's caches start with the whole warm-up history
-            self._pending.setdefault(name, []).append((st, st.generation, F, st.t))
+            pending = self._pending.setdefault(name, [])
+            if pending and pending[0][0].generation != pending[0][1]:
+                # a generation ended before the basis was built (e.g. NaN features): never replayed
+                pending[:] = [p for p in pending if p[0].generation == p[1]]
+            pending.append((st, st.generation, F, st.t))
             built = self.online.collect(name, F, ctx_name)
             if built is None:
                 return
