@@ -2,13 +2,13 @@ from setuptools import find_packages, setup
 
 setup(
     name="svdcache",
-    version="0.1.0",
+    version="0.2.0",
     description="SVD-Cache: subspace-aware feature caching for diffusion transformers, with fused Triton kernels",
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["svdcache", "svdcache.*", "svdcache_kernels", "svdcache_kernels.*"]),
-    package_data={"svdcache.embedded": ["tiny-flux-digits/*", "tiny-flux-digits/*/*"]},
+    package_data={"svdcache.embedded": ["tiny-flux-digits/*", "tiny-flux-digits/*/*", "tiny-wan-digits/*"]},
     include_package_data=True,
     install_requires=[
         # torch is not pinned here: install the build you want first (scripts/setup.sh pins the CPU one).

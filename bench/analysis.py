@@ -27,7 +27,7 @@ RESULTS = os.path.join(common.ROOT, "bench", "results")
 
 
 def calib(pipe, prompt, seed, steps):
-    return svdcache.calibrate(pipe, prompt=prompt, num_inference_steps=steps, progress=False, output_type="pt",
+    return svdcache.calibrate(pipe, choose=False, prompt=prompt, num_inference_steps=steps, progress=False, output_type="pt",
                               generator=torch.Generator().manual_seed(seed), **CALL_KWARGS, **GUIDANCE)
 
 

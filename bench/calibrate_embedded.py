@@ -10,6 +10,9 @@ matrices), every step's features. The same run prices the calibrated schedules. 
 sample of its feature space; FLUX.1-dev's 4096 tokens per image are not. tau 0.99 sets the default
 k; columns up to 0.999 energy are stored so that enable(tau=...) can lower or raise it.
 
+Then the configuration per interval is chosen closed loop (svdcache.choice; ``--choose-only`` on an existing
+basis file) on the same held-out prompts and seeds, split into a fitting and a checking half.
+
 Schedule selection (``--no-select`` skips it): for the numbers of full steps of the uniform intervals
 2..10, the default configuration's and full-space TaylorSeer order 1's calibrated plans are chosen
 closed-loop among a few candidates (svdcache.schedule_tuning.tune_schedule, no local moves) on the same
@@ -39,6 +42,7 @@ def calibrate_reference(pipe, prompt=None, images=10, steps=50, tau=0.99, **kw):
     if prompt is not None:
         prompts = [prompt] * images
     gens = [torch.Generator().manual_seed(s) for s in seeds]
+    kw.setdefault("choose", False)  # main() chooses after the plans are selected (add_choice)
     basis = svdcache.calibrate(pipe, prompt=prompts, num_inference_steps=steps, tau=tau, generator=gens,
                                output_type="pt", **CALL_KWARGS, **GUIDANCE, **kw)
     basis.meta["prompt"] = json.dumps(sorted(set(prompts)))
@@ -72,6 +76,19 @@ def select_schedules(pipe, basis, steps=50, images=10, max_evals=8, progress=Tru
     return out
 
 
+def add_choice(pipe, basis, steps=50, images=10, intervals=(2, 3, 4, 5, 6, 7, 8), progress=True):
+    """The closed-loop choice of the configuration (svdcache.choice) on the calibration prompts and seeds,
+    alternately split into a fitting and a checking half: nothing evaluated is chosen on."""
+    from svdcache.choose import choose
+
+    prompts, seeds = calibration_prompts(images)
+    pairs = list(zip(prompts, seeds))
+    basis.meta["choice"] = choose(pipe, basis, steps=steps, fit=pairs[0::2], check=pairs[1::2],
+                                  call_kwargs=dict(**CALL_KWARGS, **GUIDANCE), two_calls=True,
+                                  intervals=intervals, progress=progress)
+    return basis.meta["choice"]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompt", default=None, help="one prompt for every image (default: the held-out set)")
@@ -80,10 +97,21 @@ def main(argv=None):
     ap.add_argument("--tau", type=float, default=0.99)
     ap.add_argument("--out", default=BASIS_PATH)
     ap.add_argument("--no-select", action="store_true", help="keep the DP plans (no closed-loop selection)")
+    ap.add_argument("--choose-only", action="store_true",
+                    help="keep the basis file's features and plans; choose the configuration per interval (svdcache.choice)")
     ap.add_argument("--shared-only", action="store_true",
                     help="keep the basis file's features and plain plans; select only the shared-branch (-u2) plans")
     args = ap.parse_args(argv)
     pipe = load_pipeline()
+    if args.choose_only:
+        from svdcache.basis import Basis
+
+        basis = Basis.load(args.out)
+        pipe.set_progress_bar_config(disable=True)
+        add_choice(pipe, basis, args.steps, args.images)
+        basis.save(args.out)
+        print(basis, "->", args.out)
+        return
     if args.shared_only:
         from svdcache.basis import Basis
 
@@ -97,6 +125,7 @@ def main(argv=None):
     if not args.no_select:
         pipe.set_progress_bar_config(disable=True)
         select_schedules(pipe, basis, args.steps, args.images)
+        add_choice(pipe, basis, args.steps, args.images)
     basis.save(args.out)
     print(basis, "->", args.out)
 

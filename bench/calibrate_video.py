@@ -27,7 +27,7 @@ from svdcache.embedded.video import (VIDEO_BASIS_PATH, VIDEO_BLOCK_BASIS_PATH, V
 def calibrate_video(pipe, granularity="submodule", images=10, steps=50, tau=0.99):
     prompts, seeds = calibration_set(images)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    basis = svdcache.calibrate(pipe, prompt=prompts, num_inference_steps=steps, tau=tau, generator=gens,
+    basis = svdcache.calibrate(pipe, choose=False, prompt=prompts, num_inference_steps=steps, tau=tau, generator=gens,
                                granularity=granularity, output_type="pt", progress=False, **VIDEO_GUIDANCE)
     basis.meta["prompt"] = json.dumps(sorted(set(prompts)))
     basis.meta["seeds"] = f"{seeds[0]}..{seeds[-1]}"

@@ -8,14 +8,44 @@
     print(svdcache.stats(pipe))
     svdcache.disable(pipe)
 """
-__version__ = "0.1.0"
+from typing import TYPE_CHECKING
 
-from .api import current_basis, disable, enable, generation, is_enabled, reset, stats  # noqa: E402
-from .basis import Basis, FeatureBasis, load_basis  # noqa: E402
-from .calibration import calibrate  # noqa: E402
-from .config import SVDCacheConfig, fora, taylorseer  # noqa: E402
-from .hub import push_to_hub  # noqa: E402
-from .runtime.stats import CacheStats, RunStats  # noqa: E402
+__version__ = "0.2.0"
+
+# the public names, imported on first use: ``python -m svdcache --help`` answers without torch or diffusers
+_EXPORTS = {
+    "current_basis": ".api", "disable": ".api", "enable": ".api", "generation": ".api", "is_enabled": ".api",
+    "reset": ".api", "stats": ".api",
+    "Basis": ".basis", "FeatureBasis": ".basis", "load_basis": ".basis",
+    "calibrate": ".calibration",
+    "SVDCacheConfig": ".config", "fora": ".config", "taylorseer": ".config",
+    "push_to_hub": ".hub",
+    "CacheStats": ".runtime.stats", "RunStats": ".runtime.stats",
+}
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'svdcache' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:
+    from .api import current_basis, disable, enable, generation, is_enabled, reset, stats  # noqa: F401
+    from .basis import Basis, FeatureBasis, load_basis  # noqa: F401
+    from .calibration import calibrate  # noqa: F401
+    from .config import SVDCacheConfig, fora, taylorseer  # noqa: F401
+    from .hub import push_to_hub  # noqa: F401
+    from .runtime.stats import CacheStats, RunStats  # noqa: F401
 
 __all__ = [
     "enable",

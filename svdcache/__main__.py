@@ -111,8 +111,10 @@ def _calibrate(args, resolved: dict) -> None:
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(desc="svdcache calibrate: reference generation")
     gen = torch.Generator("cpu").manual_seed(args.seed)
+    prompts = [p.strip() for p in args.choose_prompts.split("|")] if args.choose_prompts else None
     basis = svdcache.calibrate(pipe, prompt=args.prompt, num_inference_steps=args.steps, steps=resolved["steps"],
-                               tau=args.tau, granularity=args.granularity, generator=gen, **extra)
+                               tau=args.tau, granularity=args.granularity, generator=gen, choose=not args.no_choose,
+                               choose_intervals=resolved["intervals"], choose_prompts=prompts, **extra)
     try:
         basis.save(args.out)
     except OSError as e:  # checked before the work, so only a change since (disk full, a removed folder)

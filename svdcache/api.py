@@ -10,7 +10,7 @@ import torch
 
 from .adapters import basis_granularity, last_plan
 from .basis import Basis, load_basis
-from . import env
+from . import choice, env
 from .config import SVDCacheConfig
 from .hooks import CALIBRATION_HOOK
 from .hooks.registry import install, plan, root_of, transformers, uninstall
@@ -40,11 +40,12 @@ def enable(target, basis: Basis | str | os.PathLike | None = None, config: SVDCa
     env_backend = env.backend()
     if cfg.backend == "auto" and env_backend is not None:  # the environment decides what "auto" means
         cfg = cfg.replace(backend=env_backend)
-    cfg = cfg.resolve()
     if isinstance(basis, (str, os.PathLike)):
         basis = load_basis(basis)
     if basis is not None and not isinstance(basis, Basis):
         raise TypeError(f"basis must be an svdcache Basis or a path, got {type(basis).__name__}")
+    # the configuration chosen for this model at calibration, in the settings not given (svdcache.choice)
+    cfg = choice.apply(cfg, basis, choice.explicit_settings(config, overrides)).resolve()
     models = transformers(target)
     for model in models:
         refuse_foreign_cache(model)  # FirstBlockCache, TaylorSeerCache, ...: refused before anything changes

@@ -217,15 +217,18 @@ class Basis:
             features[name] = FeatureBasis(V=tensors[f"{name}::V"], sigma=tensors[f"{name}::sigma"], k=s["k"])
             if "dk" in s:
                 changes[name] = FeatureBasis(V=tensors[f"{name}::dV"], sigma=tensors[f"{name}::dsigma"], k=s["dk"])
-        for key in ("tau", "steps", "feature_shapes", "gains", "images", "schedules"):
+        for key in ("tau", "steps", "feature_shapes", "gains", "images", "schedules", "choice"):
             if key in meta:
                 try:
                     meta[key] = json.loads(meta[key])
                 except ValueError:
-                    if key == "gains":
-                        raise ValueError(f"{path}: metadata field 'gains' is not valid JSON; "
+                    if key in ("gains", "choice"):
+                        raise ValueError(f"{path}: metadata field {key!r} is not valid JSON; "
                                          "recalibrate or delete the field") from None
         _check_gains(path, meta.get("gains"))
+        from .choice import check_choice
+
+        check_choice(meta.get("choice"), path)
         from .schedule_search import check_schedules
 
         check_schedules(meta.get("schedules"), path)

@@ -115,11 +115,12 @@ class CalibrationHook(ModelHook):
         raise RuntimeError("buffer during calibration")
 
 
-def basis_from_grams(grams: dict[str, torch.Tensor], tau: float, store_tau: float, progress: bool = True):
+def basis_from_grams(grams: dict[str, torch.Tensor], tau: float, store_tau: float, progress: bool = True,
+                     desc: str = "svdcache: one-time SVD"):
     from tqdm.auto import tqdm
 
     feats = {}
-    for name, G in tqdm(grams.items(), desc="svdcache: one-time SVD", disable=not progress, unit="feature"):
+    for name, G in tqdm(grams.items(), desc=desc, disable=not progress, unit="feature"):
         # eigh where G lives (a GPU after a GPU calibration): FLUX's 95 features of D = 3072 take minutes
         # as float64 eigh on a CPU (about 9 s each on one core); the rank is chosen on the CPU copy
         V, sigma, _ = K.basis_from_gram(G, k=G.shape[0])
@@ -162,6 +163,10 @@ def calibrate(
     streams=None,
     schedule_tau: float = 0.85,
     sample_bytes: int = 2 << 30,
+    choose: bool = True,
+    choose_prompts: list[str] | None = None,
+    choose_seeds: tuple = (7101, 7102, 7103, 7104),
+    choose_intervals: tuple = (3, 4, 5, 6, 7),
     **pipe_kwargs,
 ) -> Basis:
     """Run one reference generation and compute the SVD basis of every cached feature.
@@ -175,6 +180,13 @@ def calibrate(
     The same rows price the calibrated schedules (``enable(schedule="calibrated")``, see
     :mod:`svdcache.schedule_search`; the SVD family with the change subspace at ``schedule_tau``).
     The rows kept are capped so that they take at most ``sample_bytes`` of host memory.
+
+    With ``choose`` (pipelines only), the configuration for each interval of ``choose_intervals`` is then
+    chosen closed loop on this model (:mod:`svdcache.choice`): every candidate generated with the cache on
+    for ``choose_prompts`` (default: the reference prompt) x ``choose_seeds``, the pairs split alternately
+    into a fitting and a checking part, against the uncached outputs; stored in the basis (``enable`` uses
+    it). Give prompts and seeds outside any set you evaluate on. It costs about (candidates + 2) x intervals
+    generations of half the pairs each (with true CFG as two calls per step: 12 candidates).
     """
     models = transformers(target)
     if len(models) != 1:
@@ -221,8 +233,9 @@ def calibrate(
         all_reduce_dict_(hook.dgrams, parallel)
         if hook.samples:
             hook.samples = merge_samples(all_gather_object(hook.samples, parallel))
-    feats = basis_from_grams(hook.grams, tau, store_tau, progress)
-    changes = basis_from_grams(hook.dgrams, tau, store_tau, progress) if hook.dgrams else {}
+    feats = basis_from_grams(hook.grams, tau, store_tau, progress, desc="svdcache: one-time SVD of the features")
+    changes = (basis_from_grams(hook.dgrams, tau, store_tau, progress, desc="svdcache: one-time SVD of the changes")
+               if hook.dgrams else {})
     hook._prev.clear()
     import diffusers
 
@@ -252,4 +265,14 @@ def calibrate(
         sched = calibrated_schedules(hook.samples, changes, schedule_tau, timesteps)
         if sched:
             meta["schedules"] = sched
-    return Basis(features=feats, meta=meta, changes=changes)
+    basis = Basis(features=feats, meta=meta, changes=changes)
+    if choose and model is not target:
+        from .choose import choose as choose_config
+
+        prompts = list(choose_prompts) if choose_prompts else ([prompt] if isinstance(prompt, str) else list(prompt))
+        pairs = [(p, s) for p in prompts for s in choose_seeds]
+        call_kwargs = {k: v for k, v in pipe_kwargs.items() if k != "generator"}
+        meta["choice"] = choose_config(target, basis, steps=num_inference_steps, fit=pairs[0::2], check=pairs[1::2],
+                                       call_kwargs=call_kwargs, two_calls="uncond" in hook.timesteps,
+                                       intervals=tuple(choose_intervals), progress=progress)
+    return basis

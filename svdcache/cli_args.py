@@ -96,6 +96,14 @@ def add_calibrate_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", required=True, help="basis file to write (.safetensors)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    c.add_argument("--no-choose", action="store_true",
+                   help="skip the closed-loop choice of the configuration per interval (svdcache.choice)")
+    c.add_argument("--choose-intervals", default="3,4,5,6,7",
+                   help="intervals the configuration is chosen for (comma-separated, each >= 2; default 3,4,5,6,7); "
+                   "the guidance form (one call per step, or cond / uncond calls) is the pipeline call's own")
+    c.add_argument("--choose-prompts", default=None,
+                   help="prompts the choice generates with, separated by '|' (default: --prompt); keep them apart "
+                   "from anything you evaluate on")
 
 
 def build_parser() -> tuple[Parser, dict[str, Parser]]:
@@ -319,6 +327,14 @@ def check_calibrate(args) -> dict:
     if not 0.0 < args.tau <= 1.0:
         raise UsageError(f"--tau must lie in (0, 1], got {args.tau}")
     steps = _parse_steps(args)
+    try:
+        intervals = tuple(int(s) for s in args.choose_intervals.split(","))
+    except ValueError:
+        raise UsageError(f"--choose-intervals must be comma-separated integers like 3,5,7, got {args.choose_intervals!r}") from None
+    if not intervals or min(intervals) < 2 or len(set(intervals)) != len(intervals):
+        raise UsageError(f"--choose-intervals must be distinct integers >= 2, got {args.choose_intervals!r}")
+    if args.choose_prompts is not None and not all(p.strip() for p in args.choose_prompts.split("|")):
+        raise UsageError("--choose-prompts must be prompts separated by '|', none empty")
     if args.dtype is not None and args.dtype not in FLOAT_DTYPES:
         raise UsageError(f"--dtype must be a torch float dtype such as float32, bfloat16 or float16, got {args.dtype!r}")
     for flag in ("height", "width"):
@@ -333,7 +349,7 @@ def check_calibrate(args) -> dict:
         raise UsageError(f"--out {args.out} exists; pass --overwrite to replace it")
     kind, path, index = check_model_syntax(args.model)
     defaults, source = read_call_defaults(path) if kind == "folder" else ({}, "")
-    return dict(steps=steps, kind=kind, path=path, index=index, defaults=defaults, source=source)
+    return dict(steps=steps, kind=kind, path=path, index=index, defaults=defaults, source=source, intervals=intervals)
 
 
 # -- checks that import diffusers -----------------------------------------------------------------

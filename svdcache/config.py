@@ -6,10 +6,10 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 DEFAULT_TAU = 0.85  # residual reused: k carries the forecast
 DEFAULT_TAU_KEPT_RESIDUAL = 0.15  # residual difference kept (int4 / int8): k = 1-2, the top change directions
-ORDER2_MIN_INTERVAL = 4  # the default order with a kept residual: 2 from this interval on, else 1
 SPACES = ("svd", "full")
 SUBSPACES = ("feature", "change")
-PREDICTORS = ("taylor", "ema", "reuse")
+PREDICTORS = ("taylor", "hermite", "ema", "reuse")
+POLYNOMIAL = ("taylor", "hermite")  # predictors of divided differences (a kept residual is one of their terms)
 RESIDUALS = ("reuse", "taylor", "damped", "int8", "int4")
 GRANULARITIES = ("auto", "module", "submodule", "block")
 TIME_AXES = ("step", "timestep")
@@ -22,16 +22,16 @@ _INTEGERS = ("interval", "warmup", "tail", "num_inference_steps", "num_full_step
 
 @dataclass(frozen=True)
 class SVDCacheConfig:
-    """How SVD-Cache runs. The defaults were chosen on a development set of the embedded model
-    (prompts and seeds outside the benchmark's; bench/results/fidelity.md has the evaluated table):
-    the top directions of the feature changes (change subspace at tau 0.15: k = 1-2) forecast at
-    Taylor order 2 from interval 4 on (order 1 below), the rest of the change at order 1 kept at 4
-    bits (``residual="int4"``), one warm-up step, the basis's calibrated schedule where it has one,
-    and with true classifier-free guidance the unconditional branch computed at every second full
-    step only (``uncond_interval=2``, the largest single gain). Cache memory is per model and
-    dtype: 1 + k/D + 1/8 copies of fp32 features (1.15 measured on the embedded model), 1 + 2k/D +
-    1/4 of bf16 ones; ``stats`` reports it. The paper's EMA measured worse; ``subspace="feature"``
-    is the paper's subspace, ``residual="reuse"`` its residual (about one copy, 3-7 dB lower there).
+    """How SVD-Cache runs. Where the basis holds a configuration chosen at calibration for this model
+    (:mod:`svdcache.choice`: closed loop among candidates on the calibration's own prompts), ``enable``
+    uses it for the settings not given; elsewhere the defaults are those that lost nowhere measured: the
+    top directions of the feature changes (change subspace at tau 0.15: k = 1-2) and the rest of the
+    change kept at 4 bits (``residual="int4"``), all at Taylor order 1 (full-space TaylorSeer order 1 within
+    0.05 dB at 1.15-1.35 copies of memory instead of 2), one warm-up step, the uniform schedule, both
+    guidance branches at every full step. Cache memory is per model and dtype: 1 + k/D + 1/8 copies of
+    fp32 features (1.15 measured on the embedded model), 1 + 2k/D + 1/4 of bf16 ones; ``stats`` reports
+    it. The paper's EMA measured worse; ``subspace="feature"`` is the paper's subspace,
+    ``residual="reuse"`` its residual (about one copy, 3-7 dB lower there).
 
     Schedule
         interval: a full-compute step every ``interval`` steps (1 = never cache).
@@ -40,20 +40,21 @@ class SVDCacheConfig:
             pipeline's cache context or ``num_inference_steps``).
         num_inference_steps: number of steps per generation, when the pipeline does not say (inside a
             pipeline the step count is read from its scheduler; a different value here is warned about).
-        schedule: "auto" (calibrated where the basis holds a plan for this step count and predictor,
-            else uniform, silently), "uniform" (the rule above), "calibrated" (the full-step positions the basis's
+        schedule: "auto" (what the basis's choice says, else uniform), "uniform" (the rule above), "calibrated" (the full-step positions the basis's
             calibration chose for this predictor, as many full steps as the uniform rule would compute
             or ``num_full_steps``; uniform with a warning where the basis has none or the step count
             differs from the calibrated one), or a list of the full-step indices.
-        num_full_steps: with a calibrated schedule, the number of full steps per generation.
+        num_full_steps: the number of full steps per generation (spread evenly with "uniform").
+        full_steps_scale: the uniform rule's number of full steps times this (a choice that shares the
+            unconditional branch gets the full steps that cost what the interval's do without sharing).
         uncond_interval: with true classifier-free guidance (the pipeline calls the transformer in
             the cache contexts "cond" and "uncond" each step), the unconditional branch is computed
             only at every ``uncond_interval``-th full step of the conditional one; at the others it
             is forecast as the conditional branch's features of that step plus their difference's
-            forecast (see :mod:`svdcache.guidance`). 1 computes both branches at every full step.
-            None (default): 2, but 1 where every step is computed (``interval=1`` with the uniform or
-            auto schedule: no caching at all). With 2 a full step costs 1.5 transformer calls instead of 2 on average, so the FLOPs
-            ratio at a given ``interval`` is about 4/3 of it; pipelines with one call per step
+            forecast (see :mod:`svdcache.runtime.guidance`). 1 computes both branches at every full step.
+            None (default): the basis's choice, else 1 (sharing won 3 dB on the embedded model and lost
+            4-10 dB on others). With 2 a full step costs 1.5 transformer calls instead of 2 on average, so the
+            FLOPs ratio at a given ``interval`` is about 4/3 of it; pipelines with one call per step
             (FLUX.1-dev's distilled guidance) are not affected.
 
     What is cached
@@ -67,15 +68,17 @@ class SVDCacheConfig:
 
     Forecast
         predictor: principal-subspace predictor in coefficient space: "taylor" (Newton divided
-            differences over the actual step distances, order 1 or 2), "ema" (the paper's eq. 11 as
-            written, ``beta``), "reuse".
-        order: Taylor order (1 or 2) of the principal part. None (default): 2 with a kept residual
-            difference at ``interval`` >= 4 (or that many steps per full step by ``num_full_steps``),
-            else 1. The residual's own forecast is order 1 either way, so with k = 1-2 only the top
-            change directions are extrapolated at order 2: on the development set +0.4 / +1.0 /
-            +0.9 / +1.2 dB at N = 4 / 5 / 6 / 7 over order 1, -1.6 / -2.1 dB at N = 2 / 3 (short
-            gaps make the second difference mostly noise); at rank 2 it already loses, and full-space
-            order 2 (TaylorSeer o2) is 2.7-3 dB below order 1 at N = 5-7.
+            differences over the actual step distances, order 1 or 2), "hermite" (the same divided
+            differences weighted by scaled Hermite polynomials, HiCache's forecast; ``hermite_scale``),
+            "ema" (the paper's eq. 11 as written, ``beta``), "reuse".
+        hermite_scale: HiCache's scale sigma: the k-th term is weighted by H_k(sigma s) sigma^k / k!
+            (sigma = 1/sqrt(2) gives Taylor's first-order weight; smaller damps the extrapolation).
+        order: Taylor order (1 or 2) of the principal part. None (default): the basis's choice, else 1.
+            The residual's own forecast is order 1 either way, so with k = 1-2 only the top change
+            directions are extrapolated at order 2: on the embedded model's development set +0.4 / +1.0 /
+            +0.9 / +1.2 dB at N = 4 / 5 / 6 / 7 over order 1, -1.6 / -2.1 dB at N = 2 / 3 (short gaps make
+            the second difference mostly noise), within -0.35..+0.64 dB of order 1 on a model it was not
+            tuned on.
         gain: multiplies the Taylor increment (1 = plain extrapolation).
         fitted_gains: use the per-feature gains the basis fitted during calibration for this order,
             interval and warm-up (least squares on the reference trajectory), times ``gain``.
@@ -119,6 +122,7 @@ class SVDCacheConfig:
             of a few hundred): captured at a cached call whose forecasts all go through the deferred sum
             (FLUX-style models), replayed while the states and input layouts stay where they were; any
             other call runs eagerly. Off CUDA it does nothing. See :mod:`svdcache.fastpath.graphs`.
+        choice: "auto" (use the basis's choice, :mod:`svdcache.choice`, for the settings not given) or "off".
         fast_paths: "auto", or a dict naming some of ``deferred_sum`` (a cached call's gated forecasts
             summed at once at the last block: FLUX-style adapters), ``arenas`` (small features' states
             stacked, one op per kind of state) and ``batched_update`` (an arena's full-step updates in one
@@ -148,6 +152,7 @@ class SVDCacheConfig:
     beta: float = 0.9
     residual: str = "int4"
     residual_gain: float = 0.5
+    hermite_scale: float = 0.7
     time_axis: str = "step"
     subspace: str = "change"
     tau: float | None = None
@@ -161,6 +166,10 @@ class SVDCacheConfig:
     count_flops: bool = True
     cuda_graphs: bool = False
     fast_paths: str | dict = "auto"
+    full_steps_scale: float = 1.0
+    choice: str = "auto"
+    #: the label of the basis's choice ``enable`` applied (set by enable; None: none applied)
+    chosen: str | None = None
     #: the settings ``resolve`` chose automatically (empty on a config not resolved yet)
     resolved: frozenset = field(default=frozenset(), compare=False, repr=False)
 
@@ -181,19 +190,14 @@ class SVDCacheConfig:
             return self
         auto, ch = set(), {}
         if self.uncond_interval is None:
-            # interval 1 with the uniform / auto schedule means "compute every step": nothing shared
-            # either (an explicit uncond_interval=2 still shares the unconditional branch)
-            every = self.interval == 1 and self.num_full_steps is None and self.schedule in ("auto", "uniform")
-            ch["uncond_interval"] = 1 if every else 2
+            # both branches at every full step: sharing lost 4-10 dB on models it was not chosen for (a basis's
+            # choice shares where the calibration measured it to win: svdcache.choice)
+            ch["uncond_interval"] = 1
         residual = self.residual
-        if residual in ("int8", "int4") and (self.space != "svd" or self.predictor != "taylor"):
+        if residual in ("int8", "int4") and (self.space != "svd" or self.predictor not in POLYNOMIAL):
             residual = ch["residual"] = "reuse"  # the kept difference is a Taylor term: other forecasts reuse the residual
         if self.order is None:
-            per_full = self.interval
-            if self.num_full_steps is not None and self.num_inference_steps is not None:
-                per_full = self.num_inference_steps / self.num_full_steps
-            kept = self.space == "svd" and self.predictor == "taylor" and residual in ("int8", "int4")
-            ch["order"] = 2 if kept and per_full >= ORDER2_MIN_INTERVAL else 1
+            ch["order"] = 1  # order 2 where a basis's choice measured it to win (svdcache.choice)
         if self.tau is None and self.rank is None and self.space == "svd":
             ch["tau"] = DEFAULT_TAU_KEPT_RESIDUAL if residual in ("int8", "int4") else DEFAULT_TAU
         auto = frozenset(k for k in ch if k in _AUTO) | frozenset(["resolved"])
@@ -221,10 +225,11 @@ class SVDCacheConfig:
         """A short name for tables: the method and its settings."""
         c = self.resolve()
         if c.space == "full":
-            name = "FORA" if c.predictor == "reuse" else (
-                f"TaylorSeer-o{c.order}" if c.predictor == "taylor" else "full-EMA")
+            name = {"reuse": "FORA", "taylor": f"TaylorSeer-o{c.order}", "hermite": f"HiCache-o{c.order}-s{c.hermite_scale:g}",
+                    "ema": "full-EMA"}[c.predictor]
         else:
-            p = {"taylor": f"taylor{c.order}", "ema": "ema", "reuse": "reuse"}[c.predictor]
+            p = {"taylor": f"taylor{c.order}", "hermite": f"hermite{c.order}-s{c.hermite_scale:g}", "ema": "ema",
+                 "reuse": "reuse"}[c.predictor]
             r = {"reuse": "reuse", "taylor": "taylor", "damped": f"damped{c.residual_gain:g}", "int8": "int8", "int4": "int4"}[c.residual]
             k = f"tau{c.tau:g}" if c.rank is None else f"k{c.rank}"
             sub = "|dF" if c.subspace == "change" else ""
@@ -289,10 +294,15 @@ def _validate(c: SVDCacheConfig) -> None:
     number("gain", 0.0, 16.0)
     number("beta", 0.0, 1.0, hi_open=True)
     number("residual_gain", 0.0, 1.0, hi_open=True)
+    number("hermite_scale", 0.0, 2.0, lo_open=True)
+    number("full_steps_scale", 0.0, 4.0, lo_open=True)
+    one_of("choice", ("auto", "off"))
+    if c.chosen is not None and not isinstance(c.chosen, str):
+        bad("chosen", "None or a label (set by enable)")
     if c.memory_budget is not None:
         number("memory_budget", 1.0, 16.0, lo_open=True, hi_open=True)
-        if c.space != "svd" or c.predictor != "taylor":
-            raise ValueError("SVDCacheConfig.memory_budget needs space='svd' and predictor='taylor'")
+        if c.space != "svd" or c.predictor not in POLYNOMIAL:
+            raise ValueError("SVDCacheConfig.memory_budget needs space='svd' and predictor='taylor' or 'hermite'")
     for name in ("fitted_gains", "check_finite", "sync_free", "count_flops", "cuda_graphs"):
         flag(name)
     if isinstance(c.schedule, str):

@@ -33,7 +33,7 @@ def family_key(space: str, predictor: str, order: int, residual: str = "reuse", 
     costs less there and the best placement differs."""
     if predictor == "reuse":
         fam = f"{space}-reuse" if space == "full" else "full-reuse"
-    elif predictor == "taylor":
+    elif predictor in ("taylor", "hermite"):  # the same state and placement problem
         fam = f"{space}-taylor1"
     else:
         fam = f"{space}-{predictor}"

@@ -125,7 +125,7 @@ _STATES = {False: operator.attrgetter(*_STATE), True: operator.attrgetter(*_STAT
 
 def _state_of(fc):
     """(fc) -> its state tensors, as a tuple."""
-    return _STATES[type(fc) is QuantizedResidualCache]
+    return _STATES[isinstance(fc, QuantizedResidualCache)]
 
 
 def _batchable(ar, entries) -> bool:
@@ -138,7 +138,7 @@ def _batchable(ar, entries) -> bool:
     for fc, F, t in entries:
         if t != t0 or fc.times != times or fc.cfg is not cfg or type(fc) is not kind:
             return False
-    if kind is QuantizedResidualCache and fc0.bits and fc0.n + 1 >= 2:  # the update makes codes
+    if issubclass(kind, QuantizedResidualCache) and fc0.bits and fc0.n + 1 >= 2:  # the update makes codes
         if fc0.bits not in (4, 8) or (fc0.bits == 4 and fc0.shape[-1] % 2):
             return False
         fcs = [e[0] for e in entries]
@@ -182,7 +182,7 @@ def _batched(hook, st, ar, entries) -> bool:
         T0.add_(T1, alpha=h2)
     proj = 2 * M * D * k if order >= 1 else 0
     R.copy_(Fs)  # the new anchors, in the arena: the model's feature tensors are released
-    codes = type(fc0) is QuantizedResidualCache and fc0.bits and order >= 1 and fc0.n >= 1
+    codes = isinstance(fc0, QuantizedResidualCache) and fc0.bits and order >= 1 and fc0.n >= 1
     if codes:
         h = t - fc0.times[-1]
         # the residual difference dF / h - D1 V^T, into the difference; then its codes into the arena (the
@@ -213,7 +213,7 @@ def _batched(hook, st, ar, entries) -> bool:
             fc.update_flops = proj
             if codes:
                 fc.rq, fc.rs = qv[f], sv[f]
-            elif type(fc0) is QuantizedResidualCache:
+            elif isinstance(fc0, QuantizedResidualCache):
                 fc.rq = fc.rs = None  # no residual difference yet (as update: none kept)
             src = (fc.V, fc.R, fc.C, fc.D1, fc.D2, fc.E, fc.dR) + ((fc.rq, fc.rs) if codes else ())
             fc.state_key = sk = ar.state_key(f, src)

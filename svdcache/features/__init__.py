@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from .base import FeatureCache, nbytes_of, newton_weights
 from .full_space import FullSpaceCache
+from .hermite import HermiteFullSpaceCache, HermiteQuantizedCache, HermiteSubspaceCache
 from .quantized import QuantizedResidualCache, plan_for_budget
 from .subspace import SubspaceCache
 
 #: in order of precedence
 POLICIES: list[type[FeatureCache]] = [
+    HermiteFullSpaceCache, HermiteQuantizedCache, HermiteSubspaceCache,  # predictor="hermite" (HiCache's weights)
     FullSpaceCache,  # space="full": FORA / TaylorSeer
     QuantizedResidualCache,  # space="svd", residual int8 / int4 (or residual bits from a memory budget)
     SubspaceCache,  # space="svd", every other predictor / residual form
@@ -37,5 +39,5 @@ def make_feature_cache(name: str, cfg, V, gain: float | None = None, bits: int |
     raise ValueError(f"no forecast policy serves feature {name!r} under {cfg.label}")
 
 
-__all__ = ["FeatureCache", "FullSpaceCache", "POLICIES", "QuantizedResidualCache", "SubspaceCache",
+__all__ = ["FeatureCache", "FullSpaceCache", "HermiteFullSpaceCache", "HermiteQuantizedCache", "HermiteSubspaceCache", "POLICIES", "QuantizedResidualCache", "SubspaceCache",
            "make_feature_cache", "nbytes_of", "newton_weights", "plan_for_budget"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import SVDCacheConfig
+from ..config import POLYNOMIAL, SVDCacheConfig
 
 
 def newton_weights(s: float, times: list[float], n_hist: int, order: int, gain: float) -> list[float]:
@@ -83,6 +83,19 @@ class FeatureCache:
     def _push_time(self, F: torch.Tensor, t: float) -> None:
         self.times = (self.times + [t])[-3:]
         self.feature_nbytes = F.numel() * F.element_size()
+
+    @property
+    def polynomial(self) -> bool:
+        """Its forecast is a polynomial in the divided differences D1 / D2 (Taylor, Hermite)."""
+        return self.cfg.predictor in POLYNOMIAL
+
+    def weights(self, s: float) -> list[float]:
+        """Weights of (D1, D2) for a forecast ``s`` past the last full step (Taylor: Newton form)."""
+        return newton_weights(s, self.times, self.n, self.cfg.order, self.gain)
+
+    def residual_weight(self, s: float) -> float:
+        """Weight of a kept residual's first difference (``residual="int8"/"int4"``): the first-order term's."""
+        return s * self.gain
 
     def update(self, F: torch.Tensor, t: float) -> None:
         raise NotImplementedError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import FeatureCache, nbytes_of, newton_weights
+from .base import FeatureCache, nbytes_of
 
 
 class FullSpaceCache(FeatureCache):
@@ -30,7 +30,7 @@ class FullSpaceCache(FeatureCache):
             self.shape = tuple(F.shape)
         h1, h2 = self.steps_to(t)
         with torch.no_grad():
-            if cfg.predictor == "taylor" and self.n >= 1:
+            if self.polynomial and self.n >= 1:
                 d1 = (F.float() - self.F.float()) / h1
                 if cfg.order >= 2 and self.n >= 2:
                     self.D2 = ((d1 - self.D1.float()) / h2).to(F.dtype)
@@ -48,8 +48,8 @@ class FullSpaceCache(FeatureCache):
                 fh = self.E
             else:
                 fh = self.F
-                if cfg.predictor == "taylor":
-                    w = newton_weights(s, self.times, self.n, cfg.order, self.gain)
+                if self.polynomial:
+                    w = self.weights(s)
                     for wi, d in zip(w, (self.D1, self.D2)):
                         fh = fh + wi * d
             if x is None:

@@ -22,7 +22,8 @@ import torch
 from svdcache_kernels import quantize_rows, resolve_backend, residual_codes
 from svdcache_kernels.ops.residual_codes import residual_codes_compute, residual_difference
 
-from .base import nbytes_of, newton_weights
+from ..config import POLYNOMIAL
+from .base import nbytes_of
 from .subspace import SubspaceCache
 
 
@@ -32,7 +33,7 @@ class QuantizedResidualCache(SubspaceCache):
 
     @classmethod
     def applies(cls, cfg, bits) -> bool:
-        return cfg.space == "svd" and (cfg.residual in ("int8", "int4") or bits is not None)
+        return cfg.space == "svd" and cfg.predictor in POLYNOMIAL and (cfg.residual in ("int8", "int4") or bits is not None)
 
     @classmethod
     def create(cls, name, cfg, V, gain, bits):
@@ -82,8 +83,8 @@ class QuantizedResidualCache(SubspaceCache):
         if self.rq is None or self.n < 1:
             return super().forecast_terms(t)
         s = t - self.times[-1]
-        w = newton_weights(s, self.times, self.n, self.cfg.order, self.gain)
-        return [self.D1, self.D2][: len(w)], w, (self.rq, self.rs, self.bits), s * self.gain
+        w = self.weights(s)
+        return [self.D1, self.D2][: len(w)], w, (self.rq, self.rs, self.bits), self.residual_weight(s)
 
     def forecast(self, t, *, x=None, gate=None, out=None) -> torch.Tensor:
         if self.rq is None:

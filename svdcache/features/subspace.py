@@ -15,7 +15,7 @@ import torch
 import svdcache_kernels as K
 from svdcache_kernels.plan import layout as plan_layout
 
-from .base import FeatureCache, nbytes_of, newton_weights
+from .base import FeatureCache, nbytes_of
 
 
 class SubspaceCache(FeatureCache):
@@ -57,8 +57,8 @@ class SubspaceCache(FeatureCache):
         cfg = self.cfg
         new = lambda: torch.empty(self._cshape(F), dtype=torch.float32, device=F.device)  # noqa: E731
         self.C = new() if self.keep_C else None
-        self.D1 = new() if cfg.predictor == "taylor" else None
-        self.D2 = new() if cfg.predictor == "taylor" and cfg.order == 2 else None
+        self.D1 = new() if self.polynomial else None
+        self.D2 = new() if self.polynomial and cfg.order == 2 else None
         self.E = new() if cfg.predictor == "ema" else None
         if not self.anchor_form:
             self.R = torch.empty_like(F)
@@ -81,7 +81,7 @@ class SubspaceCache(FeatureCache):
             self._alloc(F)
             self.times = []
         h1, h2 = self.steps_to(t)
-        order = min(cfg.order, self.n) if cfg.predictor == "taylor" else 0
+        order = min(cfg.order, self.n) if self.polynomial else 0
         proj = 2 * (F.numel() // F.shape[-1]) * F.shape[-1] * self.V.shape[1]  # one F V
         if self.keep_C:
             self._split(
@@ -183,9 +183,9 @@ class SubspaceCache(FeatureCache):
     def forecast_terms(self, t):
         """The forecast at ``t`` as ``(terms, weights, dRq, dr_scale)`` of F_hat = R + (sum_i w_i T_i) V^T
         (+ dr_scale * dRq), R the anchor; None where the state is not of that form (EMA, explicit R)."""
-        if not self.anchor_form or self.cfg.predictor != "taylor" or self.n < 1:
+        if not self.anchor_form or not self.polynomial or self.n < 1:
             return None
-        w = newton_weights(t - self.times[-1], self.times, self.n, self.cfg.order, self.gain)
+        w = self.weights(t - self.times[-1])
         return [self.D1, self.D2][: len(w)], w, None, 0.0
 
     def weights_key(self):
@@ -198,8 +198,8 @@ class SubspaceCache(FeatureCache):
         cfg = self.cfg
         s = t - self.times[-1]
         terms, weights = [], []
-        if cfg.predictor == "taylor":
-            w = newton_weights(s, self.times, self.n, cfg.order, self.gain)
+        if self.polynomial:
+            w = self.weights(s)
             terms, weights = [self.D1, self.D2][: len(w)], w
         elif cfg.predictor == "ema":
             terms, weights = [self.E], [1.0]

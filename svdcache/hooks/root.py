@@ -23,6 +23,7 @@ from diffusers.hooks import ModelHook
 
 from svdcache_kernels import resolve_backend
 
+from .. import choice
 from ..fastpath.batched_update import capture_plan, flush_updates, record_captured
 from ..fastpath.deferred import DeferredSum
 from ..fastpath.graphs import StepGraphs, pin_anchors
@@ -94,7 +95,11 @@ class SVDCacheHook(ModelHook):
         return self.acct.generations
 
     def stats(self) -> CacheStats:
-        return self.acct.stats(self.cfg.label, self.store.ranks, self.store.online, self.graphs)
+        s = self.acct.stats(self.cfg.label, self.store.ranks, self.store.online, self.graphs)
+        basis = self.store.basis
+        s.choice = choice.describe(basis.meta.get("choice") if basis is not None else None, self.cfg.interval,
+                                   self.cfg.chosen)
+        return s
 
     def warn_once(self, key: str, msg: str) -> None:
         if key not in self._warned:

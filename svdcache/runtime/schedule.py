@@ -1,6 +1,7 @@
 """Which steps are computed in full and which are forecast."""
 from __future__ import annotations
 
+import math
 import warnings
 
 
@@ -17,6 +18,19 @@ def is_full_step(step: int, *, interval: int, warmup: int, tail: int = 0, num_st
 
 def full_steps(num_steps: int, *, interval: int, warmup: int, tail: int = 0) -> list[int]:
     return [i for i in range(num_steps) if is_full_step(i, interval=interval, warmup=warmup, tail=tail, num_steps=num_steps)]
+
+
+def spread_steps(num_steps: int, count: int, *, warmup: int = 1, tail: int = 0) -> list[int]:
+    """``count`` full steps spread evenly over ``num_steps`` (the first ``warmup`` and last ``tail`` among
+    them): the uniform rule for a number of full steps instead of an interval (``count = num_steps /
+    interval`` gives the interval's steps where it divides)."""
+    count = max(1, min(int(count), num_steps))
+    warmup = max(1, min(warmup, num_steps))
+    fixed = set(range(warmup)) | set(range(max(0, num_steps - tail), num_steps))
+    free = max(0, count - len(fixed))
+    span = (num_steps - tail) - (warmup - 1)  # as the interval rule: full steps every span / (free + 1) from warmup - 1
+    rest = {warmup - 1 + round((i + 1) * span / (free + 1)) for i in range(free)}
+    return sorted(fixed | {s for s in rest if 0 <= s < num_steps})
 
 
 class Schedule:
@@ -40,7 +54,7 @@ class Schedule:
         self.shared_family = family_key(cfg.space, cfg.predictor, cfg.order, cfg.residual, cfg.uncond_interval)
         self._warned: set[str] = set()
         self._resolved: dict[int | None, frozenset | None] = {}
-        if cfg.schedule in ("calibrated", "auto"):
+        if cfg.schedule == "calibrated":
             entry = (basis.meta.get("schedules") if basis is not None else None) or {}
             check_schedules(entry or None)
             plans = entry.get("plans", {})
@@ -62,6 +76,12 @@ class Schedule:
         c = self.cfg
         return full_steps(num_steps, interval=c.interval, warmup=c.warmup, tail=c.tail)
 
+    def count(self, num_steps: int) -> int:
+        """Full steps per generation of ``num_steps``: ``num_full_steps``, else the uniform rule's times
+        ``full_steps_scale``."""
+        c = self.cfg
+        return c.num_full_steps or max(1, math.floor(len(self.uniform(num_steps)) * c.full_steps_scale + 1e-9))
+
     def full_set(self, num_steps: int | None, shared: bool = False) -> frozenset | None:
         """The full steps of a run of ``num_steps`` steps, or None for the uniform rule. ``shared``: the
         run shares the unconditional branch (true CFG, ``uncond_interval`` > 1): the basis's plans of
@@ -72,10 +92,11 @@ class Schedule:
             return self._resolved[key]
         res = None
         plans = self.shared_plans if shared else self.plans
+        c = self.cfg
         if self.explicit is not None:
             res = self.explicit
         elif plans:
-            strict = self.cfg.schedule == "calibrated"  # "auto" falls back to uniform without a word
+            strict = c.schedule == "calibrated"
             if num_steps is None:
                 if strict:
                     self._warn("unknown", "svdcache: schedule='calibrated' needs the number of steps of the run "
@@ -84,8 +105,8 @@ class Schedule:
                 if strict:
                     self._warn(f"steps{num_steps}", f"svdcache: the calibrated schedule was made for {self.num_steps} "
                                f"steps, this run has {num_steps}; using the uniform schedule")
-            elif self.cfg.interval > 1 or self.cfg.num_full_steps:
-                m = self.cfg.num_full_steps or len(self.uniform(num_steps))
+            elif c.interval > 1 or c.num_full_steps:
+                m = self.count(num_steps)
                 plan = plans.get(str(m))
                 if plan is None:  # another M would change the compute asked for: keep the uniform rule
                     if strict:
@@ -93,6 +114,9 @@ class Schedule:
                                    f"(it has {sorted(int(k) for k in plans)}); using the uniform schedule")
                 else:
                     res = frozenset(int(s) for s in plan)
+        if res is None and num_steps and (c.num_full_steps or c.full_steps_scale != 1):
+            # a number of full steps, not an interval: spread evenly (also where a plan was asked for but is missing)
+            res = frozenset(spread_steps(num_steps, self.count(num_steps), warmup=c.warmup, tail=c.tail))
         self._resolved[key] = res
         return res
 

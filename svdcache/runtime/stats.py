@@ -56,12 +56,14 @@ class CacheStats:
     online_basis_flops: int = 0
     # cuda_graphs=True on CUDA: cached calls captured / replayed / run eagerly, and why (all generations)
     graphs: dict | None = None
+    # the configuration the basis's calibration chose for this interval and what it measured (svdcache.choice)
+    choice: str | None = None
 
     def __str__(self) -> str:
         g, t = self.last_generation, self.total
         ks = list(self.ranks.values())
         if not t.calls:  # nothing ran yet: no ratios to print (they would be nan)
-            return f"SVD-Cache stats ({self.config})\n  no steps yet"
+            return f"SVD-Cache stats ({self.config})\n  no steps yet" + (f"\n  {self.choice}" if self.choice else "")
         lines = [
             f"SVD-Cache stats ({self.config})",
             f"  last generation: {g.full_steps} full + {g.cached_steps} cached calls, FLOPs ratio "
@@ -73,6 +75,8 @@ class CacheStats:
         ]
         if ks:
             lines.append(f"  rank k per feature: {len(ks)} features, min {min(ks)}, median {sorted(ks)[len(ks) // 2]}, max {max(ks)}")
+        if self.choice:
+            lines.append(f"  {self.choice}")
         if self.online_basis_seconds:
             lines.append(f"  online basis: {self.online_basis_seconds:.3f} s, {self.online_basis_flops / 1e9:.3g} GFLOP")
         if self.graphs is not None:

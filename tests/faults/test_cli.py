@@ -316,8 +316,6 @@ def test_calibrate_output_has_no_foreign_warnings(tmp_path):
     assert out.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="needs a desc argument in svdcache/calibration.py basis_from_grams: the "
-                                       "feature and change SVDs share one progress-bar label")
 def test_the_two_svd_progress_bars_have_distinct_labels(tmp_path, capsys):
     import re
 

@@ -85,8 +85,6 @@ def test_help_and_argument_errors_import_no_torch(tmp_path):
     _check_answers(tmp_path, stub=True)
 
 
-@pytest.mark.xfail(strict=True, reason="needs lazy svdcache/__init__: it imports the runtime (torch, diffusers) "
-                                       "before svdcache/__main__.py runs")
 def test_python_m_svdcache_help_imports_no_torch(tmp_path):
     _check_answers(tmp_path, stub=False)
 

@@ -27,7 +27,7 @@ def test_change_subspace_carries_the_motion_a_feature_subspace_misses():
 
 
 def test_calibration_stores_both_subspaces_and_enable_uses_the_change_one(tiny_pipe, tmp_path):
-    basis = svdcache.calibrate(tiny_pipe, prompt="a handwritten digit three", num_inference_steps=10,
+    basis = svdcache.calibrate(tiny_pipe, choose=False, prompt="a handwritten digit three", num_inference_steps=10,
                                height=32, width=32, max_sequence_length=16, output_type="pt", progress=False)
     assert set(basis.changes) == set(basis.features)
     n = next(iter(basis.features))

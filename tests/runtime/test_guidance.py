@@ -21,7 +21,7 @@ def _clean(tiny_pipe):
 
 @pytest.fixture(scope="module")
 def basis(tiny_pipe):
-    return svdcache.calibrate(tiny_pipe, prompt="a handwritten digit three", num_inference_steps=STEPS,
+    return svdcache.calibrate(tiny_pipe, choose=False, prompt="a handwritten digit three", num_inference_steps=STEPS,
                               height=32, width=32, max_sequence_length=16, progress=False)
 
 
@@ -187,7 +187,7 @@ def test_shared_runs_use_their_own_plans(tiny_pipe, basis):
     plain = plans.get(family_key("svd", "taylor", 1, "int4"), {}).get(str(m)) or full_steps(STEPS, interval=3, warmup=1)
     assert plain != shared_plan
     for kw, want in ((CFG, shared_plan), ({}, plain)):
-        svdcache.enable(tiny_pipe, basis=b, interval=3, uncond_interval=2)
+        svdcache.enable(tiny_pipe, basis=b, interval=3, uncond_interval=2, schedule="calibrated")
         spy = Spy(tiny_pipe)
         try:
             run_pipe(tiny_pipe, steps=STEPS, **kw)
@@ -272,7 +272,7 @@ def test_interval_one_computes_both_branches_every_step(tiny_pipe, basis):
     explicit uncond_interval=2 still shares it."""
     ref = run_pipe(tiny_pipe, steps=STEPS, **CFG)
     cfg = svdcache.enable(tiny_pipe, basis=basis, interval=1)
-    assert cfg.uncond_interval == 1 and cfg.replace(interval=3).resolve().uncond_interval == 2
+    assert cfg.uncond_interval == 1 and cfg.replace(interval=3).resolve().uncond_interval == 1  # shared only by choice
     out = run_pipe(tiny_pipe, steps=STEPS, **CFG)
     assert torch.equal(out, ref)
     assert svdcache.stats(tiny_pipe).last_generation.cached_steps == 0

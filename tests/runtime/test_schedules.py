@@ -27,7 +27,7 @@ def _clean(tiny_pipe):
 
 @pytest.fixture(scope="module")
 def basis(tiny_pipe):
-    return svdcache.calibrate(tiny_pipe, prompt="the number 5", num_inference_steps=10,
+    return svdcache.calibrate(tiny_pipe, choose=False, prompt="the number 5", num_inference_steps=10,
                               height=32, width=32, max_sequence_length=16, output_type="pt", progress=False)
 
 
@@ -234,17 +234,17 @@ def test_kept_residual_forecast_is_full_space_taylor_up_to_quantization(residual
     assert q.nbytes() == held + rows * (D if residual == "int8" else (D + 1) // 2)
 
 
-def test_default_order_follows_the_interval():
-    """Order 2 on the principal part from interval 4 on with a kept residual; order 1 elsewhere
-    (shorter intervals, the residual reused, full space); replace() re-chooses it, an explicit one stays."""
-    assert SVDCacheConfig(interval=4).resolve().order == 2 and SVDCacheConfig(interval=3).resolve().order == 1
-    assert SVDCacheConfig().resolve().order == 2  # interval 5
-    assert SVDCacheConfig(interval=8, residual="reuse").resolve().order == 1
+def test_default_settings_without_a_choice_are_the_safe_ones():
+    """Without a choice from the basis (svdcache.choice) the automatic settings resolve to what lost nowhere
+    measured: order 1, both guidance branches at every full step, whatever the interval; an explicit setting
+    stays, replace() re-chooses the automatic ones."""
+    for n in (2, 3, 4, 5, 8):
+        c = SVDCacheConfig(interval=n).resolve()
+        assert (c.order, c.uncond_interval) == (1, 1), n
     assert svdcache.taylorseer(interval=8).resolve().order == 1 and svdcache.fora(interval=8).resolve().order == 1
-    assert SVDCacheConfig(interval=3, num_full_steps=10, num_inference_steps=50).resolve().order == 2
-    assert SVDCacheConfig(interval=8, order=1).resolve().order == 1
-    assert SVDCacheConfig(interval=8).resolve().replace(interval=2).resolve().order == 1
-    assert SVDCacheConfig(interval=8, order=2).resolve().replace(interval=2).resolve().order == 2
+    assert SVDCacheConfig(interval=8, order=2).resolve().order == 2
+    assert SVDCacheConfig(interval=8, order=2, uncond_interval=2).resolve().replace(interval=2).resolve().order == 2
+    assert SVDCacheConfig(interval=8).resolve().replace(order=2).resolve().order == 2
     assert SVDCacheConfig().order is None  # automatic until resolved: the config itself is never rewritten
     with pytest.raises(ValueError, match="order"):
         SVDCacheConfig(order=3)
