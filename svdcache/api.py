@@ -16,7 +16,7 @@ from .hooks import CALIBRATION_HOOK
 from .hooks.registry import install, plan, root_of, transformers, uninstall
 from .hooks.root import SVDCacheHook
 from .runtime.distributed import check_parallel_model, gather_stats, parallel_of
-from .runtime.guards import refuse_foreign_cache
+from .runtime.guards import refuse_foreign_cache, refuse_non_denoiser
 from .runtime.stats import CacheStats
 
 def enable(target, basis: Basis | str | os.PathLike | None = None, config: SVDCacheConfig | None = None, *,
@@ -48,6 +48,7 @@ def enable(target, basis: Basis | str | os.PathLike | None = None, config: SVDCa
     cfg = choice.apply(cfg, basis, choice.explicit_settings(config, overrides)).resolve()
     models = transformers(target)
     for model in models:
+        refuse_non_denoiser(model)  # e.g. enable(pipe.text_encoder)
         refuse_foreign_cache(model)  # FirstBlockCache, TaylorSeerCache, ...: refused before anything changes
     if basis is not None and len(models) > 1:
         raise ValueError("this pipeline has several transformers: enable each one with its own basis")

@@ -9,6 +9,7 @@ from diffusers.hooks.hooks import BaseState
 import svdcache_kernels as K
 
 from .basis import Basis, FeatureBasis, config_fingerprint
+from .calibration_args import check_calibrate_args
 from .hooks import CALIBRATION_HOOK
 from .hooks.registry import install, plan, root_of, transformers, uninstall
 from .runtime.gains import CHANGE_PREFIX, fit_gains
@@ -188,6 +189,7 @@ def calibrate(
     it). Give prompts and seeds outside any set you evaluate on. It costs about (candidates + 2) x intervals
     generations of half the pairs each (with true CFG as two calls per step: 12 candidates).
     """
+    check_calibrate_args(target, num_inference_steps, steps, granularity, run, tau, store_tau)  # before any work
     models = transformers(target)
     if len(models) != 1:
         raise ValueError(f"calibrate expects one transformer, found {len(models)}")

@@ -28,8 +28,10 @@ BLOCK_IDENTIFIERS = ("blocks", "temporal_transformer_blocks", "layers", "transfo
 
 
 def model_dim(model: torch.nn.Module) -> int | None:
-    cfg = getattr(model, "config", {}) or {}
-    heads, head_dim = cfg.get("num_attention_heads"), cfg.get("attention_head_dim")
+    cfg = getattr(model, "config", None)
+    # a diffusers config is a dict; another library's (a transformers model's) an object with attributes
+    get = cfg.get if isinstance(cfg, dict) else (lambda key: getattr(cfg, key, None))
+    heads, head_dim = get("num_attention_heads"), get("attention_head_dim")
     if isinstance(heads, int) and isinstance(head_dim, int):
         return heads * head_dim
     return getattr(model, "inner_dim", None)

@@ -20,6 +20,13 @@ def _gates(norm: torch.nn.Module, temb: torch.Tensor, n_chunks: int) -> tuple[to
     return norm.linear(norm.silu(temb)).chunk(n_chunks, dim=1)
 
 
+def _dim(block) -> int:
+    """The stream width of a FLUX double or single block, from its LayerNorm (no Linear read: a LoRA
+    layer or another wrapper may stand in for one)."""
+    norm = block.norm2 if hasattr(block, "norm2") else block.norm.norm
+    return norm.normalized_shape[0]
+
+
 def _clip_fp16(x: torch.Tensor) -> torch.Tensor:
     return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
 
@@ -70,8 +77,9 @@ def _gate_weights(lin: torch.nn.Linear, n_chunks: int, pairs: bool):
     bias's identity, version and address, read from ``_parameters`` (57 blocks per cached call)."""
     params = lin._parameters
     w, bias = params.get("weight"), params.get("bias")
-    if w is None:  # not a parameter (a dynamic-quantized Linear's weight() method, a plain tensor attribute)
-        w, bias = lin.weight, lin.bias
+    if w is None:  # not a parameter (a dynamic-quantized Linear's weight() method, a plain tensor attribute,
+        # a wrapper's: a LoRA layer's base weight, or none)
+        w, bias = getattr(lin, "weight", None), getattr(lin, "bias", None)
     ent = lin.__dict__.get("_svdcache_gate_rows")
     # (a version None: an inference tensor, checked by identity and address only)
     if (ent is not None and ent[0] is w and (ent[1] is None or ent[1] == w._version) and ent[3] is bias
@@ -104,8 +112,13 @@ def _ptr(w):
 def _plain_weights(*lins) -> bool:
     """Linears whose weight is a plain tensor, one whose gate rows can be viewed: not a dynamic-quantized
     Linear's (``weight`` is a method) nor a tensor subclass's such as torchao's int8 weights (no view
-    or transpose ops); a DTensor (tensor parallelism) is viewed like a plain one."""
+    or transpose ops); a DTensor (tensor parallelism) is viewed like a plain one. And modules that compute
+    ``x W^T + b`` of that weight: a torch Linear with its own forward, not a wrapper (a LoRA layer adds its
+    low-rank term to its base weight's) nor a Linear whose forward was replaced."""
     for lin in lins:
+        if (not isinstance(lin, torch.nn.Linear) or type(lin).forward is not torch.nn.Linear.forward
+                or "forward" in lin.__dict__):
+            return False
         w = getattr(lin, "weight", None)
         if not isinstance(w, torch.Tensor):
             return False
@@ -187,16 +200,16 @@ class _WholeStack:
         self.double = [(names[id(b)], b, b.norm1.linear) for b in model.transformer_blocks]
         self.single = [(names[id(b)], b, b.norm.linear) for b in model.single_transformer_blocks]
         every = [b for _, b, _ in self.double + self.single]
+        self.D = _dim(every[0])
         self.first, self.last_module = id(every[0]), every[-1]
         self.last = id(every[-1])
         self._views = None  # (gate buffer, text length, GEMM outputs, deferred items)
 
     def defer_all(self, forecast, temb: torch.Tensor, L: int) -> None:
         nd, ns = len(self.double), len(self.single)
-        lin0 = (self.double or self.single)[0][2]
-        D = lin0.weight.shape[0] // (6 if self.double else 3)
-        B = temb.shape[0]
-        G = forecast.buffer("flux.gates.all", (2 * nd + ns, B, 1, D), lin0.weight.dtype, temb.device)
+        w0 = getattr((self.double or self.single)[0][2], "weight", None)  # the gates' dtype: the weights'
+        D, B = self.D, temb.shape[0]
+        G = forecast.buffer("flux.gates.all", (2 * nd + ns, B, 1, D), getattr(w0, "dtype", temb.dtype), temb.device)
         v = self._views
         if v is None or v[0] is not G or v[1] != L:
             outs, items = [], []
@@ -291,7 +304,7 @@ class FluxDoubleBlockAdapter(_StackMixin, BlockAdapter):
     plain_full_forward = True  # the capture hooks on attn / ff / ff_context record
 
     def feature_dims(self, block):
-        D = block.norm2.normalized_shape[0]
+        D = _dim(block)
         return {"attn.img": D, "attn.txt": D, "ff": D, "ff_context": D}
 
     def unread_features(self, block):
@@ -348,7 +361,7 @@ class FluxSingleBlockAdapter(_StackMixin, BlockAdapter):
     plain_full_forward = True  # proj_out's capture hook records
 
     def feature_dims(self, block):
-        return {"proj_out": block.proj_out.out_features}
+        return {"proj_out": _dim(block)}  # proj_out maps back to the stream (it may be a wrapper: a LoRA layer)
 
     def capture_points(self, block):
         return [("proj_out", block.proj_out, [("proj_out", None)])]

@@ -86,7 +86,15 @@ class TinyWanPipeline:
     @torch.no_grad()
     def __call__(self, prompt, num_inference_steps: int = 50, generator=None, guidance_scale: float = 3.0,
                  negative_prompt: str = "", output_type: str = "pt", latents=None, callback_on_step_end=None,
-                 **_unused):
+                 **unknown):
+        if unknown:  # a misspelt argument would otherwise be ignored: refused before any work
+            import difflib
+            import inspect
+
+            names = [n for n in inspect.signature(TinyWanPipeline.__call__).parameters if n not in ("self", "unknown")]
+            near = {k: difflib.get_close_matches(k, names, n=1) for k in sorted(unknown)}
+            hint = "".join(f" ({k!r}: did you mean {m[0]!r}?)" for k, m in near.items() if m)
+            raise TypeError(f"TinyWanPipeline.__call__: unknown argument(s) {sorted(unknown)}{hint}; it takes {names}")
         tr = self.transformer
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         B = len(prompts)

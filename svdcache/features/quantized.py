@@ -103,14 +103,19 @@ class QuantizedResidualCache(SubspaceCache):
         return super().state_tensors() + ([self.rs] if self.rs is not None else [])
 
 
-def plan_for_budget(budget: float, D: int, k: int, elem_bytes: int) -> tuple[int, int]:
+def plan_for_budget(budget: float, D: int, k: int, elem_bytes: int, warn=None) -> tuple[int, int]:
     """(rank, residual bits) of one feature under a cache-memory budget in copies of the feature.
 
     Per token the cache holds the feature itself (1 copy: the anchor), k fp32 coefficients of its
     difference, and, if they fit, the residual difference at 8 or 4 bits plus one fp32 scale. The
-    rank is capped first (down to 1), then the most residual bits that fit are taken (0: reused)."""
+    rank is capped first (down to 1), then the most residual bits that fit are taken (0: reused).
+    A budget below the smallest cache (rank 1) gets that, and ``warn(message)`` is called."""
     avail = (budget - 1.0) * D * elem_bytes
     k = max(1, min(k, int(avail // 4)))
+    if 4 * k > avail and warn is not None:
+        least = 1.0 + 4.0 / (D * elem_bytes)
+        warn(f"memory_budget={budget:g} cannot be met for a feature of D={D} in {8 * elem_bytes}-bit floats: its "
+             f"smallest cache (rank 1) holds {least:.4f} copies; set memory_budget >= {-(-least * 1e4 // 1) / 1e4:.4f}")
     rest = avail - 4 * k - 4
     bits = 8 if rest >= D else 4 if rest >= (D + 1) // 2 else 0
     return k, bits

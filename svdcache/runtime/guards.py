@@ -1,5 +1,5 @@
-"""Runtime guards: another diffusers cache on the same model, concurrent use from two threads, and
-whether a bare loop's next input continues the trajectory (or is a new generation)."""
+"""Runtime guards: another diffusers cache on the same model, a model that is no denoiser, concurrent use
+from two threads, and whether a bare loop's next input continues the trajectory (or is a new generation)."""
 from __future__ import annotations
 
 import torch
@@ -34,6 +34,15 @@ def refuse_foreign_cache(model: torch.nn.Module) -> None:
             f"svdcache: another cache ({found}) is enabled on this {type(model).__name__}; two caches on one "
             "transformer give wrong images: disable it first (transformer.disable_cache()) or use only one"
         )
+
+
+def refuse_non_denoiser(model: torch.nn.Module) -> None:
+    """A model of the transformers library (a pipeline's text encoder) is no denoiser: its calls carry no
+    timestep and no generation, and its blocks would be planned as a transformer's."""
+    if any(c.__module__.split(".")[0] == "transformers" for c in type(model).__mro__):
+        raise TypeError(
+            f"svdcache: {type(model).__name__} is a transformers model (a text encoder), not a diffusion "
+            "transformer: enable the pipeline or its denoiser (svdcache.enable(pipe) or pipe.transformer)")
 
 
 def concurrent_use_error(model_class: str) -> RuntimeError:

@@ -96,7 +96,8 @@ class FeatureStore:
             raise ValueError(f"feature {name!r}: basis has D={fb.D} but the model produced D={F.shape[-1]}")
         if self.cfg.memory_budget is not None:  # rank and residual bits from the budget (per row of F)
             self.ranks[name], self._bits[name] = plan_for_budget(
-                self.cfg.memory_budget, fb.D, fb.rank(self.cfg.tau, self.cfg.rank), F.element_size())
+                self.cfg.memory_budget, fb.D, fb.rank(self.cfg.tau, self.cfg.rank), F.element_size(),
+                warn=lambda m: self.warn_once("budget", f"svdcache: feature {name!r}: {m} (warned once)"))
         with torch.inference_mode(False):  # kept across generations: a normal tensor, whatever the mode
             V = fb.V[:, : self.ranks[name]].to(device=F.device, dtype=F.dtype).contiguous()
             if V.is_inference():  # a basis loaded under torch.inference_mode (kernels read V's version)
