@@ -81,9 +81,9 @@ def enable(target, basis: Basis | str | os.PathLike | None = None, config: SVDCa
         store.unread = {f"{n}.{loc}" for n, b, a in planned for loc in a.unread_features(b)}
         if store.online is not None:
             store.online.parallel = parallel_of(model)  # zero-setup basis: all-reduce over the model's ranks
-        sched = None if isinstance(target, torch.nn.Module) else getattr(target, "scheduler", None)
-        if sched is not None:
-            hook.decider.scheduler = weakref.ref(sched)  # the step count of each run (tail, calibrated schedules)
+        if not isinstance(target, torch.nn.Module) and getattr(target, "scheduler", None) is not None:
+            # its scheduler at each call (replaced or not): the step count of each run (tail, calibrated schedules)
+            hook.decider.pipeline = weakref.ref(target)
         # features no cached step reads are not captured (a module none of whose outputs is read gets no hook),
         # except while a basis is built online: it learns every feature
         install(model, hook, planned, skip=store.unread if store.online is None else set(), captures=hook.captures,

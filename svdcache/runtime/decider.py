@@ -3,6 +3,8 @@ is computed in full or forecast (the schedule, readiness, true-CFG sharing, fall
 from __future__ import annotations
 
 import logging
+import sys
+import weakref
 
 import torch
 
@@ -48,7 +50,8 @@ class StepDecider:
         self.states = states
         self.warn_once = warn_once
         self.root_name = root_name  # the root hook's name in the model's registry (what sees_shards looks for)
-        self.scheduler = None  # weakref to the pipeline's scheduler (set by enable): the step count of each run
+        self.pipeline = None  # weakref to the pipeline enable was given (its scheduler: the step count of each run)
+        self.caller = None  # weakref to the pipeline whose call is in progress (found at a context's first call)
         self.model = None  # weakref to the transformer (to see another cache added after enable)
         self.explicit = 0  # > 0 inside ``with svdcache.generation(model)``: one generation, no guessing
         self.shares = False  # the unconditional branch found the conditional one this generation (guidance)
@@ -88,6 +91,8 @@ class StepDecider:
             torch.is_inference_mode_enabled(),
         )
         timestep = next((kwargs[k] for k in TIMESTEP_ARGS if kwargs.get(k) is not None), None)
+        if st.step < 0:  # a context's first call (a pipeline call starts: pipelines reset the states at their end)
+            self.caller = self.calling_pipeline()
         num_steps = ctx.num_inference_steps or self.scheduler_steps() or cfg.num_inference_steps
         skip_read = cfg.time_axis == "step" and self._skip_timestep_read(timestep, hs, ctx, num_steps)
         t_raw = None if skip_read else timestep_value(timestep)
@@ -200,9 +205,37 @@ class StepDecider:
             return False
         return ctx.step_index is not None or num_steps is not None or self.states.context_is_set
 
+    def calling_pipeline(self, depth: int = 48):
+        """A weakref to the pipeline whose call this is: the nearest caller frame whose ``self`` holds this
+        transformer as a component and has a scheduler (a second pipeline sharing the transformer, e.g.
+        ``FluxPipeline(**pipe.components)``, runs with its own scheduler); None where there is none."""
+        model = self.model() if self.model is not None else None
+        f = sys._getframe(1)
+        for _ in range(depth):
+            f = f.f_back
+            if f is None or model is None:
+                return None
+            co = f.f_code
+            if not co.co_argcount or co.co_varnames[0] != "self":
+                continue
+            obj = f.f_locals.get("self")
+            if isinstance(obj, torch.nn.Module) or getattr(obj, "scheduler", None) is None:
+                continue
+            for name in ("transformer", "transformer_2"):
+                tr = getattr(obj, name, None)
+                if tr is not None and getattr(tr, "_orig_mod", tr) is model:  # (torch.compile's wrapper)
+                    try:
+                        return weakref.ref(obj)
+                    except TypeError:
+                        return lambda obj=obj: obj
+        return None
+
     def scheduler_steps(self) -> int | None:
-        """Transformer calls per context in this run, from the pipeline's scheduler (host-side, no sync)."""
-        sched = self.scheduler() if self.scheduler is not None else None
+        """Transformer calls per context in this run, from the scheduler of the pipeline running it (or of
+        the one enable was given), read at each call: a scheduler replaced after enable is the one used
+        (host-side, no sync)."""
+        ref = self.caller or self.pipeline
+        sched = getattr(ref() if ref is not None else None, "scheduler", None)
         ts = getattr(sched, "timesteps", None)
         if ts is None:
             return None
