@@ -6,9 +6,10 @@ Reference: ten videos on the held-out calibration set (svdcache.embedded.video.c
 digit d moving in direction (d + 2) mod 4, seeds 90000 + i; the benchmark evaluates direction
 d mod 4 and seeds 1000 d + s), 50 steps, the video model's guidance (true CFG 3: cond and uncond
 calls both feed the Gram matrices), every step's features. tau 0.99 sets the default k; columns up to
-0.999 energy are stored. The same run prices the calibrated (DP) schedules the default uses with
-``schedule="auto"``; no closed-loop schedule selection is run (the FLUX model's
-bench/calibrate_embedded.py does one; it would take about an hour here).
+0.999 energy are stored. The same run prices the calibrated (DP) schedules; no closed-loop schedule
+selection is run (the FLUX model's bench/calibrate_embedded.py does one; it would take about an hour here).
+Then the configuration per interval is chosen closed loop (svdcache.choice; ``--choose-only`` on the existing
+files) on the same held-out set, split into a fitting and a checking half.
 Writes svdcache/embedded/tiny-wan-digits/svdcache_basis{,_block}.safetensors.
 """
 from __future__ import annotations
@@ -35,17 +36,38 @@ def calibrate_video(pipe, granularity="submodule", images=10, steps=50, tau=0.99
     return basis
 
 
+def add_choice(pipe, basis, steps=50, images=10, intervals=(2, 3, 4, 5, 6, 7, 8), progress=True):
+    """The closed-loop choice of the configuration (svdcache.choice) on the held-out calibration set, split
+    alternately into a fitting and a checking half: nothing evaluated is chosen on."""
+    from svdcache.choose import choose
+
+    prompts, seeds = calibration_set(images)
+    pairs = list(zip(prompts, seeds))
+    basis.meta["choice"] = choose(pipe, basis, steps=steps, fit=pairs[0::2], check=pairs[1::2],
+                                  call_kwargs=dict(VIDEO_GUIDANCE), two_calls=True, intervals=intervals,
+                                  progress=progress)
+    return basis.meta["choice"]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=10)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--tau", type=float, default=0.99)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--choose-only", action="store_true",
+                    help="keep the basis files' features and plans; choose the configuration per interval (svdcache.choice)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     pipe = load_video_pipeline()
     for g, path in (("submodule", VIDEO_BASIS_PATH), ("block", VIDEO_BLOCK_BASIS_PATH)):
-        basis = calibrate_video(pipe, g, args.images, args.steps, args.tau)
+        if args.choose_only:
+            from svdcache.basis import Basis
+
+            basis = Basis.load(path)
+        else:
+            basis = calibrate_video(pipe, g, args.images, args.steps, args.tau)
+        add_choice(pipe, basis, args.steps, args.images)
         basis.save(path)
         print(g, basis, "->", path)
 

@@ -58,7 +58,13 @@ def svd_cfg(**kw) -> dict:
                                       "schedule": "uniform", "uncond_interval": 1, **kw})
 
 
-def method_list(quick: bool = False, with_threshold_caches: bool = False, with_cache_dit: bool = False) -> list[dict]:
+CHOICE_INTERVALS = [2, 3, 4, 5, 6, 7, 8]  # the intervals the embedded basis's choice was made for
+CANDIDATE_INTERVALS = [3, 5, 7]
+
+
+def method_list(quick: bool = False, with_threshold_caches: bool = True, with_cache_dit: bool = False) -> list[dict]:
+    from svdcache.choice import candidates, shared_scale
+
     I = [3, 5, 8] if quick else INTERVALS  # noqa: E741
     ms = []
 
@@ -67,10 +73,14 @@ def method_list(quick: bool = False, with_threshold_caches: bool = False, with_c
 
     for s in ([17, 10, 7] if quick else [25, 17, 13, 10, 8, 6]):
         add(f"fewer steps {s}", "fewer steps", kind="steps", steps=s, setting=s)
+    for n in ([3, 5, 7] if quick else CHOICE_INTERVALS):
+        # -- the default: the configuration the basis's calibration chose for this interval (svdcache.choice)
+        add(f"SVD default N={n}", "SVD-Cache default (the configuration chosen at calibration per interval)",
+            setting=n, kind="svdcache", cfg={"interval": n})
     for n in I:
+        add(f"SVD safe N={n}", "SVD-Cache without a choice (order 1, int4 residual, both branches, uniform)",
+            setting=n, kind="svdcache", cfg={"interval": n, "choice": "off"})
         # -- peers in this runtime (full space), with the warm-up each does best with
-        # (FORA at warm-up 3 and SVD-Cache taylor1 tau .85 at warm-up 3, an old default, measured below
-        # their warm-up 1 / calibrated twins in every earlier sweep: dropped to keep the sweep <= 25 min)
         add(f"FORA w1 N={n}", "FORA (full reuse), warmup 1", setting=n,
             **svd_cfg(interval=n, space="full", predictor="reuse", warmup=1))
         for w in (3, 1):
@@ -78,16 +88,13 @@ def method_list(quick: bool = False, with_threshold_caches: bool = False, with_c
                 **svd_cfg(interval=n, space="full", predictor="taylor", order=1, warmup=w))
         add(f"TaylorSeer-o1 cal N={n}", "TaylorSeer o1 (full space), calibrated schedule", setting=n,
             **svd_cfg(interval=n, space="full", predictor="taylor", order=1, warmup=1, schedule="calibrated"))
-        # -- SVD-Cache: the pieces the default is made of (both guidance branches at every full step)
-        add(f"SVD default u1 N={n}", "SVD-Cache default but both branches every full step (uncond_interval=1)",
-            setting=n, kind="svdcache", cfg={"interval": n, "uncond_interval": 1})
+        for sig in (0.5, 0.7):  # HiCache as published: Hermite weights on TaylorSeer's (full-space) state
+            add(f"HiCache-o2 s{sig} N={n}", f"HiCache o2 (full space, scale {sig})", setting=n,
+                **svd_cfg(interval=n, space="full", predictor="hermite", order=2, hermite_scale=sig, warmup=1))
         add(f"SVD paper EMA tau.85 N={n}", "SVD-Cache paper (EMA, tau .85)", setting=n,
             **svd_cfg(interval=n, predictor="ema", tau=0.85))
-        add(f"SVD taylor1 change tau.85 cal N={n}", "SVD-Cache taylor1, change tau.85, calibrated schedule",
-            setting=n, **svd_cfg(interval=n, predictor="taylor", order=1, subspace="change", tau=0.85, warmup=1,
-                                 schedule="calibrated"))
         # -- diffusers' TaylorSeerCache: its defaults (attention only, 3 warm-up steps) and at its best
-        # (attention and MLPs hooked, caching from step 1), orders 1 and 2
+        # (whole blocks, caching from step 1), orders 1 and 2
         add(f"diffusers TaylorSeer o1 N={n}", "diffusers TaylorSeerCache o1 (defaults)",
             kind="diffusers_taylorseer", setting=n, interval=n, order=1)
         for o in (1, 2):
@@ -95,20 +102,23 @@ def method_list(quick: bool = False, with_threshold_caches: bool = False, with_c
                 kind="diffusers_taylorseer", setting=n, interval=n, order=o, identifiers=DIFFUSERS_TS_BLOCKS,
                 before=1)
     for n in ([2, 4, 6] if quick else SHARED_INTERVALS):
-        # -- the default (no settings but the interval): the unconditional branch shared, calibrated schedule
-        add(f"SVD default N={n}", "SVD-Cache default (top change directions (tau .15) at order 2 from N=4, int4 residual, uncond shared, "
-            "calibrated schedule)", setting=n, kind="svdcache", cfg={"interval": n})
-        add(f"SVD default uniform N={n}", "SVD-Cache default, uniform schedule (warmup 1, uncond shared)",
-            setting=n, kind="svdcache", cfg={"interval": n, "schedule": "uniform"})
         # what the sharing gives a full-space TaylorSeer in this runtime (schedule selected the same way)
         add(f"TaylorSeer-o1 cal u2 N={n}", "TaylorSeer o1 (full space) + uncond shared, calibrated schedule",
             setting=n, **svd_cfg(interval=n, space="full", predictor="taylor", order=1, warmup=1,
                                  schedule="calibrated", uncond_interval=2))
+    # -- every candidate the choice could have taken, at the compute it was measured at (svdcache.choice)
+    plans = set(((load_basis().meta.get("schedules") or {}).get("plans") or {}))
+    for n in ([5] if quick else CANDIDATE_INTERVALS):
+        m_full = len(full_steps(50, interval=n, warmup=1))
+        for label, kw in candidates(True, plans):
+            scale = shared_scale(m_full) if kw.get("uncond_interval", 1) > 1 else 1.0
+            add(f"candidate {label} N={n}", f"candidate: {label}", setting=n, kind="svdcache",
+                cfg=dict(kw, interval=n, full_steps_scale=scale, choice="off"))
     if with_cache_dit:  # cache-dit from PyPI (optional): --cache-dit; its settings live in cachedit_peer.py
         import cachedit_peer
 
         ms += cachedit_peer.method_rows(quick)
-    if not with_threshold_caches:  # FirstBlockCache / MagCache: --threshold-caches (about 5 more minutes)
+    if not with_threshold_caches:  # FirstBlockCache / MagCache: --no-threshold-caches leaves them out
         return ms
     for th in ([0.1, 0.3] if quick else [0.03, 0.06, 0.1, 0.15, 0.2, 0.3, 0.5]):
         add(f"diffusers FBCache th={th:g}", "diffusers FirstBlockCache", kind="fbcache", setting=th, threshold=th)
@@ -484,7 +494,7 @@ def main(argv=None):
     ap.add_argument("--redo", action="store_true", help="with --only: run its rows again though the JSON has them")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--no-tf", action="store_true", help="skip the teacher-forced forecast errors")
-    ap.add_argument("--threshold-caches", action="store_true", help="also diffusers' FirstBlockCache and MagCache")
+    ap.add_argument("--no-threshold-caches", action="store_true", help="leave out diffusers' FirstBlockCache and MagCache")
     ap.add_argument("--cache-dit", action="store_true", help="also cache-dit's DBCache (+ TaylorSeer) from PyPI "
                     "(optional: pip install -e '.[cachedit]'); --only cache-dit runs just those rows")
     args = ap.parse_args(argv)
@@ -504,7 +514,7 @@ def main(argv=None):
     b = Bench(args)
     b.reference()
     done = {r["name"] for r in data["rows"] if not (args.redo and args.only and args.only in r["name"])}
-    methods = [m for m in method_list(args.quick, args.threshold_caches, args.cache_dit) if m["name"] not in done and (not args.only or args.only in m["name"])]
+    methods = [m for m in method_list(args.quick, not args.no_threshold_caches, args.cache_dit) if m["name"] not in done and (not args.only or args.only in m["name"])]
     n_tf = 8
     feats = None if args.no_tf else record_features(
         b.pipe, b.prompts[:: len(b.prompts) // n_tf][:n_tf], b.seeds[:: len(b.seeds) // n_tf][:n_tf], b.steps)

@@ -33,6 +33,31 @@ def spread_steps(num_steps: int, count: int, *, warmup: int = 1, tail: int = 0) 
     return sorted(fixed | {s for s in rest if 0 <= s < num_steps})
 
 
+def transfer_plan(plan, cal_steps: int, run_steps: int, count: int) -> list[int]:
+    """``count`` full steps of a run of ``run_steps`` steps placed where ``plan`` (full-step indices made for
+    ``cal_steps`` steps) places its own, as fractions of the run: the k-th of them at the plan's position
+    interpolated at k / (count - 1) of the way through its full steps, on the nearest free step. For
+    diffusers' schedulers, whose sigmas are a fixed function of step / steps at a given resolution (the
+    flow-matching ones, static or resolution-shifted), the same fraction is the same sampler time."""
+    count = max(1, min(int(count), run_steps))
+    u = [s / cal_steps for s in sorted(set(int(s) for s in plan))] or [0.0]
+    if count == 1 or len(u) == 1:
+        targets = [u[0]] * count if count == 1 else [k / count for k in range(count)]
+    else:
+        targets = []
+        for k in range(count):
+            x = k * (len(u) - 1) / (count - 1)
+            i = min(int(x), len(u) - 2)
+            targets.append(u[i] + (x - i) * (u[i + 1] - u[i]))
+    chosen: set[int] = {0}
+    for tgt in targets[1:]:
+        want = tgt * run_steps
+        free = [j for j in range(run_steps) if j not in chosen]
+        if free:
+            chosen.add(min(free, key=lambda j: (abs(j - want), j)))
+    return sorted(chosen)
+
+
 class Schedule:
     """The run-time schedule of one cache: uniform (``interval``, ``warmup``, ``tail``), explicit
     (``cfg.schedule`` a list of full-step indices), or calibrated (``cfg.schedule="calibrated"``, or
@@ -101,10 +126,11 @@ class Schedule:
                 if strict:
                     self._warn("unknown", "svdcache: schedule='calibrated' needs the number of steps of the run "
                                "(pass num_inference_steps=... to enable for a bare transformer); using the uniform schedule")
-            elif num_steps != self.num_steps:
-                if strict:
-                    self._warn(f"steps{num_steps}", f"svdcache: the calibrated schedule was made for {self.num_steps} "
-                               f"steps, this run has {num_steps}; using the uniform schedule")
+            elif num_steps != self.num_steps and self.num_steps:
+                # a plan made for another step count: the one of the nearest share of full steps, moved to this run
+                m = self.count(num_steps)
+                key = min(plans, key=lambda k: (abs(int(k) / self.num_steps - m / num_steps), int(k)))
+                res = frozenset(transfer_plan(plans[key], self.num_steps, num_steps, m))
             elif c.interval > 1 or c.num_full_steps:
                 m = self.count(num_steps)
                 plan = plans.get(str(m))

@@ -11,7 +11,7 @@ import svdcache
 from svdcache import SVDCacheConfig
 from svdcache.features import plan_for_budget
 from svdcache_kernels import dequantize_codes as dequantize_rows, quantize_rows
-from svdcache.runtime.schedule import Schedule, full_steps
+from svdcache.runtime.schedule import Schedule, full_steps, transfer_plan
 from svdcache.schedule_search import (calibrated_schedules, check_schedules, coherent_costs, search,
                                       segment_costs, trajectory_grams)
 
@@ -121,7 +121,9 @@ def test_malformed_schedules_are_refused_at_enable(tiny_pipe, basis, bad):
         svdcache.enable(tiny_pipe, basis=b, schedule="calibrated")
 
 
-def test_calibrated_schedule_is_used_and_falls_back_with_one_warning(tiny_pipe, basis):
+def test_calibrated_schedule_is_used_and_moves_to_other_step_counts(tiny_pipe, basis):
+    """A plan serves its own step count as made, and another step count (28 steps of a 50-step calibration:
+    FLUX's diffusers default) at the same fractions of the run, with the uniform rule's number of full steps."""
     plan = basis.meta["schedules"]["plans"]["svd-taylor1"]["4"]
     cfg = SVDCacheConfig(interval=3, warmup=1, schedule="calibrated")
     sch = Schedule(cfg, basis)
@@ -131,8 +133,12 @@ def test_calibrated_schedule_is_used_and_falls_back_with_one_warning(tiny_pipe, 
         warnings.simplefilter("always")
         got = [i for i in range(20) if sch.is_full(i, 20)]
         [sch.is_full(i, 20) for i in range(20)]
-    assert got == full_steps(20, interval=3, warmup=1)
-    assert sum("made for 10 steps" in str(x.message) for x in w) == 1
+    assert len(got) == len(full_steps(20, interval=3, warmup=1)) and got[0] == 0
+    plans = basis.meta["schedules"]["plans"]["svd-taylor1"]
+    near = min(plans, key=lambda k: (abs(int(k) / 10 - len(got) / 20), int(k)))  # the nearest share of full steps
+    assert got == transfer_plan(plans[near], 10, 20, len(got))
+    assert transfer_plan(plan, 10, 20, len(plan)) == [2 * p for p in plan]  # as many full steps: the same places
+    assert not [x for x in w if "svdcache" in str(x.message)]
     with pytest.warns(UserWarning, match="no calibrated schedule"):
         Schedule(cfg, svdcache.Basis(basis.features, {}, basis.changes))
     # inside the pipeline: the plan's full steps are the computed ones
