@@ -25,12 +25,16 @@ _EXPORTS = {
 
 
 def __getattr__(name):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'svdcache' has no attribute {name!r}")
     import importlib
+    import importlib.util
 
-    value = getattr(importlib.import_module(module, __name__), name)
+    module = _EXPORTS.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(module, __name__), name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f".{name}", __name__)  # a submodule, as an eager package would have it
+    else:
+        raise AttributeError(f"module 'svdcache' has no attribute {name!r}")
     globals()[name] = value
     return value
 

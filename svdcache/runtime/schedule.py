@@ -101,11 +101,13 @@ class Schedule:
         c = self.cfg
         return full_steps(num_steps, interval=c.interval, warmup=c.warmup, tail=c.tail)
 
-    def count(self, num_steps: int) -> int:
+    def count(self, num_steps: int, shared: bool = True) -> int:
         """Full steps per generation of ``num_steps``: ``num_full_steps``, else the uniform rule's times
-        ``full_steps_scale``."""
+        ``full_steps_scale`` (which only a run that shares the unconditional branch takes: it buys the extra
+        full steps with the unconditional calls it skips; a run of one call per step keeps the interval's)."""
         c = self.cfg
-        return c.num_full_steps or max(1, math.floor(len(self.uniform(num_steps)) * c.full_steps_scale + 1e-9))
+        scale = c.full_steps_scale if shared or c.uncond_interval <= 1 else 1.0
+        return c.num_full_steps or max(1, math.floor(len(self.uniform(num_steps)) * scale + 1e-9))
 
     def full_set(self, num_steps: int | None, shared: bool = False) -> frozenset | None:
         """The full steps of a run of ``num_steps`` steps, or None for the uniform rule. ``shared``: the
@@ -128,11 +130,11 @@ class Schedule:
                                "(pass num_inference_steps=... to enable for a bare transformer); using the uniform schedule")
             elif num_steps != self.num_steps and self.num_steps:
                 # a plan made for another step count: the one of the nearest share of full steps, moved to this run
-                m = self.count(num_steps)
+                m = self.count(num_steps, shared)
                 key = min(plans, key=lambda k: (abs(int(k) / self.num_steps - m / num_steps), int(k)))
                 res = frozenset(transfer_plan(plans[key], self.num_steps, num_steps, m))
             elif c.interval > 1 or c.num_full_steps:
-                m = self.count(num_steps)
+                m = self.count(num_steps, shared)
                 plan = plans.get(str(m))
                 if plan is None:  # another M would change the compute asked for: keep the uniform rule
                     if strict:
@@ -140,9 +142,9 @@ class Schedule:
                                    f"(it has {sorted(int(k) for k in plans)}); using the uniform schedule")
                 else:
                     res = frozenset(int(s) for s in plan)
-        if res is None and num_steps and (c.num_full_steps or c.full_steps_scale != 1):
+        if res is None and num_steps and (c.num_full_steps or self.count(num_steps, shared) != len(self.uniform(num_steps))):
             # a number of full steps, not an interval: spread evenly (also where a plan was asked for but is missing)
-            res = frozenset(spread_steps(num_steps, self.count(num_steps), warmup=c.warmup, tail=c.tail))
+            res = frozenset(spread_steps(num_steps, self.count(num_steps, shared), warmup=c.warmup, tail=c.tail))
         self._resolved[key] = res
         return res
 
