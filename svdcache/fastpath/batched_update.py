@@ -198,26 +198,20 @@ def _batched(hook, st, ar, entries) -> bool:
         quantize_rows_into(r.view(W * M, D), fc0.bits, Q.view(W * M, -1), S.view(W * M, 1))
         proj *= 2
     times = (fc0.times + [t])[-3:]  # one list for the group (never changed in place: _push_time makes a new one)
-    for fc in fcs:
-        fc.times = times
     nbytes = Fs.numel() // W * Fs.element_size()
     state = _state_of(fc0)
     settled = (bool(codes), proj, nbytes)
     if ar.settled != settled or not all(map(operator.is_, chain.from_iterable(map(state, fcs)), chain.from_iterable(ar.srcs))):
         # the members' states are not those this arena's last batch left (its first batches, a member
-        # updated on its own): set them and their state keys; else every one is as it was
+        # updated on its own): each takes its slot's anchor, codes and state key; else every one is as it was
         views = ar.views["R"]
         for f, fc in enumerate(fcs):
-            fc.R = views[f]
-            fc.feature_nbytes = nbytes
-            fc.update_flops = proj
-            if codes:
-                fc.rq, fc.rs = qv[f], sv[f]
-            elif isinstance(fc0, QuantizedResidualCache):
-                fc.rq = fc.rs = None  # no residual difference yet (as update: none kept)
-            src = (fc.V, fc.R, fc.C, fc.D1, fc.D2, fc.E, fc.dR) + ((fc.rq, fc.rs) if codes else ())
-            fc.state_key = sk = ar.state_key(f, src)
-            fc._lprev = (fc.R, sk[1])
+            cq = (qv[f], sv[f]) if codes else None
+            src = (fc.V, views[f], fc.C, fc.D1, fc.D2, fc.E, fc.dR) + (cq if codes else ())
+            fc.commit_stacked(times, views[f], cq, nbytes, proj, ar.state_key(f, src))
         ar.settled, ar.srcs = settled, list(map(state, fcs))
+    else:
+        for fc in fcs:
+            fc.commit_stacked(times, None, None, nbytes, proj, None)
     st.call_cache_flops += proj * W  # the group's
     return True

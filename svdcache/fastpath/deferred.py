@@ -293,13 +293,8 @@ def _arena(st, fcs) -> _Arena:
                     v.copy_(c)
         else:
             torch.stack(cur, out=ar.t[a])
-        for fc, v in zip(fcs, vs):
-            setattr(fc, a, v)
-    for fc, v in zip(fcs, ar.views["R"]):
-        fc._own = {}  # its layout cache held the replaced tensors
-        lp = fc.__dict__.get("_lprev")
-        if lp is not None:
-            fc._lprev = (v, lp[1])  # the anchor's layout, on the arena's view (the old tensor is released)
+    for f, fc in enumerate(fcs):
+        fc.adopt_storage({a: ar.views[a][f] for a in ar.attrs})
     return ar
 
 

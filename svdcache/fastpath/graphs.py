@@ -207,17 +207,12 @@ def pin_anchors(st) -> None:
     for fc in st.features.values():
         if not isinstance(fc, SubspaceCache) or not fc.anchor_form or fc.R is None or id(fc) in arena_of:
             continue
-        R, buf = fc.R, fc.__dict__.get("_pin")
-        if R is buf:
+        buf = fc.pinned_anchor()
+        if fc.R is buf:
             continue
-        if buf is None or buf.shape != R.shape or buf.stride() != R.stride() or buf.dtype != R.dtype or buf.device != R.device:
-            buf = fc._pin = torch.empty_strided(R.size(), R.stride(), dtype=R.dtype, device=R.device)
         with torch.no_grad():
-            buf.copy_(R)
-        fc.R = buf
-        lp = fc.__dict__.get("_lprev")
-        if lp is not None:
-            fc._lprev = (buf, lp[1])  # the same layout: the state key stands
+            buf.copy_(fc.R)
+        fc.adopt_storage({"R": buf})  # the same layout: the state key stands
 
 
 def _clone_out(out):

@@ -98,6 +98,9 @@ class QuantizedResidualCache(SubspaceCache):
     def nbytes(self) -> int:
         return super().nbytes() + nbytes_of(self.rq, self.rs)
 
+    def state_of(self) -> tuple:
+        return super().state_of() + ((self.rq, self.rs) if self.rq is not None else ())
+
     def state_tensors(self) -> list:
         # a non-finite residual difference shows in its per-row scales (the int codes are always finite)
         return super().state_tensors() + ([self.rs] if self.rs is not None else [])

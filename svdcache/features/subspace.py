@@ -53,6 +53,42 @@ class SubspaceCache(FeatureCache):
         """The same basis in another dtype / on another device (the features' changed)."""
         self.V = V
 
+    # -- what the fast paths (svdcache.fastpath) ask of it: they never write its state themselves ------------
+    def adopt_storage(self, views: dict) -> None:
+        """Its state tensors named in ``views`` now live there (a fast path's stacked storage, which already
+        holds their values): an arena's slot, or a buffer that stays put for CUDA graphs."""
+        for a, v in views.items():
+            setattr(self, a, v)
+        self._own = {}  # its layout cache held the replaced tensors
+        lp = self.__dict__.get("_lprev")
+        if lp is not None and "R" in views:
+            self._lprev = (views["R"], lp[1])  # the anchor's layout, on the new storage (the old tensor released)
+
+    def pinned_anchor(self) -> torch.Tensor:
+        """A buffer of its anchor's layout that stays put across full steps (CUDA graphs read fixed addresses)."""
+        R, buf = self.R, self.__dict__.get("_pin")
+        if buf is None or buf.shape != R.shape or buf.stride() != R.stride() or buf.dtype != R.dtype or buf.device != R.device:
+            buf = self._pin = torch.empty_strided(R.size(), R.stride(), dtype=R.dtype, device=R.device)
+        return buf
+
+    def commit_stacked(self, times: list, anchor: torch.Tensor, codes, nbytes: int, flops: int, state_key) -> None:
+        """A stacked full-step update (svdcache.fastpath.batched_update) wrote its new D1 / D2 / codes into
+        the storage this cache adopted: take the step's time, anchor, codes (``(rq, rs)``, or None for none
+        yet), sizes and the storage's state key."""
+        self.times = times
+        if anchor is not None:
+            self.R = anchor
+            self.feature_nbytes = nbytes
+            self.update_flops = flops
+            if codes is not None or hasattr(self, "rq"):
+                self.rq, self.rs = codes if codes is not None else (None, None)
+            self.state_key = state_key
+            self._lprev = (self.R, state_key[1])
+
+    def state_of(self) -> tuple:
+        """Its state tensors in the order of :attr:`state_key` (V, R, C, D1, D2, E, dR, then any codes)."""
+        return (self.V, self.R, self.C, self.D1, self.D2, self.E, self.dR)
+
     def _alloc(self, F: torch.Tensor) -> None:
         cfg = self.cfg
         new = lambda: torch.empty(self._cshape(F), dtype=torch.float32, device=F.device)  # noqa: E731
