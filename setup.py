@@ -23,7 +23,8 @@ setup(
         "scikit-learn>=1.3",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"],
+        # peft (pure Python; it brings accelerate and psutil): diffusers' LoRA calls on an enabled pipeline
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "peft>=0.21"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
         # optional peer of bench/fidelity.py --cache-dit (not installed by CI; no test needs it)
         "cachedit": ["cache-dit==1.5.3"],

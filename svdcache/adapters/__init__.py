@@ -40,12 +40,14 @@ def model_dim(model: torch.nn.Module) -> int | None:
 @dataclass
 class Plan:
     """What ``find_blocks`` chose for a model: the blocks and their adapters, the block lists cached,
-    and those left uncached with the reason (named in one warning)."""
+    and those left uncached with the reason (named in one warning); ``request``: find_blocks' arguments
+    (to plan again on the model as it is later: svdcache.hooks.registry.replan)."""
 
     blocks: list = field(default_factory=list)
     granularity: str = "block"
     cached_lists: list = field(default_factory=list)
     uncached_lists: dict = field(default_factory=dict)
+    request: dict = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -125,7 +127,7 @@ def find_blocks(model: torch.nn.Module, granularity: str = "auto", blocks=None, 
     generic = GenericBlockAdapter(model_dim(model), streams=streams)
     submodule = SubmoduleAdapter()
     module_level: dict[str, BlockAdapter] = {}
-    plan = Plan()
+    plan = Plan(request=dict(granularity=granularity, blocks=blocks, streams=streams))
     if blocks is not None:
         chosen = _resolve_lists(model, list(blocks))
         names = {p for p, _ in chosen}

@@ -63,6 +63,12 @@ class BlockAdapter:
         deferred to a later block: svdcache.deferred). Only adapters that defer implement it."""
         raise NotImplementedError
 
+    def watched_paths(self, block: torch.nn.Module) -> list[str]:
+        """Submodules of ``block`` (paths) the adapter reads besides its capture points (weights it uses
+        directly): if one is replaced after install (a LoRA layer around it), the model is planned again
+        (default: none)."""
+        return []
+
     def bind(self, model: torch.nn.Module, blocks: list) -> None:
         """Called once the whole plan (``[(name, block, adapter)]``) of ``model`` is known: what an adapter
         may conclude from the model around its blocks (default: nothing)."""

@@ -307,6 +307,9 @@ class FluxDoubleBlockAdapter(_StackMixin, BlockAdapter):
         D = _dim(block)
         return {"attn.img": D, "attn.txt": D, "ff": D, "ff_context": D}
 
+    def watched_paths(self, block):
+        return ["norm1.linear", "norm1_context.linear"]  # their gate rows are read directly
+
     def unread_features(self, block):
         # the text stream's features, where nothing after the blocks reads it (see _whole_stack)
         return {"attn.txt", "ff_context"} if self.text_unused else set()
@@ -365,6 +368,9 @@ class FluxSingleBlockAdapter(_StackMixin, BlockAdapter):
 
     def capture_points(self, block):
         return [("proj_out", block.proj_out, [("proj_out", None)])]
+
+    def watched_paths(self, block):
+        return ["norm.linear"]  # its gate rows are read directly
 
     def cached_forward(self, block, args, kwargs, forecast):
         a = bind_arguments(block, args, kwargs)

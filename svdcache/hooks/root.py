@@ -37,6 +37,7 @@ from ..runtime.state import ContextState, DefaultContextStateManager
 from ..runtime.stats import CacheStats
 from ..runtime.store import FeatureStore
 from . import ROOT_HOOK
+from .registry import children_clock, feature_dims, replan, watch_of
 
 logger = logging.getLogger("svdcache")
 
@@ -65,6 +66,8 @@ class SVDCacheHook(ModelHook):
         self.captures: list = []  # the capture hooks pointing here (hooks.registry.install)
         self.sink: list | None = None  # [capture hook, output, ...] of the eager full call in progress
         self.call_checks: list = []  # adapters that refuse some calls (check_call), run at the start of a call
+        self._children = children_clock()  # child modules set anywhere (see _follow_model)
+        self._children_seen = self._children[0]
         self._lock = threading.Lock()  # held for the length of a call: a second thread's call is refused
         self._owner = None  # the thread holding it
         # cached steps replayed from CUDA graphs (svdcache.fastpath.graphs); None: eager (off CUDA, or not asked for)
@@ -204,6 +207,8 @@ class SVDCacheHook(ModelHook):
             for a in self.call_checks:
                 a.check_call(kwargs)
             st = self.decider.decide(args, kwargs)
+            if st.mode == "full" or self._children[0] != self._children_seen:  # (every generation starts full)
+                self._follow_model(st)
             if st.mode != "cached":
                 st.sum_bound = None  # the states change: no view of the old ones is kept through the step
             self.deferred_sum.clear()
@@ -212,6 +217,32 @@ class SVDCacheHook(ModelHook):
         except BaseException:
             self._lock.release()
             raise
+
+    def _follow_model(self, st: ContextState) -> None:
+        """Modules the hooks sit on or the adapters read were replaced since install (a LoRA layer loaded
+        or unloaded after enable, a block swapped): the hooks go onto the model as it is now, every
+        context's history starts over (it holds features of the old modules), this call is computed in
+        full and the model's FLOPs per kind of call are counted again. Checked at every full call and at
+        any call after a child module was set anywhere (a few dict reads)."""
+        self._children_seen = self._children[0]
+        model = self.decider.model() if self.decider.model is not None else None
+        watch = None if model is None else watch_of(model)
+        if watch is None or not watch.changed():
+            return
+        logger.info("svdcache: modules of %s were replaced since enable: its hooks are installed again", self.model_class)
+        store = self.store
+
+        def unread(blocks):
+            store.unread = {f"{n}.{loc}" for n, b, a in blocks for loc in a.unread_features(b)}
+            return store.unread if store.online is None else set()  # (a basis built online learns them all)
+
+        blocks = replan(model, self, unread)
+        store.feature_dims.clear()  # features learned on a full step are declared again at this one
+        store.feature_dims.update(feature_dims(blocks))
+        self.acct.table.clear()
+        self.decider.restart_histories()
+        if st.mode == "cached":
+            st.mode, st.shared = "full", False
 
     @torch.compiler.disable
     def _eager_forward(self, *args, **kwargs):

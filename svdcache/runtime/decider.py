@@ -152,6 +152,14 @@ class StepDecider:
             o = first_tensor(out)
             st.traj_out = (st.traj_out + [o.detach().clone()])[-2:] if isinstance(o, torch.Tensor) else []
 
+    def restart_histories(self) -> None:
+        """Every context's feature histories start over (they hold features of modules since replaced):
+        from the full call in progress on, as after a fallback."""
+        for st in self.states.states():
+            st.drop_caches()
+            st.ready = False
+            st.hist = 0
+
     # -- fallbacks -------------------------------------------------------------------------------------
     def fall_back(self, st: ContextState, what: str, key: str = "fallback") -> None:
         """A non-finite forecast or state (or another reason, ``key``): drop the context's caches and
