@@ -60,11 +60,11 @@ def method_list(intervals=INTERVALS):
     peer = dict(warmup=1, uncond_interval=1, schedule="uniform", granularity="submodule")
     for n in intervals:
         for g in ("submodule", "block"):
-            ms.append(dict(name=f"SVD default {g} N={n}", family=f"SVD-Cache default, {g} level", setting=n,
-                           granularity=g, cfg=dict(interval=n, granularity=g)))
-            ms.append(dict(name=f"SVD default u1 {g} N={n}",
-                           family=f"SVD-Cache default, {g} level, both branches every full step (uncond_interval=1)",
-                           setting=n, granularity=g, cfg=dict(interval=n, granularity=g, uncond_interval=1)))
+            ms.append(dict(name=f"SVD default {g} N={n}", family=f"SVD-Cache default (chosen at calibration), {g} level",
+                           setting=n, granularity=g, cfg=dict(interval=n, granularity=g)))
+            ms.append(dict(name=f"SVD safe {g} N={n}",
+                           family=f"SVD-Cache without a choice (order 1, both branches, uniform), {g} level",
+                           setting=n, granularity=g, cfg=dict(interval=n, granularity=g, choice="off")))
         ms.append(dict(name=f"FORA N={n}", family="FORA (full-space reuse), submodule level", setting=n,
                        granularity="submodule", cfg=dict(interval=n, space="full", predictor="reuse", **peer)))
         ms.append(dict(name=f"TaylorSeer-o1 N={n}", family="TaylorSeer o1 (full space), submodule level", setting=n,
@@ -79,9 +79,12 @@ def method_list(intervals=INTERVALS):
                        setting=n, granularity="submodule",
                        cfg=dict(interval=n, space="full", predictor="taylor", order=1,
                                 **{**peer, "uncond_interval": 2})))
+        ms.append(dict(name=f"HiCache-o2 N={n}", family="HiCache o2 (full space, scale 0.7), submodule level",
+                       setting=n, granularity="submodule",
+                       cfg=dict(interval=n, space="full", predictor="hermite", order=2, hermite_scale=0.7, **peer)))
     # the target comparison first (the sweep is resumable: an interrupted run keeps what it finished)
-    order = ["SVD default submodule", "SVD default block", "TaylorSeer-o1 N", "FORA", "SVD default u1 submodule",
-             "SVD default u1 block", "TaylorSeer-o1 cal", "TaylorSeer-o1 u2"]
+    order = ["SVD default submodule", "SVD default block", "TaylorSeer-o1 N", "SVD safe submodule", "SVD safe block",
+             "TaylorSeer-o1 cal", "TaylorSeer-o1 u2", "HiCache", "FORA"]
     return sorted(ms, key=lambda m: next(i for i, o in enumerate(order) if m["name"].startswith(o)))
 
 

@@ -151,7 +151,7 @@ class SVDCacheHook(ModelHook):
         self.store.declare(name, D)
 
     def record_eager(self, name: str, F) -> None:
-        self.store.record(self.state, name, F, self.state_manager.context.name)
+        self.store.record(self.state, name, F, self.state.name)
 
     record = torch.compiler.disable(record_eager)  # a graph break under torch.compile
 

@@ -17,8 +17,26 @@ from .state import ContextState, DefaultContextStateManager
 
 logger = logging.getLogger("svdcache")
 
+BARE, BARE_SECOND = "default", "default#2"  # a bare loop's states: its first and its second call of a step
 # the transformer's timestep argument: diffusers' name, and those of HiDream, Z-Image, Cosmos 3
 TIMESTEP_ARGS = ("timestep", "timesteps", "t", "vision_timesteps")
+
+
+def _version(t: torch.Tensor):
+    """The tensor's version counter (bumped by every in-place change), None where it has none (inference mode)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+def _differs(a, b) -> bool:
+    """Two calls' conditions differ (another tensor of other values; a missing one differs from nothing)."""
+    if a is b or a is None or b is None:
+        return a is not b and not (a is None and b is None)
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return True
+    return a.shape != b.shape or not bool(torch.equal(a, b))
 
 
 def first_tensor(out):
@@ -55,6 +73,7 @@ class StepDecider:
         self.model = None  # weakref to the transformer (to see another cache added after enable)
         self.explicit = 0  # > 0 inside ``with svdcache.generation(model)``: one generation, no guessing
         self.shares = False  # the unconditional branch found the conditional one this generation (guidance)
+        self._last_bare = None  # (state name, input, its version, timestep) of the last call outside a cache_context
 
     # -- generations -----------------------------------------------------------------------------------
     def finish_generation(self) -> None:
@@ -97,6 +116,10 @@ class StepDecider:
         skip_read = cfg.time_axis == "step" and self._skip_timestep_read(timestep, hs, ctx, num_steps)
         t_raw = None if skip_read else timestep_value(timestep)
         bare = not self.states.context_is_set and isinstance(hs, torch.Tensor) and not skip_read
+        ctx_name = ctx.name
+        if not self.states.context_is_set and isinstance(hs, torch.Tensor):
+            st, ctx_name = self._bare_branch(st, hs, ehs, t_raw)
+        st.name = ctx_name
         if st.signature is not None and sig != st.signature:
             logger.info("svdcache: input shape/dtype/device/inference mode changed (%s -> %s): state reset, computing in full",
                         st.signature, sig)
@@ -121,7 +144,7 @@ class StepDecider:
             model = self.model() if self.model is not None else None
             if model is not None:
                 refuse_foreign_cache(model)  # e.g. model.enable_cache(FirstBlockCacheConfig()) after enable
-            self.start_generation(st, ctx.name)
+            self.start_generation(st, ctx_name)
             st.first_t = t_raw
         st.traj_x = hs.detach().clone() if bare and not self.explicit else None
         st.signature = sig
@@ -137,7 +160,7 @@ class StepDecider:
         st.mode = "full" if (full or not st.ready) else "cached"
         st.shared = False
         if cfg.uncond_interval > 1:  # true CFG: the unconditional branch from the conditional one
-            if guidance.decide(st, ctx.name, cfg.uncond_interval, self.states.state_of(guidance.PRIMARY)):
+            if guidance.decide(st, ctx_name, cfg.uncond_interval, self.states.state_of(guidance.PRIMARY)):
                 self.shares = True  # from the next step on, the schedule of a shared run (its own plans)
         st.updated = set()
         st.call_cache_flops = 0
@@ -146,11 +169,40 @@ class StepDecider:
             self._check_state_flag(st)
         return st
 
+    def _bare_branch(self, st: ContextState, hs: torch.Tensor, ehs, t_raw) -> tuple[ContextState, str]:
+        """A loop calling the transformer twice per step outside any ``cache_context`` (classifier-free
+        guidance as two calls): the second call of a step - the same latent as the call just before it
+        (the same tensor, or, where the timestep is read, the same timestep and values) with another
+        condition (text) - gets a state of its own, as a pipeline's "uncond" context does; mixed into one
+        history the two branches would be forecast from each other (a 24 dB image where either branch
+        alone gives 45). The same latent with the same condition is a repeat (a new generation), as before."""
+        last = self._last_bare
+        version = _version(hs)
+        second = False
+        if last is not None and last[0] == BARE:
+            prev, prev_version, prev_t, prev_ehs = last[1], last[2], last[3], last[4]
+            if t_raw is not None:  # the timestep read: the same one, and the same values
+                second = prev_t == t_raw and (
+                    (hs is prev and version is not None and version == prev_version)
+                    or (st.traj_x is not None and st.traj_x.shape == hs.shape and bool(torch.equal(st.traj_x, hs))))
+            else:  # not read (no host sync on a GPU): the same tensor, not changed in place since
+                second = hs is prev and version is not None and version == prev_version
+            second = second and _differs(ehs, prev_ehs)
+        name = BARE_SECOND if second else BARE
+        self._last_bare = (name, hs, version, t_raw, ehs)
+        return (self.states.named_state(name) if second else st), name
+
     def track(self, st: ContextState, out) -> None:
         """A bare loop's call ended: keep its last two outputs (see continuation_residual)."""
         if st.traj_x is not None:
             o = first_tensor(out)
-            st.traj_out = (st.traj_out + [o.detach().clone()])[-2:] if isinstance(o, torch.Tensor) else []
+            o = o.detach().clone() if isinstance(o, torch.Tensor) else None
+            # a loop of two calls per step steps its latent with both branches' outputs: each branch's
+            # continuation check sees both (the other branch's state gets this output too)
+            first, second = self.states.state_of(BARE), self.states.state_of(BARE_SECOND)
+            other = second if st is first else first if st is second else None
+            for s in (st, other) if other is not None and other.traj_x is not None else (st,):
+                s.traj_out = (s.traj_out + [o])[-2:] if o is not None else []
 
     def restart_histories(self) -> None:
         """Every context's feature histories start over (they hold features of modules since replaced):

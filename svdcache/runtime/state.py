@@ -26,6 +26,13 @@ class DefaultContextStateManager(StateManager):
         """The state of context ``name``, None if it has none yet."""
         return self._state_cache.get(name)
 
+    def named_state(self, name: str):
+        """The state of context ``name``, made if it has none (a bare loop's second branch)."""
+        st = self._state_cache.get(name)
+        if st is None:
+            st = self._state_cache[name] = self._state_cls(*self._init_args, **self._init_kwargs)
+        return st
+
     def contexts(self) -> dict:
         """Context name -> state, for every context with a state."""
         return dict(self._state_cache)
@@ -33,6 +40,7 @@ class DefaultContextStateManager(StateManager):
 
 class ContextState(BaseState):
     def __init__(self):
+        self.name = "default"  # its context's name (a bare loop's second branch: "default#2"), set at each call
         self.signature = None
         self.generation = 0
         self._new_generation()
