@@ -32,12 +32,17 @@ def dev_prompt_set(n_seeds: int = 2):
     return prompts, seeds
 
 
+# the guidance form of generate(): the embedded model's (true CFG: cond and uncond transformer calls per
+# step, cached in separate contexts) or {} for one call per step (FLUX.1-dev's case; bench/fidelity.py --guidance)
+GUIDANCE_FORM = dict(GUIDANCE)
+
+
 def generate(pipe, prompts, seeds, steps=50, **kw):
-    """Images (B, 3, 32, 32) in [0, 1] and wall-clock seconds of the pipeline call (with the embedded
-    model's guidance: cond and uncond transformer calls per step)."""
+    """Images (B, 3, 32, 32) in [0, 1] and wall-clock seconds of the pipeline call (with the guidance
+    form ``GUIDANCE_FORM``)."""
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     t0 = time.perf_counter()
-    out = pipe(prompts, num_inference_steps=steps, generator=gens, output_type="pt", **CALL_KWARGS, **GUIDANCE,
+    out = pipe(prompts, num_inference_steps=steps, generator=gens, output_type="pt", **CALL_KWARGS, **GUIDANCE_FORM,
                **kw).images
     return out.float(), time.perf_counter() - t0
 

@@ -62,7 +62,8 @@ CHOICE_INTERVALS = [2, 3, 4, 5, 6, 7, 8]  # the intervals the embedded basis's c
 CANDIDATE_INTERVALS = [3, 5, 7]
 
 
-def method_list(quick: bool = False, with_threshold_caches: bool = True, with_cache_dit: bool = False) -> list[dict]:
+def method_list(quick: bool = False, with_threshold_caches: bool = True, with_cache_dit: bool = False,
+                two_calls: bool = True) -> list[dict]:
     from svdcache.choice import candidates, shared_scale
 
     I = [3, 5, 8] if quick else INTERVALS  # noqa: E741
@@ -101,7 +102,7 @@ def method_list(quick: bool = False, with_threshold_caches: bool = True, with_ca
             add(f"diffusers TaylorSeer o{o} best N={n}", f"diffusers TaylorSeerCache o{o}, whole blocks, from step 1",
                 kind="diffusers_taylorseer", setting=n, interval=n, order=o, identifiers=DIFFUSERS_TS_BLOCKS,
                 before=1)
-    for n in ([2, 4, 6] if quick else SHARED_INTERVALS):
+    for n in ([2, 4, 6] if quick else SHARED_INTERVALS) if two_calls else ():
         # what the sharing gives a full-space TaylorSeer in this runtime (schedule selected the same way)
         add(f"TaylorSeer-o1 cal u2 N={n}", "TaylorSeer o1 (full space) + uncond shared, calibrated schedule",
             setting=n, **svd_cfg(interval=n, space="full", predictor="taylor", order=1, warmup=1,
@@ -110,7 +111,7 @@ def method_list(quick: bool = False, with_threshold_caches: bool = True, with_ca
     plans = set(((load_basis().meta.get("schedules") or {}).get("plans") or {}))
     for n in ([5] if quick else CANDIDATE_INTERVALS):
         m_full = len(full_steps(50, interval=n, warmup=1))
-        for label, kw in candidates(True, plans):
+        for label, kw in candidates(two_calls, plans):
             scale = shared_scale(m_full) if kw.get("uncond_interval", 1) > 1 else 1.0
             add(f"candidate {label} N={n}", f"candidate: {label}", setting=n, kind="svdcache",
                 cfg=dict(kw, interval=n, full_steps_scale=scale, choice="off"))
@@ -151,7 +152,7 @@ class Bench:
         N, L = 64, 16
         rows = len(tr.transformer_blocks) * 2 * (N + L) + len(tr.single_transformer_blocks) * (N + L)
         # one copy of the 18 module-level features, in each of the cond and uncond contexts
-        self.unit_bytes = 2 * len(self.prompts) * rows * D * 4
+        self.unit_bytes = (2 if common.GUIDANCE_FORM else 1) * len(self.prompts) * rows * D * 4
         ks = [self.basis.features[n].rank(0.99) for n in self.basis.features]
         self.D = D
         self.k_frac = statistics.median(ks) / D
@@ -497,7 +498,12 @@ def main(argv=None):
     ap.add_argument("--no-threshold-caches", action="store_true", help="leave out diffusers' FirstBlockCache and MagCache")
     ap.add_argument("--cache-dit", action="store_true", help="also cache-dit's DBCache (+ TaylorSeer) from PyPI "
                     "(optional: pip install -e '.[cachedit]'); --only cache-dit runs just those rows")
+    ap.add_argument("--guidance", choices=("cfg", "none"), default="cfg",
+                    help="cfg: the embedded model's true CFG 2 as two calls per step in cache contexts (the default); "
+                         "none: one call per step (FLUX.1-dev's case), the rows sharing the unconditional branch left out")
     args = ap.parse_args(argv)
+    if args.guidance == "none":
+        common.GUIDANCE_FORM = {}
     if args.cache_dit and not args.report_only:
         import cachedit_peer
 
@@ -514,7 +520,8 @@ def main(argv=None):
     b = Bench(args)
     b.reference()
     done = {r["name"] for r in data["rows"] if not (args.redo and args.only and args.only in r["name"])}
-    methods = [m for m in method_list(args.quick, not args.no_threshold_caches, args.cache_dit) if m["name"] not in done and (not args.only or args.only in m["name"])]
+    methods = [m for m in method_list(args.quick, not args.no_threshold_caches, args.cache_dit,
+                                     two_calls=args.guidance == "cfg") if m["name"] not in done and (not args.only or args.only in m["name"])]
     n_tf = 8
     feats = None if args.no_tf else record_features(
         b.pipe, b.prompts[:: len(b.prompts) // n_tf][:n_tf], b.seeds[:: len(b.seeds) // n_tf][:n_tf], b.steps)
@@ -531,6 +538,7 @@ def main(argv=None):
             date=time.strftime("%Y-%m-%d"), minutes=(time.time() - t0) / 60, images=len(b.prompts),
             seeds=args.seeds, steps=b.steps, ref_seconds=statistics.median(b.ref_times), ref_times=b.ref_times,
             k_frac=b.k_frac, unit_mib=b.unit_bytes / 2**20, ref_flops=b.ref_flops,
+            guidance="true CFG 2, two calls per step in cache contexts" if common.GUIDANCE_FORM else "one call per step",
         )
         with open(path + ".tmp", "w") as f:
             json.dump(data, f, indent=1)

@@ -7,6 +7,7 @@ from diffusers.hooks import HookRegistry
 from ..adapters import find_blocks, last_plan
 from . import CAPTURE_HOOK, ROOT_HOOK
 from .block import BlockHook
+from .copying import mark, unmark
 from .site import CaptureHook
 
 _TRANSFORMER_COMPONENTS = ("transformer", "transformer_2")
@@ -57,6 +58,7 @@ def install(model, controller, blocks, *, root_name: str = ROOT_HOOK, skip: set[
     registry = HookRegistry.check_if_exists_or_initialize(model)
     registry.register_hook(controller, root_name)
     registry.invalidate_child_registries_cache()
+    mark(model)  # a deepcopy / pickle of the model leaves the hooks out
 
 
 def install_sites(model, controller, blocks, *, root_name: str = ROOT_HOOK, skip: set[str] = frozenset(),
@@ -79,6 +81,7 @@ def install_sites(model, controller, blocks, *, root_name: str = ROOT_HOOK, skip
             watched.append((block, path))
             if callable(outputs):  # an adapter's own hook
                 HookRegistry.check_if_exists_or_initialize(sub).register_hook(outputs(bh), CAPTURE_HOOK)
+                mark(sub)
                 continue
             outputs = [(n, i) for n, i in outputs if f"{name}.{n}" not in skip]
             if not outputs:
@@ -157,6 +160,15 @@ def uninstall(model, root_name: str = ROOT_HOOK) -> bool:
         return False
     registry.remove_hook(root_name, recurse=False)
     uninstall_sites(model, root_name)
+    d = model.__dict__
+    for k in ("_svdcache_wrappers", "_svdcache_watch"):
+        if not d.get(k, True):
+            del d[k]
+    for m in model.modules():
+        fwd = m.__dict__.get("forward")  # diffusers leaves the class's forward bound on the instance
+        if getattr(fwd, "__self__", None) is m and getattr(fwd, "__func__", None) is getattr(type(m), "forward", None):
+            del m.__dict__["forward"]
+        unmark(m)
     return True
 
 

@@ -11,6 +11,7 @@ import functools
 import torch
 
 from ..runtime.distributed import reduce_partial
+from .copying import mark, unmark
 
 
 class ForwardWrapper:
@@ -43,6 +44,7 @@ class ForwardWrapper:
         setattr(forward, self.TAG, self)
         module.forward = forward
         self._attached = (module, forward, own)
+        mark(module)  # a deepcopy / pickle of the model leaves the wrapper out
 
     def detach(self) -> None:
         if self._attached is None:
@@ -58,6 +60,7 @@ class ForwardWrapper:
             del module.forward
         else:
             module.forward = own
+        unmark(module)
 
 
 class _Inert:
