@@ -45,6 +45,13 @@ def tol_vs_old(dtype, ref, dr_scale, scales):
     return TOL[dtype] * float(ref.float().abs().max()) + abs(dr_scale) * 127 * float(scales.max()) * half_ulp
 
 
+def assert_reordered(ref, old, dr_scale, scales):
+    """fp32: the unfused path's operations, but code * (scale * dr_scale) for (code * scale) * dr_scale: the
+    products differ by a rounding or two, so the results by a few ulp of their magnitude."""
+    bound = 4 * 2.0 ** -24 * (float(old.abs().max()) + abs(dr_scale) * 127 * float(scales.max()))
+    assert float((ref - old).abs().max()) <= bound
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dname)
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("n_terms", (0, 2))
@@ -77,8 +84,8 @@ def test_gated_in_place_matches_unfused_path(dtype, bits, D):
     old = old_path(V, R, codes, scales, bits, **kw)
     q = dict(dR_codes=codes, dR_scales=scales, dR_bits=bits)
     ref = reconstruct_reference(V, R, **kw, **q)
-    if dtype == torch.float32:  # the same fp32 operations as the unfused path
-        assert torch.equal(ref, old)
+    if dtype == torch.float32:
+        assert_reordered(ref, old, 1.3, scales)
     else:
         assert_close(ref, old, 1.0, "reference vs old", scale=tol_vs_old(dtype, old, 1.3, scales))
     xk = x.clone()
@@ -96,7 +103,8 @@ def test_no_epilogue_batch_dims_poisoned_out(bits, n_terms):
     V, R, terms, codes, scales, _ = qinputs(bshape, N, D, 16, torch.float32, bits, g, n_terms)
     kw = dict(terms=terms, weights=(1.0, -0.4)[:n_terms], dr_scale=-0.8, dR_codes=codes, dR_scales=scales, dR_bits=bits)
     ref = reconstruct_reference(V, R, **kw)
-    assert torch.equal(ref, old_path(V, R, codes, scales, bits, **{k: v for k, v in kw.items() if not k.startswith("dR_")}))
+    assert_reordered(ref, old_path(V, R, codes, scales, bits, **{k: v for k, v in kw.items() if not k.startswith("dR_")}),
+                     -0.8, scales)
     out = poison(R.shape, torch.float32)
     assert reconstruct(V, R, **kw, out=out, backend="triton") is out
     assert_close(out, ref, TOL[torch.float32], "out=")

@@ -128,8 +128,8 @@ def reconstruct_reference(
     new tensor; ``None`` allocates one. Returns the result (dtype of x, else of R).
 
     Instead of ``dR``, ``dR_codes`` and ``dR_scales`` give it quantized (``dR_bits`` 8 or 4, see the
-    module docstring): the term is ``dr_scale * dequant(codes) * scale``, formed in fp32 (the same
-    values as ``svdcache.residual_cache.dequantize_rows``, without rounding them to R's dtype).
+    module docstring): the term is ``code * (scale * dr_scale)``, formed in fp32 in one pass (the values of
+    ``dequantize_rows`` times ``dr_scale`` to a few fp32 ulp, without rounding them to R's dtype).
 
     Device weights: ``weights`` may be one 1-D fp32 tensor (len(terms) values) and ``dr_scale`` a
     one-element fp32 tensor, on R's device; the op reads them when it runs (CUDA-graph replays).
@@ -191,13 +191,15 @@ def reconstruct_compute(V, R, terms, weights, dR, dr_scale, x, gate, out, dRq=No
         fresh = True
     dev_s = is_device_scalar(dr_scale)
     if (dR is not None or dRq is not None) and (dev_s or dr_scale):
-        # the quantized dR is dequantized, then added: the same fp32 operations as dequantize_rows + dR
-        d = dR.float() if dR is not None else dequantize_codes(dRq[0], dRq[1], D, dRq[2])
-        if dev_s:
+        if dR is None:  # codes times (row scale x dr_scale) in one pass: no dequantized dR formed
+            sc = dRq[1].float() * (dr_scale.reshape(()) if dev_s else float(dr_scale))
+            v = code_values(dRq[0], D, dRq[2])
+            fh = fh.addcmul_(v, sc) if fresh else torch.addcmul(fh, v, sc)
+        elif dev_s:
             s = dr_scale.reshape(())
-            fh = fh.addcmul_(d, s) if fresh else torch.addcmul(fh, d, s)
+            fh = fh.addcmul_(dR.float(), s) if fresh else torch.addcmul(fh, dR.float(), s)
         else:
-            fh = fh.add_(d, alpha=float(dr_scale)) if fresh else fh.add(d, alpha=float(dr_scale))
+            fh = fh.add_(dR.float(), alpha=float(dr_scale)) if fresh else fh.add(dR.float(), alpha=float(dr_scale))
         fresh = True
     if x is not None:
         if gate is not None:
