@@ -10,8 +10,9 @@ several per feature and a Python frame chain per block. Anything added to the st
 blocks (a ControlNet residual) is in the last block's input and kept.
 
 Only features whose state is of the summed form (anchor-form Taylor in a basis, with or without a
-quantized residual difference: ``forecast_terms``) are batched; the rest (EMA, explicit residuals,
-the unconditional branch's difference form, full-space caches) are forecast one by one and added.
+quantized residual difference: ``forecast_terms``) are batched, the unconditional branch's difference
+form as two members (the conditional state of the step and the difference, both under the unconditional
+gate); the rest (EMA, explicit residuals, full-space caches) are forecast one by one and added.
 An adapter defers only where it knows its last block flushes (``bind``); a cached call that ends with
 terms still pending is computed in full (the root hook checks), never returned without them.
 """
@@ -125,16 +126,25 @@ class _Bound:
     (views of the stream's rows of each feature's state): the states only change at full steps, which
     drop it (``ContextState.sum_bound``), so no view outlives the state it shows."""
 
-    __slots__ = ("items", "layout", "members", "rest", "flops", "names", "reps", "stacked", "gsig")
+    __slots__ = ("items", "layout", "members", "rest", "flops", "names", "reps", "stacked", "gsig", "partners")
 
 
 def _summable(fc, lead, rows, N) -> bool:
-    """The feature's forecast is of the summed form (its own anchor-form state). The unconditional
-    branch's difference form (F_hat = F_cond_hat + D_hat, svdcache.guidance) could be two terms here, but
-    guidance's own forecast sums both in k dims for one GEMM, and two stacked terms cost two more passes
-    over the feature (measured 14% slower on the embedded demo): it is forecast apart."""
-    return (isinstance(fc, SubspaceCache) and not fc.relative and fc.shape is not None
+    """The feature's forecast is of the summed form (its own anchor-form state)."""
+    return (isinstance(fc, SubspaceCache) and fc.shape is not None
             and fc.shape[:-2] == lead and fc.shape[-2] >= rows + N)
+
+
+def _partner_of(st, name, fc, lead, rows, N):
+    """The unconditional branch's difference form (F_hat = F_cond_hat + D_hat, svdcache.guidance) is two
+    members of the sum, both under the unconditional gate: the conditional branch's state of this step and
+    the difference's. Returns the conditional cache, or None where that does not hold (forecast apart)."""
+    p = st.partner
+    pc = None if p is None or p.step != st.step else p.features.get(name)
+    if (pc is None or pc.relative or pc.V is not fc.V or tuple(pc.shape) != tuple(fc.shape)
+            or not _summable(pc, lead, rows, N) or pc.forecast_terms(p.t) is None):
+        return None
+    return pc
 
 
 def _bound(st, items, x, views: bool, stacking: str = "auto") -> _Bound:
@@ -142,9 +152,11 @@ def _bound(st, items, x, views: bool, stacking: str = "auto") -> _Bound:
     where they flatten to rows (batch 1), the whole states with their row offsets otherwise."""
     b = st.sum_bound
     feats = st.features
+    pfeats = st.partner.features if st.partner is not None else {}
     if (b is not None and b.layout == (x.shape, x.device) and len(b.items) == len(items)
             and all(a is c for a, c in zip(items, b.items))
-            and all(feats.get(n) is fc and getattr(fc, "state_key", None) is sk for n, fc, sk in b.names)):
+            and all(feats.get(n) is fc and getattr(fc, "state_key", None) is sk for n, fc, sk in b.names)
+            and all(pfeats.get(n) is fc and fc.state_key is sk for n, fc, sk in b.partners)):
         return b
     b = _Bound()
     b.items, b.layout = list(items), (x.shape, x.device)
@@ -153,6 +165,7 @@ def _bound(st, items, x, views: bool, stacking: str = "auto") -> _Bound:
     names = []
     kinds: dict = {}  # weights_key -> index into b.reps
     b.reps = []
+    b.partners = []
     for name, gate, rows in items:
         fc = feats.get(name, _MISSING)
         if fc is _MISSING:
@@ -161,33 +174,42 @@ def _bound(st, items, x, views: bool, stacking: str = "auto") -> _Bound:
         if fc is None:
             continue
         ft = fc.forecast_terms(st.t) if _summable(fc, lead, rows, N) else None
-        if ft is None:
+        pc = _partner_of(st, name, fc, lead, rows, N) if ft is not None and fc.relative else None
+        if ft is None or (fc.relative and pc is None):
             b.rest.append((name, gate, rows, rows == 0 and fc.shape == tuple(x.shape)))
             continue
-        terms, _, dRq, _ = ft
-        ts = (fc.R, *terms, *(dRq[:2] if dRq is not None else ()))
-        whole = rows == 0 and fc.shape[-2] == N
-        if not whole:  # the stream's rows as views, where the backend reads them (kernels: as flat rows)
-            cut = [u[..., rows:rows + N, :] for u in ts]
-            if views or all(_flat(u) for u in cut):
-                ts, whole = cut, True
-        R, terms_b = ts[0], tuple(ts[1:1 + len(terms)])
-        codes, scales, bits = (ts[-2], ts[-1], dRq[2]) if dRq is not None else (None, None, 8)
-        wk = fc.weights_key()
-        g = kinds.get(wk)
-        if g is None:
-            g = kinds[wk] = len(b.reps)
-            b.reps.append(fc)
-        b.members.append((fc, rows, fc.V, R, terms_b, codes, scales, bits, gate, 0 if whole else rows, g))
-        if terms:
-            # what runs (the GEMM over the rows the op reads): torch's FLOP counter sees the torch ops, and
-            # the model's own count is what it saw less this
-            b.flops += 2 * (R.numel() // R.shape[-1]) * fc.V.shape[0] * fc.V.shape[1]
+        if pc is not None:  # the conditional branch's forecast of this step, under this call's gate
+            b.partners.append((name, pc, pc.state_key))
+            _member(b, kinds, pc, pc.forecast_terms(st.partner.t), gate, rows, N, views)
+        _member(b, kinds, fc, ft, gate, rows, N, views)
     b.names = names
     stack = stacking == "on" or (stacking == "auto" and x.numel() <= _sum_ref.STACK_ELEMS)
     b.stacked = _stack_groups(st, b, x) if views and stack else []
     st.sum_bound = b
     return b
+
+
+def _member(b, kinds, fc, ft, gate, rows, N, views) -> None:
+    """One member of the bound sum: ``fc``'s anchor-form state (``ft``: its forecast_terms) under ``gate``."""
+    terms, _, dRq, _ = ft
+    ts = (fc.R, *terms, *(dRq[:2] if dRq is not None else ()))
+    whole = rows == 0 and fc.shape[-2] == N
+    if not whole:  # the stream's rows as views, where the backend reads them (kernels: as flat rows)
+        cut = [u[..., rows:rows + N, :] for u in ts]
+        if views or all(_flat(u) for u in cut):
+            ts, whole = cut, True
+    R, terms_b = ts[0], tuple(ts[1:1 + len(terms)])
+    codes, scales, bits = (ts[-2], ts[-1], dRq[2]) if dRq is not None else (None, None, 8)
+    wk = fc.weights_key()
+    g = kinds.get(wk)
+    if g is None:
+        g = kinds[wk] = len(b.reps)
+        b.reps.append(fc)
+    b.members.append((fc, rows, fc.V, R, terms_b, codes, scales, bits, gate, 0 if whole else rows, g))
+    if terms:
+        # what runs (the GEMM over the rows the op reads): torch's FLOP counter sees the torch ops, and
+        # the model's own count is what it saw less this
+        b.flops += 2 * (R.numel() // R.shape[-1]) * fc.V.shape[0] * fc.V.shape[1]
 
 
 class _Arena:
@@ -327,9 +349,10 @@ def _stack_groups(st, b, x) -> list:
     """Move the bound's small features of one kind (shapes, rank, terms, residual, rows) into arenas:
     groups of two or more leave ``b.members`` for a :class:`_Stacked`."""
     groups: dict = {}
+    theirs = {id(pc) for _, pc, _ in b.partners}  # the conditional branch's caches: their storage stays theirs
     for i, m in enumerate(b.members):
         c, rows, V, R, T, codes, scales, bits, gate, _, g = m
-        if gate is None or gate.dim() != x.dim():
+        if gate is None or gate.dim() != x.dim() or id(c) in theirs:
             continue
         key = (tuple(c.R.shape), c.R.dtype, tuple(V.shape), V.dtype, len(T), c.D2 is not None,
                None if codes is None else (bits, tuple(c.rq.shape)), rows)
