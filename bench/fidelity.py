@@ -64,7 +64,8 @@ CANDIDATE_INTERVALS = [3, 5, 7]
 
 def method_list(quick: bool = False, with_threshold_caches: bool = True, with_cache_dit: bool = False,
                 two_calls: bool = True) -> list[dict]:
-    from svdcache.choice import candidates, shared_scale
+    from svdcache.choice import candidates
+    from svdcache.choose import variants
 
     I = [3, 5, 8] if quick else INTERVALS  # noqa: E741
     ms = []
@@ -111,10 +112,10 @@ def method_list(quick: bool = False, with_threshold_caches: bool = True, with_ca
     plans = set(((load_basis().meta.get("schedules") or {}).get("plans") or {}))
     for n in ([5] if quick else CANDIDATE_INTERVALS):
         m_full = len(full_steps(50, interval=n, warmup=1))
-        for label, kw in candidates(two_calls, plans):
-            scale = shared_scale(m_full) if kw.get("uncond_interval", 1) > 1 else 1.0
+        # a shared candidate twice: at the safe configuration's transformer calls and at its own (svdcache.choose)
+        for label, kw in variants(candidates(two_calls, plans), m_full):
             add(f"candidate {label} N={n}", f"candidate: {label}", setting=n, kind="svdcache",
-                cfg=dict(kw, interval=n, full_steps_scale=scale, choice="off"))
+                cfg=dict(kw, interval=n, choice="off"))
     if with_cache_dit:  # cache-dit from PyPI (optional): --cache-dit; its settings live in cachedit_peer.py
         import cachedit_peer
 

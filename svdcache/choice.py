@@ -3,12 +3,15 @@
 What wins on one model loses on another (the unconditional branch shared: +3 dB on the embedded model,
 -4 to -10 dB on others; the order-2 forecast of the top change directions; the calibrated placement of the
 full steps). So ``svdcache.calibrate`` measures the candidates on the model itself: for each target interval
-N, every candidate is run at the compute of the safe configuration at N (the same transformer calls: a
-candidate that shares the unconditional branch gets the full steps that cost what the safe one's do), with
-the cache on, on fitting prompts / seeds, against the uncached outputs (PSNR). The best on the fitting part
-is then run on the checking part beside the safe configuration, and kept only where it is not below it
-there; else the safe configuration is the choice. Both parts are the calibration's own prompts and seeds,
-never an evaluated set.
+N, every candidate is run with the cache on, on fitting prompts / seeds, against the uncached outputs
+(PSNR), and scored at matched compute: by its dB above the safe configuration's curve (the safe
+configuration run at every interval from N-1 to N+1, interpolated in log FLOPs ratio) at the candidate's
+own counted FLOPs ratio, which must lie between the safe configuration's at N and at N+1. A candidate that
+shares the unconditional branch runs twice: at its own compute (fewer transformer calls) and with the full
+steps added that bring it to the safe configuration's calls. The best on the fitting part is then run on
+the checking part and kept only where it is not below the safe curve there; else the safe configuration
+is the choice. Both parts are the calibration's own prompts and seeds, never an evaluated set
+(:mod:`svdcache.choose`).
 
 The safe configuration (what ``enable`` runs where the basis holds no choice) is the one that lost nowhere
 measured: the top change directions and the 4-bit residual at Taylor order 1 (full-space TaylorSeer order 1
@@ -127,6 +130,10 @@ def describe(choice: dict | None, interval: int, label: str | None) -> str | Non
     t = for_interval(choice, interval)
     if t is None or label is None:
         return None
-    c = t["check_db"]
-    return (f"chosen at calibration for N={interval}: {label} ({c['chosen']:.2f} dB vs {c['safe']:.2f} dB for the safe "
-            f"configuration on the checking prompts, {choice['guidance']})")
+    c, r = t["check_db"], t.get("check_ratio")
+    if r is None or "safe at the chosen compute" not in c:  # a version-1 choice: made at the safe compute
+        return (f"chosen at calibration for N={interval}: {label} ({c['chosen']:.2f} dB vs {c['safe']:.2f} dB for "
+                f"the safe configuration on the checking prompts, {choice['guidance']})")
+    return (f"chosen at calibration for N={interval}: {label} ({c['chosen']:.2f} dB at {r['chosen']:.2f}x vs "
+            f"{c['safe at the chosen compute']:.2f} dB for the safe configuration at that FLOPs ratio on the "
+            f"checking prompts, {choice['guidance']})")

@@ -7,6 +7,7 @@ import torch
 
 import svdcache
 from svdcache.choice import CHOSEN_FIELDS, apply, candidates, explicit_settings, for_interval, shared_scale
+from svdcache.choose import curve_at, variants
 from svdcache.runtime.schedule import full_steps, spread_steps
 
 from flux_helpers import PIPE_KW
@@ -30,10 +31,15 @@ def test_calibrate_stores_a_choice_never_below_the_safe_configuration(chosen, tm
     assert set(c["targets"]) == {"3", "5"}
     fit, check = {tuple(p) for p in c["fit"]}, {tuple(p) for p in c["check"]}
     assert fit and check and not fit & check  # the checking part is apart from the fitting part
-    for t in c["targets"].values():
-        labels = {lbl for lbl, _ in candidates(True, set(chosen.meta.get("schedules", {}).get("plans", {})))}
-        assert set(t["fit_db"]) == labels  # every candidate measured, sharing included (two calls per step)
-        assert t["check_db"]["chosen"] >= t["check_db"]["safe"]  # never below the safe configuration
+    cands = candidates(True, set(chosen.meta.get("schedules", {}).get("plans", {})))
+    assert set(c["safe_curve"]["fit"]) == set(c["safe_curve"]["check"]) == {"2", "3", "4", "5", "6"}
+    for n, t in c["targets"].items():
+        labels = {lbl for lbl, _ in variants(cands, len(full_steps(STEPS, interval=int(n), warmup=1)))}
+        # every candidate measured, sharing included (two calls per step) at its own compute and at the safe one's
+        assert set(t["fit_db"]) == labels and any(lbl.endswith("own compute") for lbl in labels)
+        # never below the safe configuration's curve at the chosen compute, never more compute than safe at N
+        assert t["check_db"]["chosen"] >= t["check_db"]["safe at the chosen compute"]
+        assert t["check_ratio"]["chosen"] >= 0.98 * t["check_ratio"]["safe"] - 0.05
         assert set(t["settings"]) <= set(CHOSEN_FIELDS)
     path = tmp_path / "b.safetensors"
     chosen.save(path)
@@ -90,3 +96,23 @@ def test_spread_steps_is_the_interval_rule_where_it_divides(steps, interval):
     assert len(sp) == len(fs) and sp[0] == 0
     if steps % interval == 0:
         assert sp == fs
+
+
+def test_safe_curve_is_linear_in_log_ratio():
+    """The safe configuration's dB at a candidate's compute: interpolated between the measured intervals in
+    log FLOPs ratio, extended along the nearest segment (the choice scores candidates by their dB above it)."""
+    pts = {2: (60.0, 2.0), 3: (54.0, 4.0), 4: (50.0, 8.0)}  # (dB, ratio)
+    assert curve_at(pts, 2.0) == pytest.approx(60.0) and curve_at(pts, 8.0) == pytest.approx(50.0)
+    assert curve_at(pts, math.sqrt(8.0)) == pytest.approx(57.0)  # halfway in log between 2x and 4x
+    assert curve_at(pts, 16.0) == pytest.approx(46.0)  # beyond: the last segment extended
+    assert curve_at(pts, 1.0) == pytest.approx(66.0)
+    assert curve_at({3: (50.0, 3.0)}, 7.0) == 50.0
+
+
+def test_shared_candidates_run_at_their_own_and_at_the_safe_compute():
+    cands = candidates(True, set())
+    vs = dict(variants(cands, 17))
+    shared = [lbl for lbl, kw in cands if kw["uncond_interval"] > 1]
+    assert shared and all(vs[lbl]["full_steps_scale"] == pytest.approx(shared_scale(17), abs=1e-6) for lbl in shared)
+    assert all(vs[f"{lbl}, own compute"]["full_steps_scale"] == 1.0 for lbl in shared)
+    assert len(vs) == len(cands) + len(shared)
