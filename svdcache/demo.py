@@ -134,7 +134,7 @@ def run_demo(args) -> dict:
         for _ in range(args.repeats):
             for mode in ("uncached", "cached"):
                 if mode == "cached":
-                    svdcache.enable(pipe, basis=basis, config=cfg)
+                    applied = svdcache.enable(pipe, basis=basis, config=cfg)  # with the basis's choice
                 else:
                     svdcache.disable(pipe)
                 timer.total = 0.0
@@ -151,7 +151,7 @@ def run_demo(args) -> dict:
     tmed = {k: statistics.median(v) for k, v in tr_times.items()}
     g = st.last_generation
     res = dict(
-        config=cfg.label,
+        config=applied.label + (f" (chosen: {applied.chosen})" if applied.chosen else ""),
         images=len(prompts),
         steps=args.steps,
         cfg=args.cfg,
