@@ -186,8 +186,10 @@ def calibrate(
     chosen closed loop on this model (:mod:`svdcache.choice`): every candidate generated with the cache on
     for ``choose_prompts`` (default: the reference prompt) x ``choose_seeds``, the pairs split alternately
     into a fitting and a checking part, against the uncached outputs; stored in the basis (``enable`` uses
-    it). Give prompts and seeds outside any set you evaluate on. It costs about (candidates + 2) x intervals
-    generations of half the pairs each (with true CFG as two calls per step: 12 candidates).
+    it), each candidate scored at matched compute (its dB above the safe configuration's curve at its own
+    FLOPs ratio, :func:`svdcache.choose.choose`). Give prompts and seeds outside any set you evaluate on. It
+    costs about (variants + 1) x intervals + 2 x (intervals + 2) generations of half the pairs each (with
+    true CFG as two calls per step and calibrated plans: 18 variants; one call per step: 6).
     """
     check_calibrate_args(target, num_inference_steps, steps, granularity, run, tau, store_tau)  # before any work
     models = transformers(target)
