@@ -58,7 +58,9 @@ class SVDCacheHook(ModelHook):
         self.store = FeatureStore(config, basis, feature_dims, model_class, self.warn_once)
         self.acct = Accounting(config.count_flops, granularity)
         schedule = Schedule(config, basis if schedule_basis is None else schedule_basis)  # full space: plans only
-        self.decider = StepDecider(config, schedule, self.acct, self.state_manager, self.warn_once, ROOT_HOOK)
+        choice = (basis.meta.get("choice") or {}) if basis is not None and config.chosen else {}
+        self.decider = StepDecider(config, schedule, self.acct, self.state_manager, self.warn_once, ROOT_HOOK,
+                                   choice_form=choice.get("guidance"))
         self.state: ContextState | None = None  # the context state of the call in progress
         # gated forecasts of the cached call in progress, summed at its last block (fast paths: svdcache.fastpath)
         self.deferred_sum = DeferredSum(config.fast_path("deferred_sum") != "off", config.fast_path("arenas"))

@@ -61,8 +61,12 @@ class StepDecider:
     "cached" (``st.mode``). Also what ends a generation, and the fallback to full compute."""
 
     def __init__(self, cfg, schedule: Schedule, acct: Accounting, states: DefaultContextStateManager, warn_once,
-                 root_name: str):
+                 root_name: str, choice_form: str | None = None):
         self.cfg = cfg
+        # the guidance form the applied choice was made for ("two calls per step" / "one call per step"):
+        # a run of the other form is told once (the choice may lose there: calibrate the way you generate)
+        self.choice_form = choice_form
+        self._second_branch_seen = False
         self.schedule = schedule
         self.acct = acct
         self.states = states
@@ -162,12 +166,31 @@ class StepDecider:
         if cfg.uncond_interval > 1:  # true CFG: the unconditional branch from the conditional one
             if guidance.decide(st, ctx_name, cfg.uncond_interval, self.states.state_of(guidance.PRIMARY)):
                 self.shares = True  # from the next step on, the schedule of a shared run (its own plans)
+        if self.choice_form is not None:
+            self._check_form(ctx_name, st.step)
         st.updated = set()
         st.call_cache_flops = 0
         st.call_torch_flops = 0  # the share of call_cache_flops that ran as PyTorch ops on the Triton backend
         if st.mode == "cached" and st.finite_flag is not None:
             self._check_state_flag(st)
         return st
+
+    def _check_form(self, ctx_name: str, step: int) -> None:
+        """Warn once where the run's guidance form is not the one the choice was made for: a second branch
+        (the "uncond" context, or a bare loop's second call of a step) under a one-call choice, or none by
+        the third step under a two-call choice."""
+        second = ctx_name == guidance.SECONDARY or ctx_name.endswith("#2")
+        self._second_branch_seen |= second
+        two = self.choice_form.startswith("two")
+        if second and not two:
+            run = "two calls per step (true CFG)"
+        elif two and step >= 2 and not self._second_branch_seen:
+            run = "one call per step"
+        else:
+            return
+        self.warn_once("guidance form", f"svdcache: the basis's configuration was chosen for {self.choice_form}, but this "
+                       f"run makes {run}: it may lose to the safe configuration here; calibrate the way you generate "
+                       "(or choice='off')")
 
     def _bare_branch(self, st: ContextState, hs: torch.Tensor, ehs, t_raw) -> tuple[ContextState, str]:
         """A loop calling the transformer twice per step outside any ``cache_context`` (classifier-free

@@ -10,7 +10,7 @@ from svdcache.choice import CHOSEN_FIELDS, apply, candidates, explicit_settings,
 from svdcache.choose import curve_at, variants
 from svdcache.runtime.schedule import full_steps, spread_steps
 
-from flux_helpers import PIPE_KW
+from flux_helpers import PIPE_KW, run_pipe
 
 CFG = dict(negative_prompt="", true_cfg_scale=2.0)  # two calls per step, in the contexts "cond" / "uncond"
 STEPS = 10
@@ -116,3 +116,24 @@ def test_shared_candidates_run_at_their_own_and_at_the_safe_compute():
     assert shared and all(vs[lbl]["full_steps_scale"] == pytest.approx(shared_scale(17), abs=1e-6) for lbl in shared)
     assert all(vs[f"{lbl}, own compute"]["full_steps_scale"] == 1.0 for lbl in shared)
     assert len(vs) == len(cands) + len(shared)
+
+
+def test_a_run_of_another_guidance_form_is_told(tiny_pipe, chosen):
+    """The choice was made with true CFG as two calls per step: a run of one call per step is warned once
+    (the choice may lose there), a run of the calibrated form is not; choice="off" is never warned."""
+    import warnings
+
+    def form_warnings(call, **kw):
+        svdcache.enable(tiny_pipe, basis=chosen, interval=3, **kw)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                run_pipe(tiny_pipe, steps=STEPS, **call)
+        finally:
+            svdcache.disable(tiny_pipe)
+        return [str(w.message) for w in caught if "was chosen for" in str(w.message)]
+
+    one = form_warnings({})
+    assert len(one) == 1 and "two calls per step" in one[0] and "one call per step" in one[0]
+    assert form_warnings(CFG) == []
+    assert form_warnings({}, choice="off") == []
