@@ -63,6 +63,11 @@ class CalibrationHook(ModelHook):
     def declare(self, name: str, D) -> None:
         pass
 
+    def forget(self, name: str) -> None:
+        """A feature full steps no longer produce (the submodule level's late fusion decision)."""
+        for d in (self.grams, self.dgrams, self.shapes):
+            d.pop(name, None)
+
     def new_forward(self, module, *args, **kwargs):
         counter = self.state_manager.get_state()
         step = counter.step

@@ -56,6 +56,7 @@ class SubmoduleAdapter(BlockAdapter):
         self.probing: dict[int, list] = {}  # block hook -> (is projection, call name, width) in call order
         self.outputs: dict[int, dict[str, Any]] = {}  # block hook -> call name -> output (first full step)
         self.verifying: dict[int, Fusion] = {}  # block hook -> the guess its check run tests
+        self.undecided: set[int] = set()  # block hooks whose first probe saw a non-finite output
         self._warned: set[type] = set()
 
     def applies(self, block: torch.nn.Module) -> bool:
@@ -107,13 +108,16 @@ class SubmoduleAdapter(BlockAdapter):
         try:
             out = forward(*args, **kwargs)
             bh.active_record = None  # the check runs record nothing
-            fu = self._find(block, bh, forward, *inputs, out, log)
+            # a non-finite output cannot be reproduced bit for bit (NaN != NaN): decided at a later full step
+            decide = _finite(out)
+            fu = self._find(block, bh, forward, *inputs, out, log) if decide else None
         finally:
             bh.active_record = record
             self.probing.pop(key, None)
             outputs = self.outputs.pop(key, {})
             self._start(key)
-        self.fusion[key] = fu
+        if decide:
+            self.fusion[key] = fu
         skip = set()
         if fu is not None:
             for c in fu.fed:
@@ -121,6 +125,11 @@ class SubmoduleAdapter(BlockAdapter):
                 slot.fused = True
                 slot.note(outputs[c])
                 skip.update(n for n in slot.names if n is not None)
+            if key in self.undecided:  # an earlier (non-finite) probe recorded these as features of their own
+                for n in skip:
+                    bh.controller.forget(bh.prefix + n)
+        if not decide:
+            self.undecided.add(key)
         for n, F in held:
             if n not in skip:
                 record(n, F)
@@ -191,3 +200,12 @@ class SubmoduleAdapter(BlockAdapter):
 
 
 _NOT_SEEN = object()
+
+
+def _finite(out) -> bool:
+    """Every tensor of a block's output is finite (one host read per tensor: the probe runs once per block)."""
+    if isinstance(out, torch.Tensor):
+        return bool(torch.isfinite(out).all())
+    if isinstance(out, (tuple, list)):
+        return all(_finite(o) for o in out)
+    return True

@@ -4,7 +4,7 @@ feature site's kind of hook, svdcache.hooks.site), not a registry hook: a cached
 stack at its last block passes the blocks in between through for the cost of one frame each.
 
 Its controller (the root hook, or the calibration hook) offers: ``mode()``, ``feature_dims``,
-``declare(name, D)``, ``record(name, F)`` / ``record_eager(name, F)``, ``traced`` (a list a compiled full
+``declare(name, D)``, ``forget(name)``, ``record(name, F)`` / ``record_eager(name, F)``, ``traced`` (a list a compiled full
 step hands its features out through, or None), ``sink`` (a bulk full call's list its feature sites append
 to, or None), ``forecast(name, x=, gate=, out=)``, ``buffer(...)`` and ``deferred_sum`` (None where
 cached calls are never summed at once)."""

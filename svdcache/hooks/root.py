@@ -152,6 +152,11 @@ class SVDCacheHook(ModelHook):
     def declare(self, name: str, D: int | None) -> None:
         self.store.declare(name, D)
 
+    @torch.compiler.disable
+    def forget(self, name: str) -> None:
+        """A feature declared earlier that full steps no longer produce (see FeatureStore.forget)."""
+        self.store.forget(name, self.state_manager.states())
+
     def record_eager(self, name: str, F) -> None:
         self.store.record(self.state, name, F, self.state.name)
 

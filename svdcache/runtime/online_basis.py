@@ -82,6 +82,13 @@ class OnlineBasisBuilder:
         self.seconds += time.perf_counter() - t0
         return FeatureBasis(V=V, sigma=sigma, k=k)
 
+    def forget(self, name: str) -> None:
+        """Drop what was collected for ``name`` (a feature no longer produced)."""
+        self.rows.pop(name, None)
+        self.diffs.pop(name, None)
+        for key in [k for k in self._last if k[1] == name]:
+            del self._last[key]
+
     def _finite(self, name: str, change: bool) -> bool:
         """Drop the steps whose rows (or changes) of ``name`` are not finite (a NaN / inf in a generation
         would make the SVD fail, now and in every later generation): one host read per attempt. False

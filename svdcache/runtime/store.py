@@ -76,6 +76,19 @@ class FeatureStore:
                 else:
                     self.gains[name] = g * c.gain
 
+    def forget(self, name: str, states) -> None:
+        """Feature ``name`` is no longer produced by full steps (an adapter's decision about its features
+        changed): it leaves the features every full step must produce, with everything held for it
+        (``states``: every context's state)."""
+        self.feature_dims.pop(name, None)
+        for d in (self.bases, self.ranks, self.gains, self._V, self._bits, self._plans, self._pending):
+            d.pop(name, None)
+        if self.online is not None:
+            self.online.forget(name)
+        for st in states:
+            st.features.pop(name, None)
+            st.updated.discard(name)
+
     def all_updated(self, st) -> bool:
         """Every feature holds state from a full step of this context (the context may forecast)."""
         if self.feature_dims.keys() - st.updated <= self.unread:  # the common case, in set operations
