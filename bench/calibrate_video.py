@@ -57,10 +57,14 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--choose-only", action="store_true",
                     help="keep the basis files' features and plans; choose the configuration per interval (svdcache.choice)")
+    ap.add_argument("--granularity", choices=("submodule", "block", "both"), default="both",
+                    help="which basis file (submodule: the one granularity='auto' uses)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     pipe = load_video_pipeline()
     for g, path in (("submodule", VIDEO_BASIS_PATH), ("block", VIDEO_BLOCK_BASIS_PATH)):
+        if args.granularity not in ("both", g):
+            continue
         if args.choose_only:
             from svdcache.basis import Basis
 
