@@ -4,6 +4,32 @@ import torch
 PIPE_KW = dict(height=32, width=32, max_sequence_length=16, output_type="pt")
 
 
+def tiny_flux(num_single_layers: int = 2):
+    """A tiny FLUX transformer (2 double blocks, random weights, width 32): built in well under a second."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=num_single_layers, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6),
+    ).eval()
+
+
+def random_module_basis(model, seed: int, k: int):
+    """A random orthonormal basis per module-level feature (rank ``k``): for tests that compare code paths,
+    not fidelity."""
+    from svdcache.adapters import find_blocks
+    from svdcache.basis import Basis, FeatureBasis
+
+    g = torch.Generator().manual_seed(seed)
+    feats = {}
+    for name, block, adapter in find_blocks(model, "module"):
+        for local, D in adapter.feature_dims(block).items():
+            V = torch.linalg.qr(torch.randn(D, D, generator=g))[0].contiguous()
+            feats[f"{name}.{local}"] = FeatureBasis(V=V, sigma=torch.logspace(0, -3, D), k=k)
+    return Basis(feats, {"model_class": type(model).__name__, "granularity": "module"}, changes=dict(feats))
+
+
 def run_pipe(pipe, prompt="a handwritten digit seven", steps=10, seed=0, **kw):
     g = torch.Generator().manual_seed(seed)
     return pipe(prompt, num_inference_steps=steps, generator=g, **PIPE_KW, **kw).images

@@ -6,18 +6,14 @@ import torch
 
 import svdcache
 
+from flux_helpers import tiny_flux
+
 STEPS = 12
 
 
 @pytest.fixture(scope="module")
 def model():
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6),
-    ).eval()
+    return tiny_flux()
 
 
 @pytest.fixture(autouse=True)

@@ -9,32 +9,17 @@ import svdcache
 import svdcache.fastpath.batched_update as bu
 import svdcache.fastpath.deferred as deferred
 
-from flux_helpers import FluxLoop
+from flux_helpers import FluxLoop, random_module_basis, tiny_flux
 
 
 @pytest.fixture(scope="module")
 def model():
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=2, num_single_layers=3, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6),
-    ).eval()
+    return tiny_flux(num_single_layers=3)
 
 
 @pytest.fixture(scope="module")
 def basis(model):
-    from svdcache.adapters import find_blocks
-    from svdcache.basis import Basis, FeatureBasis
-
-    g = torch.Generator().manual_seed(1)
-    feats = {}
-    for name, block, adapter in find_blocks(model, "module"):
-        for local, D in adapter.feature_dims(block).items():
-            V = torch.linalg.qr(torch.randn(D, D, generator=g))[0].contiguous()
-            feats[f"{name}.{local}"] = FeatureBasis(V=V, sigma=torch.logspace(0, -3, D), k=4)
-    return Basis(feats, {"model_class": type(model).__name__, "granularity": "module"}, changes=dict(feats))
+    return random_module_basis(model, seed=1, k=4)
 
 
 @pytest.fixture(autouse=True)

@@ -21,19 +21,13 @@ from svdcache.hooks.root import SVDCacheHook
 from svdcache.runtime.decider import StepDecider
 from svdcache.runtime.schedule import is_full_step
 
-from flux_helpers import FluxLoop
+from flux_helpers import FluxLoop, random_module_basis, tiny_flux
 
 
 @pytest.fixture(scope="module")
 def model():
     """A tiny FLUX transformer (2 double + 2 single blocks, random weights): built in well under a second."""
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6),
-    ).eval()
+    return tiny_flux()
 
 
 @pytest.fixture(autouse=True)
@@ -46,16 +40,7 @@ def _clean(model):
 @pytest.fixture(scope="module")
 def basis(model):
     """A random orthonormal basis per feature: these tests compare code paths, not fidelity."""
-    from svdcache.adapters import find_blocks
-    from svdcache.basis import Basis, FeatureBasis
-
-    g = torch.Generator().manual_seed(0)
-    feats = {}
-    for name, block, adapter in find_blocks(model, "module"):
-        for local, D in adapter.feature_dims(block).items():
-            V = torch.linalg.qr(torch.randn(D, D, generator=g))[0].contiguous()
-            feats[f"{name}.{local}"] = FeatureBasis(V=V, sigma=torch.logspace(0, -3, D), k=12)
-    return Basis(feats, {"model_class": type(model).__name__, "granularity": "module"}, changes=dict(feats))
+    return random_module_basis(model, seed=0, k=12)
 
 
 def _plain_double(self, block, args, kwargs, forecast):
