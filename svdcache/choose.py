@@ -102,8 +102,9 @@ def choose(pipe, basis, *, steps: int, fit: list, check: list, call_kwargs: dict
     safe_kw = dict(FAMILIES["taylor o1"], uncond_interval=1, schedule="uniform")
     safe_label = next(lbl for lbl, kw in cands if kw == safe_kw)
     curve = list(range(max(2, min(intervals) - 1), max(intervals) + 2))
-    n_var = {n: len(variants(cands, len(full_steps(steps, interval=n, warmup=1)))) for n in intervals}
-    bar = tqdm(total=2 * len(curve) + sum(n_var.values()) - len(intervals) + len(intervals),
+    var_of = {n: variants(cands, len(full_steps(steps, interval=n, warmup=1))) for n in intervals}
+    # runs: the safe curve on both halves; per interval every variant but the safe one, and one check
+    bar = tqdm(total=2 * len(curve) + sum(len(v) for v in var_of.values()),
                desc="svdcache: choosing the configuration", disable=not progress, unit="run")
 
     def safe_cfg(n):
@@ -116,7 +117,7 @@ def choose(pipe, basis, *, steps: int, fit: list, check: list, call_kwargs: dict
         bar.update(2)
     targets = {}
     for n in intervals:
-        vs = variants(cands, len(full_steps(steps, interval=n, warmup=1)))
+        vs = var_of[n]
         fit_db = {safe_label: safe_fit[n]}
         for label, kw in vs:
             if label != safe_label:

@@ -138,13 +138,15 @@ def _summable(fc, lead, rows, N) -> bool:
 def _partner_of(st, name, fc, lead, rows, N):
     """The unconditional branch's difference form (F_hat = F_cond_hat + D_hat, svdcache.guidance) is two
     members of the sum, both under the unconditional gate: the conditional branch's state of this step and
-    the difference's. Returns the conditional cache, or None where that does not hold (forecast apart)."""
+    the difference's. Returns (the conditional cache, its forecast_terms), or None where that does not hold
+    (forecast apart)."""
     p = st.partner
     pc = None if p is None or p.step != st.step else p.features.get(name)
     if (pc is None or pc.relative or pc.V is not fc.V or tuple(pc.shape) != tuple(fc.shape)
-            or not _summable(pc, lead, rows, N) or pc.forecast_terms(p.t) is None):
+            or not _summable(pc, lead, rows, N)):
         return None
-    return pc
+    ft = pc.forecast_terms(p.t)
+    return None if ft is None else (pc, ft)
 
 
 def _bound(st, items, x, views: bool, stacking: str = "auto") -> _Bound:
@@ -174,13 +176,14 @@ def _bound(st, items, x, views: bool, stacking: str = "auto") -> _Bound:
         if fc is None:
             continue
         ft = fc.forecast_terms(st.t) if _summable(fc, lead, rows, N) else None
-        pc = _partner_of(st, name, fc, lead, rows, N) if ft is not None and fc.relative else None
-        if ft is None or (fc.relative and pc is None):
+        partner = _partner_of(st, name, fc, lead, rows, N) if ft is not None and fc.relative else None
+        if ft is None or (fc.relative and partner is None):
             b.rest.append((name, gate, rows, rows == 0 and fc.shape == tuple(x.shape)))
             continue
-        if pc is not None:  # the conditional branch's forecast of this step, under this call's gate
+        if partner is not None:  # the conditional branch's forecast of this step, under this call's gate
+            pc, pft = partner
             b.partners.append((name, pc, pc.state_key))
-            _member(b, kinds, pc, pc.forecast_terms(st.partner.t), gate, rows, N, views)
+            _member(b, kinds, pc, pft, gate, rows, N, views)
         _member(b, kinds, fc, ft, gate, rows, N, views)
     b.names = names
     stack = stacking == "on" or (stacking == "auto" and x.numel() <= _sum_ref.STACK_ELEMS)

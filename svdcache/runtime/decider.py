@@ -66,7 +66,6 @@ class StepDecider:
         # the guidance form the applied choice was made for ("two calls per step" / "one call per step"):
         # a run of the other form is told once (the choice may lose there: calibrate the way you generate)
         self.choice_form = choice_form
-        self._second_branch_seen = False
         self.schedule = schedule
         self.acct = acct
         self.states = states
@@ -180,17 +179,20 @@ class StepDecider:
         (the "uncond" context, or a bare loop's second call of a step) under a one-call choice, or none by
         the third step under a two-call choice."""
         second = ctx_name == guidance.SECONDARY or ctx_name.endswith("#2")
-        self._second_branch_seen |= second
         two = self.choice_form.startswith("two")
-        if second and not two:
+        if second and two:
+            self.choice_form = None  # the run's form is the choice's: nothing more to check
+            return
+        if second:
             run = "two calls per step (true CFG)"
-        elif two and step >= 2 and not self._second_branch_seen:
+        elif two and step >= 2:
             run = "one call per step"
         else:
             return
         self.warn_once("guidance form", f"svdcache: the basis's configuration was chosen for {self.choice_form}, but this "
                        f"run makes {run}: it may lose to the safe configuration here; calibrate the way you generate "
                        "(or choice='off')")
+        self.choice_form = None  # told once: no more checks
 
     def _bare_branch(self, st: ContextState, hs: torch.Tensor, ehs, t_raw) -> tuple[ContextState, str]:
         """A loop calling the transformer twice per step outside any ``cache_context`` (classifier-free
